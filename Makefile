@@ -1,0 +1,42 @@
+# The two set-up commands are `make demo` and `make test`; both work from a clean clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.srntt-installed
+# A CPU build of torch lies on this machine kind's disk; a GPU machine gets the default build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+EXT_SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
+
+.PHONY: setup demo test bench lint cuda-check clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(VENV)/bin/python $(EXT_SOURCES)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,triton,lint]"
+	$(PY) -c "import srntt_core; print(srntt_core.build_info())"
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m srntt_core demo
+
+test: $(STAMP)
+	@if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then $(MAKE) --no-print-directory cuda-check; fi
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-only \
+		--benchmark-json=benchmarks/results/$$($(PY) -m srntt_core.machine)/bench.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check srntt_core kernels tests benchmarks setup.py
+
+cuda-check:
+	bash scripts/cuda_check.sh
+
+clean:
+	rm -rf build *.egg-info srntt_core/_C*.so

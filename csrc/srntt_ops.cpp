@@ -1,0 +1,25 @@
+// Schemas of the kernel-level ops, declared once. Each device's kernels register
+// implementations in their own files (TORCH_LIBRARY_IMPL(srntt, CPU|CUDA, m)).
+// Semantics: docs/DESIGN.md; the public ops built on them live in srntt_core/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing srntt_core._C loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY_FRAGMENT(srntt, m) {
+  m.def(
+      "_patch_match_fused(Tensor query, Tensor[] keys, int patch_size, int stride, int padding, "
+      "str precision) -> (Tensor, Tensor)");
+  m.def(
+      "_feature_swap_fused(Tensor[] values, Tensor index, int patch_size, int stride, int padding, "
+      "int scale, int out_h, int out_w, str reduce) -> Tensor");
+  m.def(
+      "_feature_swap_fused_backward(Tensor grad_out, Tensor index, int[] value_sizes, int patch_size, "
+      "int stride, int padding, int scale, str reduce) -> Tensor[]");
+}
