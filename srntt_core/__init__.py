@@ -1,0 +1,25 @@
+"""srntt-core: exact, O(N)-memory patch matching and texture swapping for reference-based
+super-resolution (SRNTT), with C++, CUDA and Triton kernels.
+
+The public API is :mod:`srntt_core.swap`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _ext, ops  # noqa: E402,F401  (registers the custom ops)
+
+
+def build_info() -> str:
+    """One line on how this install was built and which backends can run here."""
+    import torch
+
+    from .dispatch import backend_report
+
+    ext = "loaded" if _ext.LOADED else f"NOT loaded ({_ext.LOAD_ERROR})"
+    cuda = "with CUDA kernels" if _ext.has_kernel("_patch_match_fused", "CUDA") else "CPU kernels only"
+    lines = [f"srntt-core {__version__}, torch {torch.__version__}; extension {ext}, {cuda}"]
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        lines.append(f"  {device}: " + "; ".join(backend_report(torch.device(device))))
+    return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""The ``torch`` backend: plain-torch patch matching and feature swapping.
+
+It is the test oracle (run it in float64) and the fallback where no kernel can run, so it is
+kept short and obviously right rather than fast. It never holds N_query x N_key: query and key
+patches are unfolded in bands of grid rows, and only a band-by-band score tile exists at a time.
+Semantics: docs/DESIGN.md and SPEC 3.1-3.2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12
+# Bytes allowed for one band of unfolded descriptors and for one score tile.
+BAND_BYTES = 64 << 20
+TILE_BYTES = 64 << 20
+
+
+def grid_size(size: int, patch_size: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - patch_size) // stride + 1
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bands(x: torch.Tensor, patch_size: int, stride: int, padding: int, rows: int):
+    """Yields ``(first_cell, descriptors (B, D, n_cells))`` for bands of ``rows`` grid rows."""
+    gh = grid_size(x.shape[-2], patch_size, stride, padding)
+    gw = grid_size(x.shape[-1], patch_size, stride, padding)
+    xp = F.pad(x, (padding,) * 4) if padding else x
+    for r0 in range(0, gh, rows):
+        r1 = min(gh, r0 + rows)
+        band = xp[:, :, r0 * stride : (r1 - 1) * stride + patch_size]
+        yield r0 * gw, F.unfold(band, patch_size, stride=stride)
+
+
+def _rows_per_band(x: torch.Tensor, patch_size: int, stride: int, padding: int, other_cells: int = 0) -> int:
+    """Grid rows per band so that the band's descriptors, and its score tile against
+    ``other_cells`` patches, stay within BAND_BYTES and TILE_BYTES."""
+    b, c, _, w = x.shape
+    gw = grid_size(w, patch_size, stride, padding)
+    rows = BAND_BYTES // (b * c * patch_size * patch_size * gw * x.element_size())
+    if other_cells:
+        rows = min(rows, TILE_BYTES // (b * other_cells * gw * x.element_size()))
+    return max(1, rows)
+
+
+def patch_match(query, keys, patch_size, stride, padding, precision="highest"):
+    """Exact patch matching (SPEC 3.1) in the dtype of the inputs; ties go to the smallest index."""
+    del precision  # plain torch arithmetic in the input dtype is always "highest"
+    b = query.shape[0]
+    gqh = grid_size(query.shape[-2], patch_size, stride, padding)
+    gqw = grid_size(query.shape[-1], patch_size, stride, padding)
+    best = query.new_full((b, gqh * gqw), float("-inf"))
+    best_index = torch.zeros((b, gqh * gqw), dtype=torch.long, device=query.device)
+    q_norm = query.new_empty((b, gqh * gqw))
+    q_rows = _rows_per_band(query, patch_size, stride, padding)
+    for q0, q in _bands(query, patch_size, stride, padding, q_rows):
+        nq = q.shape[-1]
+        q_norm[:, q0 : q0 + nq] = q.norm(dim=1)
+        qt = q.transpose(1, 2)
+        offset = 0
+        for key in keys:
+            k_rows = _rows_per_band(key, patch_size, stride, padding, other_cells=nq)
+            for k0, k in _bands(key, patch_size, stride, padding, k_rows):
+                k = k / k.norm(dim=1, keepdim=True).clamp_min(EPS)
+                tile_max, tile_arg = torch.bmm(qt, k).max(dim=2)  # first maximum on ties
+                cur = best[:, q0 : q0 + nq]
+                better = tile_max > cur  # strict: earlier keys keep ties
+                cur.copy_(torch.where(better, tile_max, cur))
+                idx = best_index[:, q0 : q0 + nq]
+                idx.copy_(torch.where(better, tile_arg + offset + k0, idx))
+            offset += grid_size(key.shape[-2], patch_size, stride, padding) * grid_size(
+                key.shape[-1], patch_size, stride, padding)
+    score = best / q_norm.clamp_min(EPS)
+    return best_index.view(b, gqh, gqw), score.view(b, gqh, gqw).to(score_dtype(query.dtype))
+
+
+def unfold_all(x, patch_size, stride, padding):
+    """All patch descriptors of ``x``: (B, C*patch_size^2, G_h*G_w)."""
+    return F.unfold(x, patch_size, padding=padding, stride=stride)
+
+
+def patch_match_score_backward(grad_score, query, keys, index, patch_size, stride, padding):
+    """Gradient of the chosen pairs' cosine similarity w.r.t. query and keys (O(N) memory).
+
+    With s = <q, k> / (max(|q|, eps) max(|k|, eps)):
+      ds/dq = k / (|q|' |k|') - s q / |q|'^2   (second term only where |q| > eps)
+    and symmetrically for k; patch gradients are folded back onto the feature maps.
+    """
+    b, c, hq, wq = query.shape
+    dtype = query.dtype
+    q = unfold_all(query, patch_size, stride, padding)
+    k_all = torch.cat([unfold_all(k, patch_size, stride, padding) for k in keys], dim=2)
+    flat_index = index.reshape(b, 1, -1).expand(-1, q.shape[1], -1)
+    k = k_all.gather(2, flat_index)
+    g = grad_score.reshape(b, 1, -1).to(dtype)
+    nq, nk = q.norm(dim=1, keepdim=True), k.norm(dim=1, keepdim=True)
+    nq_c, nk_c = nq.clamp_min(EPS), nk.clamp_min(EPS)
+    s = (q * k).sum(dim=1, keepdim=True) / (nq_c * nk_c)
+    gq = g * (k / (nq_c * nk_c) - torch.where(nq > EPS, s / nq_c**2, 0.0) * q)
+    gk = g * (q / (nq_c * nk_c) - torch.where(nk > EPS, s / nk_c**2, 0.0) * k)
+    grad_query = F.fold(gq, (hq, wq), patch_size, padding=padding, stride=stride)
+    gk_all = torch.zeros_like(k_all).scatter_add_(2, flat_index, gk)
+    grad_keys, start = [], 0
+    for key in keys:
+        n = grid_size(key.shape[-2], patch_size, stride, padding) * grid_size(
+            key.shape[-1], patch_size, stride, padding)
+        grad_keys.append(F.fold(gk_all[:, :, start : start + n], key.shape[-2:], patch_size,
+                                padding=padding, stride=stride))
+        start += n
+    return grad_query, grad_keys
+
+
+def coverage_count(n_cells: int, window: int, step: int, pad: int, out: int, device, dtype):
+    """How many of ``n_cells`` windows (top-left ``i*step - pad``, size ``window``) cover each of ``out`` pixels."""
+    pos = torch.arange(out, device=device) + pad
+    i_hi = torch.div(pos, step, rounding_mode="floor").clamp(max=n_cells - 1)
+    i_lo = torch.div(pos - window, step, rounding_mode="floor") + 1
+    return (i_hi - i_lo.clamp(min=0) + 1).clamp(min=0).to(dtype)
+
+
+def _swap_layout(value_shapes, index, patch_size, stride, padding, scale, out_h, out_w):
+    """Where each chosen window starts in the flattened, zero-padded, concatenated values, and
+    the padded output size. Window offsets (dy, dx) are then plain additions."""
+    win, step, pad = patch_size * scale, stride * scale, padding * scale
+    padded, base, row_len, offset = [], [], [], 0
+    for hv, wv in value_shapes:
+        gkh = grid_size(hv // scale, patch_size, stride, padding)
+        gkw = grid_size(wv // scale, patch_size, stride, padding)
+        hp, wp = max(hv + pad, (gkh - 1) * step + win), max(wv + pad, (gkw - 1) * step + win)
+        padded.append((hp, wp))
+        cells = torch.arange(gkh * gkw, device=index.device)
+        base.append(offset + (cells // gkw) * step * wp + (cells % gkw) * step)
+        row_len.append(torch.full((gkh * gkw,), wp, device=index.device))
+        offset += hp * wp
+    idx = index.reshape(index.shape[0], -1)
+    gqh, gqw = index.shape[-2:]
+    out_pad = (max(out_h + pad, (gqh - 1) * step + win), max(out_w + pad, (gqw - 1) * step + win))
+    return padded, torch.cat(base)[idx], torch.cat(row_len)[idx], out_pad
+
+
+def _out_window(out, dy, dx, gqh, gqw, step):
+    """The output pixels that offset (dy, dx) of every query window lands on (a strided view)."""
+    return out[:, :, dy : dy + (gqh - 1) * step + 1 : step, dx : dx + (gqw - 1) * step + 1 : step]
+
+
+def _mean_count(gqh, gqw, win, step, pad, out_h, out_w, device, dtype):
+    ch = coverage_count(gqh, win, step, pad, out_h, device, dtype)
+    cw = coverage_count(gqw, win, step, pad, out_w, device, dtype)
+    return ch[:, None] * cw[None, :]
+
+
+def feature_swap(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce):
+    """Feature swapping (SPEC 3.2) by one gather and one strided add per window offset.
+
+    NB: for a fixed offset (dy, dx) inside the window, distinct query cells write distinct output
+    pixels, so the strided ``+=`` never collides and the result is deterministic.
+    """
+    b, cv = values[0].shape[:2]
+    gqh, gqw = index.shape[-2:]
+    win, step, pad = patch_size * scale, stride * scale, padding * scale
+    padded, src0, src_row, (oh, ow) = _swap_layout(
+        [v.shape[-2:] for v in values], index, patch_size, stride, padding, scale, out_h, out_w)
+    flat = torch.cat([
+        F.pad(v, (pad, wp - pad - v.shape[-1], pad, hp - pad - v.shape[-2])).reshape(b, cv, hp * wp)
+        for v, (hp, wp) in zip(values, padded)], dim=2)
+    out = values[0].new_zeros((b, cv, oh, ow))
+    for dy in range(win):
+        for dx in range(win):
+            src = (src0 + dy * src_row + dx).unsqueeze(1).expand(-1, cv, -1)
+            _out_window(out, dy, dx, gqh, gqw, step).add_(flat.gather(2, src).view(b, cv, gqh, gqw))
+    out = out[:, :, pad : pad + out_h, pad : pad + out_w]
+    if reduce == "mean":
+        count = _mean_count(gqh, gqw, win, step, pad, out_h, out_w, out.device, out.dtype)
+        out = torch.where(count > 0, out / count.clamp(min=1), 0.0)
+    return out.contiguous()
+
+
+def feature_swap_backward(grad_out, index, value_sizes, patch_size, stride, padding, scale, reduce):
+    """The adjoint of :func:`feature_swap` (which is linear in ``values``): the same windows, read
+    from the output gradient and scatter-added into the values (deterministic on the CPU)."""
+    b, cv, out_h, out_w = grad_out.shape
+    gqh, gqw = index.shape[-2:]
+    win, step, pad = patch_size * scale, stride * scale, padding * scale
+    shapes = [(value_sizes[2 * i], value_sizes[2 * i + 1]) for i in range(len(value_sizes) // 2)]
+    padded, src0, src_row, (oh, ow) = _swap_layout(shapes, index, patch_size, stride, padding, scale,
+                                                   out_h, out_w)
+    if reduce == "mean":
+        count = _mean_count(gqh, gqw, win, step, pad, out_h, out_w, grad_out.device, grad_out.dtype)
+        grad_out = torch.where(count > 0, grad_out / count.clamp(min=1), 0.0)
+    g = F.pad(grad_out, (pad, ow - pad - out_w, pad, oh - pad - out_h))
+    flat = grad_out.new_zeros((b, cv, sum(hp * wp for hp, wp in padded)))
+    for dy in range(win):
+        for dx in range(win):
+            src = (src0 + dy * src_row + dx).unsqueeze(1).expand(-1, cv, -1)
+            flat.scatter_add_(2, src, _out_window(g, dy, dx, gqh, gqw, step).reshape(b, cv, -1))
+    grads, start = [], 0
+    for (hv, wv), (hp, wp) in zip(shapes, padded):
+        block = flat[:, :, start : start + hp * wp].view(b, cv, hp, wp)
+        grads.append(block[:, :, pad : pad + hv, pad : pad + wv].contiguous())
+        start += hp * wp
+    return grads

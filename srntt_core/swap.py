@@ -1,0 +1,402 @@
+"""Public API: exact, O(N)-memory patch matching and texture swapping for Ref-SR.
+
+>>> import torch, srntt_core.swap as sw
+>>> q, k = torch.rand(1, 8, 20, 20), torch.rand(1, 8, 24, 18)
+>>> m = sw.patch_match(q, k)                  # 3x3 patches, valid grid, cosine similarity
+>>> m.index.shape, m.score.shape
+(torch.Size([1, 18, 18]), torch.Size([1, 18, 18]))
+>>> sw.feature_swap(k, m.index).shape         # k's textures in q's layout
+torch.Size([1, 8, 20, 20])
+
+Semantics are SPEC 3.1-3.3 (see docs/DESIGN.md); every op runs on the backend chosen by
+``backend`` ("auto", "cpu", "cuda", "triton", "torch"; ``SRNTT_BACKEND`` overrides "auto").
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import dispatch, ops
+from .dispatch import BackendUnavailableError, available
+from .reference import grid_size
+
+__all__ = [
+    "PatchMatch", "SwapResult", "patch_match", "feature_swap", "weight_maps", "texture_swap",
+    "TextureSwapper", "BackendUnavailableError", "available", "LEVELS",
+]
+
+PRECISIONS = ("highest", "high", "medium")
+REDUCTIONS = ("mean", "sum")
+# SRNTT's swap levels: VGG layer -> scale relative to relu3_1.
+LEVELS = {"relu3_1": 1, "relu2_1": 2, "relu1_1": 4}
+
+
+class PatchMatch(NamedTuple):
+    """Result of :func:`patch_match`: ``index`` (int64) and ``score`` of the best key patch per query patch."""
+
+    index: Tensor
+    score: Tensor
+
+
+class SwapResult(NamedTuple):
+    """Result of :func:`texture_swap`.
+
+    ``maps``: swapped reference features per layer (``relu3_1`` at LR size, ``relu2_1`` x2,
+    ``relu1_1`` x4); ``weights``: similarity weight maps (B, 1, ., .) per layer; ``index`` and
+    ``score``: the relu3_1 match on the valid grid.
+    """
+
+    maps: dict[str, Tensor]
+    weights: dict[str, Tensor]
+    index: Tensor
+    score: Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (SPEC 3.5)
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _check_map(name: str, t, *, finite: bool = True) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-d tensor (B, C, H, W), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name}: empty tensor of shape {tuple(t.shape)}")
+    # NB: NaN/Inf is an error, not propagated: a NaN descriptor compares false against every
+    # running maximum, so the argmax would silently depend on the kernel's loop order.
+    if finite and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return t
+
+
+def _as_list(name: str, x) -> tuple[list[Tensor], list[str]]:
+    if isinstance(x, Tensor):
+        return [x], [name]
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError(f"{name}: empty list; give at least one tensor")
+        return list(x), [f"{name}[{i}]" for i in range(len(x))]
+    raise TypeError(f"{name}: expected a tensor or a list of tensors, got {type(x).__name__}")
+
+
+def _compute_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    # float16/bfloat16 inputs are matched in float32; float64 anywhere promotes everything.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _same_device(ref_name: str, ref: Tensor, names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+    for name, t in zip(names, tensors):
+        if t.device != ref.device:
+            raise ValueError(f"{name}: on device {t.device}, but {ref_name} is on {ref.device}")
+
+
+def _check_grid(name: str, t: Tensor, patch_size: int, stride: int, padding: int) -> tuple[int, int]:
+    gh = grid_size(t.shape[-2], patch_size, stride, padding)
+    gw = grid_size(t.shape[-1], patch_size, stride, padding)
+    if gh < 1 or gw < 1:
+        raise ValueError(
+            f"{name}: a {t.shape[-2]}x{t.shape[-1]} map is smaller than one patch "
+            f"(patch_size={patch_size}, padding={padding})"
+        )
+    return gh, gw
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
+
+def patch_match(
+    query: Tensor,
+    key: Tensor | Sequence[Tensor],
+    *,
+    patch_size: int = 3,
+    stride: int = 1,
+    padding: int = 0,
+    backend: str = "auto",
+    precision: str = "highest",
+) -> PatchMatch:
+    """For every query patch, the key patch with the highest cosine similarity.
+
+    Args:
+        query: (B, C, Hq, Wq) float features (e.g. relu3_1 of the bicubic-upsampled LR).
+        key: (B, C, Hk, Wk) float features, or a list of them (several references, any sizes).
+        patch_size, stride, padding: patches are every ``patch_size`` window at ``stride`` after
+            zero padding by ``padding``. ``padding=0`` is SRNTT's valid grid, ``padding=1`` TTSR's same grid.
+        backend: "auto", "cpu", "cuda", "triton" or "torch".
+        precision: "highest" (fp32), "high" (TF32 allowed), "medium" (bf16 allowed); the chosen key's
+            exact score is within 1e-5 / 1e-3 / 2e-3 of the exact maximum.
+
+    Returns:
+        ``PatchMatch(index, score)``, each (B, Gq_h, Gq_w). ``index`` (int64) is the flat row-major
+        position of the best key patch over the concatenated key grids (list order); ties go to the
+        smallest index. ``score`` is its cosine similarity (float32; float64 for float64 inputs),
+        differentiable with respect to ``query`` and ``key``. Zero patches score 0.
+
+    Memory: O(N_query + N_key) descriptors plus bounded tiles, never N_query x N_key.
+    Raises ``ValueError``/``TypeError`` naming the argument on bad input, including NaN/Inf.
+    """
+    _check_map("query", query)
+    keys, names = _as_list("key", key)
+    for name, k in zip(names, keys):
+        _check_map(name, k)
+    patch_size = _check_int("patch_size", patch_size, 1)
+    stride = _check_int("stride", stride, 1)
+    padding = _check_int("padding", padding, 0)
+    precision = _check_choice("precision", precision, PRECISIONS)
+    _same_device("query", query, names, keys)
+    for name, k in zip(names, keys):
+        if k.shape[0] != query.shape[0]:
+            raise ValueError(f"{name}: batch size {k.shape[0]} differs from query's {query.shape[0]}")
+        if k.shape[1] != query.shape[1]:
+            raise ValueError(f"{name}: has {k.shape[1]} channels, but query has {query.shape[1]}")
+        _check_grid(name, k, patch_size, stride, padding)
+    _check_grid("query", query, patch_size, stride, padding)
+    name = dispatch.resolve(backend, query.device)
+    dtype = _compute_dtype([query, *keys])
+    score, index = ops.patch_match(
+        query.to(dtype).contiguous(), [k.to(dtype).contiguous() for k in keys],
+        patch_size, stride, padding, name, precision,
+    )
+    return PatchMatch(index, score)
+
+
+def _key_grids(values: Sequence[Tensor], scale, patch_size, stride, padding, names) -> list[int]:
+    sizes = []
+    for name, v in zip(names, values):
+        if v.shape[-2] < scale or v.shape[-1] < scale:
+            raise ValueError(f"{name}: a {v.shape[-2]}x{v.shape[-1]} map is smaller than scale={scale}")
+        hk, wk = v.shape[-2] // scale, v.shape[-1] // scale
+        gh, gw = grid_size(hk, patch_size, stride, padding), grid_size(wk, patch_size, stride, padding)
+        if gh < 1 or gw < 1:
+            raise ValueError(
+                f"{name}: its key map ({hk}x{wk} = size // scale) is smaller than one patch "
+                f"(patch_size={patch_size}, padding={padding})"
+            )
+        sizes.append(gh * gw)
+    return sizes
+
+
+def feature_swap(
+    values: Tensor | Sequence[Tensor],
+    index: Tensor,
+    *,
+    patch_size: int = 3,
+    stride: int = 1,
+    padding: int = 0,
+    scale: int = 1,
+    out_size: tuple[int, int] | None = None,
+    reduce: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Copy the matched reference windows of ``values`` into the query layout (texture swapping).
+
+    Args:
+        values: (B, Cv, Hk*scale, Wk*scale) reference features at a finer level (relu3_1: scale 1,
+            relu2_1: 2, relu1_1: 4), or a list matching the key list given to :func:`patch_match`.
+        index: (B, Gq_h, Gq_w) int64 output of :func:`patch_match` with the same patch parameters.
+        scale: resolution of ``values`` relative to the matched maps; windows are
+            ``patch_size*scale`` wide at stride ``stride*scale``.
+        out_size: output (H, W); default ``((Gq - 1)*stride + patch_size - 2*padding) * scale``.
+        reduce: "mean" divides each output pixel by the number of windows covering it (SRNTT,
+            MASA-SR); "sum" does not (TTSR divides the sum by 9 itself).
+
+    Returns:
+        (B, Cv, H, W) in the dtype of ``values``, differentiable with respect to ``values``.
+        Reads outside ``values`` are zeros; writes outside the output are dropped.
+    """
+    value_list, names = _as_list("values", values)
+    for name, v in zip(names, value_list):
+        _check_map(name, v)
+    _same_device(names[0], value_list[0], names, value_list)
+    if not isinstance(index, Tensor):
+        raise TypeError(f"index: expected a torch.Tensor, got {type(index).__name__}")
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"index: expected an integer (int64) tensor, got {index.dtype}")
+    if index.dim() != 3 or index.numel() == 0:
+        raise ValueError(f"index: expected a non-empty (B, Gq_h, Gq_w) tensor, got shape {tuple(index.shape)}")
+    _same_device(names[0], value_list[0], ["index"], [index])
+    b, cv = value_list[0].shape[:2]
+    for name, v in zip(names, value_list):
+        if v.shape[0] != b or v.shape[1] != cv:
+            raise ValueError(f"{name}: shape {tuple(v.shape)} differs in batch or channels from {names[0]}")
+    if index.shape[0] != b:
+        raise ValueError(f"index: batch size {index.shape[0]} differs from values' {b}")
+    patch_size = _check_int("patch_size", patch_size, 1)
+    stride = _check_int("stride", stride, 1)
+    padding = _check_int("padding", padding, 0)
+    scale = _check_int("scale", scale, 1)
+    reduce = _check_choice("reduce", reduce, REDUCTIONS)
+    n_cells = sum(_key_grids(value_list, scale, patch_size, stride, padding, names))
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= n_cells:
+        raise ValueError(
+            f"index: values must be in [0, {n_cells}) (the key grid of values with patch_size={patch_size}, "
+            f"stride={stride}, padding={padding}, scale={scale}), got range [{lo}, {hi}]"
+        )
+    gqh, gqw = index.shape[-2:]
+    if out_size is None:
+        out_h = ((gqh - 1) * stride + patch_size - 2 * padding) * scale
+        out_w = ((gqw - 1) * stride + patch_size - 2 * padding) * scale
+    else:
+        if not (isinstance(out_size, (tuple, list)) and len(out_size) == 2):
+            raise TypeError(f"out_size: expected (H, W), got {out_size!r}")
+        out_h, out_w = (_check_int("out_size", s, 1) for s in out_size)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"out_size: the default output size {out_h}x{out_w} is empty; pass out_size")
+    name = dispatch.resolve(backend, value_list[0].device)
+    return ops.feature_swap(
+        [v.contiguous() for v in value_list], index.to(torch.int64).contiguous(),
+        patch_size, stride, padding, scale, out_h, out_w, reduce, name,
+    )
+
+
+def weight_maps(
+    score: Tensor,
+    scales: Sequence[int] = (1, 2, 4),
+    *,
+    patch_size: int = 3,
+    padding: int = 0,
+    out_size: tuple[int, int] | None = None,
+) -> list[Tensor]:
+    """Similarity weight maps for each swap level, as SRNTT makes them.
+
+    A valid-grid ``score`` (B, Gh, Gw) is padded by ``(patch_size - 1)//2 - padding`` cells with edge
+    replication (SRNTT: 1 cell, giving the relu3_1 map size), optionally resized to ``out_size``, then
+    bicubic-upsampled by each of ``scales``. Returns a list of (B, 1, H*s, W*s) tensors.
+    """
+    if not isinstance(score, Tensor) or not score.is_floating_point():
+        raise TypeError("score: expected a floating-point tensor")
+    if score.dim() != 3 or score.numel() == 0:
+        raise ValueError(f"score: expected a non-empty (B, Gh, Gw) tensor, got shape {tuple(score.shape)}")
+    patch_size = _check_int("patch_size", patch_size, 1)
+    padding = _check_int("padding", padding, 0)
+    scales = [_check_int("scales", s, 1) for s in scales]
+    base = score.unsqueeze(1)
+    pad = (patch_size - 1) // 2 - padding
+    if pad > 0:
+        base = F.pad(base, (pad,) * 4, mode="replicate")
+    if out_size is not None and tuple(base.shape[-2:]) != tuple(out_size):
+        base = F.interpolate(base, size=tuple(out_size), mode="bicubic", align_corners=False)
+    return [base if s == 1 else F.interpolate(base, scale_factor=s, mode="bicubic", align_corners=False)
+            for s in scales]
+
+
+# ---------------------------------------------------------------------------------------------
+# the SRNTT swap stage
+
+def _bicubic(x: Tensor, factor: float) -> Tensor:
+    # NB: antialias when shrinking, to behave like PIL's bicubic (SPEC 6).
+    return F.interpolate(x, scale_factor=factor, mode="bicubic", align_corners=False,
+                         antialias=factor < 1).clamp(0, 1)
+
+
+_DEFAULT_EXTRACTOR: nn.Module | None = None
+
+
+def default_extractor() -> nn.Module:
+    """The shared VGG19 (bundled weights) used when ``texture_swap`` is given no extractor."""
+    global _DEFAULT_EXTRACTOR
+    if _DEFAULT_EXTRACTOR is None:
+        from .models.vgg import VGG19Features
+
+        _DEFAULT_EXTRACTOR = VGG19Features(tuple(LEVELS)[::-1])
+    return _DEFAULT_EXTRACTOR
+
+
+def texture_swap(
+    lr: Tensor,
+    refs: Tensor | Sequence[Tensor],
+    *,
+    extractor: nn.Module | None = None,
+    backend: str = "auto",
+    precision: str = "highest",
+    lr_up: Tensor | None = None,
+) -> SwapResult:
+    """The whole SRNTT swap stage, from images.
+
+    Matching uses relu3_1 of the bicubic-upsampled LR against relu3_1 of the blurred reference
+    (bicubic x1/4 then x4), 3x3 patches on the valid grid; the swapped maps come from the
+    unblurred reference at relu3_1, relu2_1 and relu1_1.
+
+    Args:
+        lr: (B, 3, h, w) low-resolution RGB in [0, 1].
+        refs: (B, 3, H, W) reference RGB in [0, 1] (H, W multiples of 4), or a list of them.
+        extractor: a module mapping RGB [0, 1] to a dict with relu1_1, relu2_1, relu3_1
+            (default: :class:`srntt_core.models.vgg.VGG19Features` with the bundled weights).
+        lr_up: the upsampled LR to match with (default: bicubic x4 of ``lr``).
+    """
+    _check_map("lr", lr)
+    ref_list, names = _as_list("refs", refs)
+    for name, r in zip(names, ref_list):
+        _check_map(name, r)
+        if r.shape[1] != 3 or r.shape[0] != lr.shape[0]:
+            raise ValueError(f"{name}: expected (B={lr.shape[0]}, 3, H, W), got {tuple(r.shape)}")
+        if r.shape[-2] % 4 or r.shape[-1] % 4:
+            raise ValueError(f"{name}: height and width must be multiples of 4, got {tuple(r.shape[-2:])}")
+    if lr.shape[1] != 3:
+        raise ValueError(f"lr: expected 3 channels (RGB), got {lr.shape[1]}")
+    _same_device("lr", lr, names, ref_list)
+    if extractor is None:
+        extractor = default_extractor().to(lr.device)
+    if lr_up is None:
+        lr_up = _bicubic(lr, 4)
+    h, w = lr.shape[-2:]
+    query = extractor(lr_up)["relu3_1"]
+    keys, values = [], {layer: [] for layer in LEVELS}
+    for r in ref_list:
+        keys.append(extractor(_bicubic(_bicubic(r, 0.25), 4))["relu3_1"])
+        feats = extractor(r)
+        for layer in LEVELS:
+            values[layer].append(feats[layer])
+    match = patch_match(query, keys, backend=backend, precision=precision)
+    maps = {
+        layer: feature_swap(values[layer], match.index, scale=s, out_size=(h * s, w * s), backend=backend)
+        for layer, s in LEVELS.items()
+    }
+    weights = dict(zip(LEVELS, weight_maps(match.score, scales=tuple(LEVELS.values()))))
+    return SwapResult(maps, weights, match.index, match.score)
+
+
+class TextureSwapper(nn.Module):
+    """:func:`texture_swap` as a module; the VGG extractor is a (frozen) submodule."""
+
+    def __init__(self, extractor: nn.Module | None = None, backend: str = "auto", precision: str = "highest"):
+        super().__init__()
+        if extractor is None:
+            from .models.vgg import VGG19Features
+
+            extractor = VGG19Features(tuple(LEVELS)[::-1])
+        self.extractor = extractor
+        self.backend = backend
+        self.precision = precision
+
+    def forward(self, lr: Tensor, refs: Tensor | Sequence[Tensor], lr_up: Tensor | None = None) -> SwapResult:
+        return texture_swap(lr, refs, extractor=self.extractor, backend=self.backend,
+                            precision=self.precision, lr_up=lr_up)
+
+
+def similarity_flops(n_query: int, n_key: int, channels: int, patch_size: int = 3) -> float:
+    """FLOPs of the direct method (2 * Nq * Nk * C * patch_size^2), for GFLOP/s figures."""
+    return 2.0 * n_query * n_key * channels * patch_size * patch_size
+
