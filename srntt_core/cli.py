@@ -1,30 +1,46 @@
-"""The ``srntt`` command (also ``python -m srntt_core``)."""
+"""srntt: reference-based x4 super-resolution (SRNTT) with exact, O(N)-memory texture swapping."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# command -> (module, add-arguments function, run function, help)
+COMMANDS = {
+    "sr": ("srntt_core.commands", "add_sr_arguments", "run_sr", "x4 Ref-SR of an image with one or more references"),
+    "demo": ("srntt_core.commands", "add_demo_arguments", "run_demo",
+             "super-resolve the bundled sample with the bundled checkpoint"),
+    "eval": ("srntt_core.commands", "add_eval_arguments", "run_eval", "the SPEC 6 evaluation table on a folder"),
+    "train": ("srntt_core.commands", "add_train_arguments", "run_train", "train SRNTT with online swapping"),
+    "bench": ("srntt_core.bench", "add_arguments", "run", "quick kernel comparison on this machine"),
+    "swap-demo": ("srntt_core.swap_demo", "add_arguments", "run_cli",
+                  "run and draw the swap stage on the bundled sample pair"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srntt", description=__doc__)
+    parser.add_argument("--version", action="store_true", help="print version, build and backend info")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, add, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        getattr(importlib.import_module(module), add)(p)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="srntt", description=__doc__)
-    parser.add_argument("--version", action="store_true", help="print version and build info")
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("swap-demo", help="run the swap stage on the bundled sample pair and draw it")
-    p.add_argument("-o", "--out", default="out/swap_demo.png", help="output PNG")
-    p.add_argument("--backend", default="auto")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.version or args.command is None:
         from . import build_info
 
         print(build_info())
+        if args.command is None and not args.version:
+            parser.print_help()
         return 0
-    if args.command == "swap-demo":
-        from .swap_demo import run
-
-        return run(args.out, backend=args.backend)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    module, _, run, _ = COMMANDS[args.command]
+    return int(getattr(importlib.import_module(module), run)(args) or 0)
 
 
 if __name__ == "__main__":
