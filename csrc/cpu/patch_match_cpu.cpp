@@ -2,7 +2,8 @@
 //
 // Two algorithms, both exact cosine-similarity search in O(N_query + N_key) extra memory:
 //  * blocked (any patch size / stride / padding, float32 and float64): im2col tiles of query
-//    and key patches, one at::mm per tile pair, running max/argmax per query patch.
+//    and key patches, one register-blocked GEMM per tile pair (gemm_tile_cpu.h), running
+//    max/argmax per query patch.
 //  * overlap (float32, stride 1): see patch_match_overlap_cpu.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/gemm_tile_cpu.h"
 #include "cpu/patch_match_overlap_cpu.h"
 #include "cpu/patch_norms_cpu.h"
 
@@ -21,7 +23,6 @@ namespace srntt {
 namespace {
 
 constexpr double kEps = 1e-12;
-constexpr bool kDisableOverlap = true;
 
 // Rows [start, start + count) of the (grid_h * grid_w) x (C * p * p) patch matrix of one map.
 template <typename scalar_t>
@@ -52,6 +53,29 @@ void im2col_rows(const scalar_t* x, int64_t C, int64_t H, int64_t W, int64_t p, 
   }
 }
 
+// The same rows packed as GEMM panels (gemm_tile_cpu.h), zero beyond `count`.
+template <typename scalar_t>
+void im2col_panels(const scalar_t* x, int64_t C, int64_t H, int64_t W, int64_t p, int64_t stride,
+                   int64_t padding, int64_t grid_w, int64_t start, int64_t count,
+                   scalar_t* rows_scratch, scalar_t* out) {
+  constexpr int64_t NR = kPanel<scalar_t>;
+  const int64_t D = C * p * p;
+  const int64_t n_panels = (count + NR - 1) / NR;
+  im2col_rows(x, C, H, W, p, stride, padding, grid_w, start, count, rows_scratch);
+  for (int64_t j = 0; j < n_panels; ++j) {
+    scalar_t* panel = out + j * D * NR;
+    for (int64_t l = 0; l < NR; ++l) {
+      const int64_t n = j * NR + l;
+      if (n >= count) {
+        for (int64_t d = 0; d < D; ++d) panel[d * NR + l] = scalar_t(0);
+        continue;
+      }
+      const scalar_t* row = rows_scratch + n * D;
+      for (int64_t d = 0; d < D; ++d) panel[d * NR + l] = row[d];
+    }
+  }
+}
+
 struct KeyGrid {
   int64_t H, W, grid_h, grid_w, offset;
 };
@@ -65,29 +89,24 @@ void patch_match_blocked(const at::Tensor& query, const std::vector<at::Tensor>&
   const int64_t B = query.size(0), C = query.size(1), Hq = query.size(2), Wq = query.size(3);
   const int64_t gqh = index.size(1), gqw = index.size(2), nq = gqh * gqw;
   const int64_t D = C * p * p;
-  // Tiles are fixed sizes (never derived from the thread count) so that every GEMM call, and so
-  // every score, is the same whatever the number of threads.
-  const int64_t tile_bytes = int64_t(1) << 21;
-  const int64_t tile = std::clamp<int64_t>(tile_bytes / (D * int64_t(sizeof(scalar_t))), 16, 512);
-  const int64_t n_qtiles = (nq + tile - 1) / tile;
+  // Tiles are fixed sizes: results never depend on the thread count (see gemm_tile_cpu.h).
+  constexpr int64_t kTileQ = 96, kTileK = 256;
+  const int64_t n_qtiles = (nq + kTileQ - 1) / kTileQ;
   const scalar_t* q_ptr = query.data_ptr<scalar_t>();
   int64_t* index_ptr = index.data_ptr<int64_t>();
   scalar_t* score_ptr = score.data_ptr<scalar_t>();
-  const auto opts = query.options();
 
   at::parallel_for(0, B * n_qtiles, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor qbuf = at::empty({tile * D}, opts);
-    at::Tensor kbuf = at::empty({tile * D}, opts);
-    at::Tensor sbuf = at::empty({tile * tile}, opts);
-    std::vector<scalar_t> best(tile);
-    std::vector<int64_t> best_index(tile);
+    std::vector<scalar_t> qbuf(kTileQ * D), kbuf(kTileK * D), kscratch(kTileK * D);
+    std::vector<scalar_t> sbuf(kTileQ * kTileK);
+    std::vector<scalar_t> best(kTileQ);
+    std::vector<int64_t> best_index(kTileQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_qtiles;
-      const int64_t q0 = (task % n_qtiles) * tile;
-      const int64_t mq = std::min(tile, nq - q0);
+      const int64_t q0 = (task % n_qtiles) * kTileQ;
+      const int64_t mq = std::min(kTileQ, nq - q0);
       im2col_rows(q_ptr + b * C * Hq * Wq, C, Hq, Wq, p, stride, padding, gqw, q0, mq,
-                  qbuf.data_ptr<scalar_t>());
-      at::Tensor qmat = qbuf.narrow(0, 0, mq * D).view({mq, D});
+                  qbuf.data());
       std::fill(best.begin(), best.end(), -std::numeric_limits<scalar_t>::infinity());
       std::fill(best_index.begin(), best_index.end(), 0);
       // Keys in increasing index order with a strict '>' keep the smallest index on ties.
@@ -96,16 +115,14 @@ void patch_match_blocked(const at::Tensor& query, const std::vector<at::Tensor>&
         const int64_t nk = g.grid_h * g.grid_w;
         const scalar_t* k_ptr = keys[r].data_ptr<scalar_t>() + b * C * g.H * g.W;
         const scalar_t* inv_norm = key_inv_norms[r].data() + b * nk;
-        for (int64_t k0 = 0; k0 < nk; k0 += tile) {
-          const int64_t mk = std::min(tile, nk - k0);
-          im2col_rows(k_ptr, C, g.H, g.W, p, stride, padding, g.grid_w, k0, mk,
-                      kbuf.data_ptr<scalar_t>());
-          at::Tensor kmat = kbuf.narrow(0, 0, mk * D).view({mk, D});
-          at::Tensor smat = sbuf.narrow(0, 0, mq * mk).view({mq, mk});
-          at::mm_out(smat, qmat, kmat.t());
-          const scalar_t* s = sbuf.data_ptr<scalar_t>();
+        for (int64_t k0 = 0; k0 < nk; k0 += kTileK) {
+          const int64_t mk = std::min(kTileK, nk - k0);
+          const int64_t n_panels = (mk + kPanel<scalar_t> - 1) / kPanel<scalar_t>;
+          im2col_panels(k_ptr, C, g.H, g.W, p, stride, padding, g.grid_w, k0, mk,
+                        kscratch.data(), kbuf.data());
+          gemm_packed(qbuf.data(), D, mq, kbuf.data(), n_panels, D, sbuf.data(), kTileK);
           for (int64_t i = 0; i < mq; ++i) {
-            const scalar_t* row = s + i * mk;
+            const scalar_t* row = sbuf.data() + i * kTileK;
             scalar_t bv = best[i];
             int64_t bi = best_index[i];
             for (int64_t j = 0; j < mk; ++j) {
@@ -140,7 +157,6 @@ bool match_overlap(const at::Tensor& q, const std::vector<at::Tensor>& keys,
                    const std::vector<KeyGrid>& grids, int64_t p, int64_t padding,
                    const std::vector<std::vector<float>>& key_inv_norms,
                    const std::vector<double>& query_norms, at::Tensor& index, at::Tensor& score) {
-  if (kDisableOverlap) return false;
   std::vector<OverlapKey> okeys;
   for (size_t r = 0; r < keys.size(); ++r) {
     okeys.push_back({keys[r].data_ptr<float>(), grids[r].H, grids[r].W, grids[r].grid_h,

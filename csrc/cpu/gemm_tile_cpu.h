@@ -1,0 +1,129 @@
+// A small register-blocked GEMM for the CPU patch-matching kernels.
+//
+// C (M x N) = A (M x K, row-major, rows broadcast) * B (K x N, packed in panels of kPanel
+// columns: panel j holds columns [j * kPanel, (j + 1) * kPanel) as K rows of kPanel values).
+//
+// NB: every C[i][j] is one fused-multiply-add chain over k = 0, 1, ..., K-1 in order, whatever
+// its position in the tile, the tile sizes or the number of threads (K blocks reload the
+// accumulator from C and continue the same chain). Equal inputs therefore give bit-equal dot
+// products, which is what makes "ties go to the smallest index" hold for duplicated patches and
+// the results independent of the thread count. BLAS (at::mm) gives neither: its edge kernels
+// round differently from its main kernel.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace srntt {
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t mask __attribute__((vector_size(32)));
+  static constexpr int size = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef int64_t mask __attribute__((vector_size(32)));
+  static constexpr int size = 4;
+};
+template <typename T>
+using vec_t = typename Vec<T>::type;
+
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+inline vec_t<T> vset1(T x) {
+  return vec_t<T>{} + x;
+}
+// a * b + c, fused when the target has FMA (one build always uses the same form).
+inline vec_t<float> vfma(vec_t<float> a, vec_t<float> b, vec_t<float> c) {
+#if defined(__FMA__)
+  return (vec_t<float>)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+inline vec_t<double> vfma(vec_t<double> a, vec_t<double> b, vec_t<double> c) {
+#if defined(__FMA__)
+  return (vec_t<double>)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Columns per packed panel: two vectors.
+template <typename T>
+constexpr int64_t kPanel = 2 * Vec<T>::size;
+
+template <typename T, int MR>
+inline void gemm_micro(const T* __restrict a, int64_t lda, const T* __restrict b, int64_t K,
+                       T* __restrict c, int64_t ldc, bool accumulate) {
+  constexpr int V = Vec<T>::size;
+  vec_t<T> acc0[MR], acc1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    acc0[r] = accumulate ? vload(c + r * ldc) : vec_t<T>{};
+    acc1[r] = accumulate ? vload(c + r * ldc + V) : vec_t<T>{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const vec_t<T> b0 = vload(b + k * 2 * V);
+    const vec_t<T> b1 = vload(b + k * 2 * V + V);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const vec_t<T> ar = vset1(a[r * lda + k]);
+      acc0[r] = vfma(ar, b0, acc0[r]);
+      acc1[r] = vfma(ar, b1, acc1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    vstore(c + r * ldc, acc0[r]);
+    vstore(c + r * ldc + V, acc1[r]);
+  }
+}
+
+// C[:M, :n_panels * kPanel] = A[:M, :K] * B (see the top of this file).
+template <typename T>
+void gemm_packed(const T* a, int64_t lda, int64_t M, const T* b_panels, int64_t n_panels,
+                 int64_t K, T* c, int64_t ldc) {
+  constexpr int64_t NR = kPanel<T>;
+  constexpr int64_t KC = 4096 / sizeof(T);  // a 16 KB slice of one panel stays in L1
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = K - k0 < KC ? K - k0 : KC;
+    const bool acc = k0 > 0;
+    for (int64_t j = 0; j < n_panels; ++j) {
+      const T* bp = b_panels + (j * K + k0) * NR;
+      T* cj = c + j * NR;
+      int64_t i = 0;
+      for (; i + 6 <= M; i += 6) gemm_micro<T, 6>(a + i * lda + k0, lda, bp, kc, cj + i * ldc, ldc, acc);
+      const T* ai = a + i * lda + k0;
+      T* ci = cj + i * ldc;
+      switch (M - i) {
+        case 5: gemm_micro<T, 5>(ai, lda, bp, kc, ci, ldc, acc); break;
+        case 4: gemm_micro<T, 4>(ai, lda, bp, kc, ci, ldc, acc); break;
+        case 3: gemm_micro<T, 3>(ai, lda, bp, kc, ci, ldc, acc); break;
+        case 2: gemm_micro<T, 2>(ai, lda, bp, kc, ci, ldc, acc); break;
+        case 1: gemm_micro<T, 1>(ai, lda, bp, kc, ci, ldc, acc); break;
+        default: break;
+      }
+    }
+  }
+}
+
+}  // namespace srntt
