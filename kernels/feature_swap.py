@@ -1,0 +1,298 @@
+"""Feature swapping in Triton: forward and its deterministic adjoint (docs/DESIGN.md, SPEC 3.2).
+
+Forward. Query cell (i, j), matched to key cell (u, v), copies the (P*scale)^2 window of values
+with top-left ((u*s - p)*scale, (v*s - p)*scale) into the output window with top-left
+((i*s - p)*scale, (j*s - p)*scale). Computed as a gather per output pixel: along each axis a pixel
+lies in at most T = ceil(P / s) output windows, the cells i = i_hi - t, t < T, with
+i_hi = (y + p*scale) // (s*scale); each program sums those T^2 contributions for a tile of
+pixels x channels. No atomics; reads outside values are zero, pixels of the output beyond the
+windows get no contribution. ``reduce="mean"`` divides by count_h(y) * count_w(x), the number of
+windows covering the pixel (whether or not their reads were in range).
+
+Backward. grad_values[r] at pixel (y', x') gathers grad_out from every query cell whose matched key
+cell's window covers (y', x'): the at most T^2 key cells covering the pixel, each with the list of
+query cells matched to it. The lists come from an inverse map built with a stable sort of the
+index plus CSR offsets (searchsorted), O(N) memory and work; the summation order is fixed, so
+the result is bitwise deterministic.
+
+Several value maps: a host loop over them; the forward accumulates into the output in list order.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .patch_match import INTERPRET, grid_size, launch, register_op
+
+_BLOCK_PIX = 16 if INTERPRET else 128
+_BLOCK_C = 16 if INTERPRET else 32
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _cover_count(coord, n_cells, padding, stride, scale, P: tl.constexpr, T: tl.constexpr):
+    """Number of windows (cells 0 <= i < n_cells) covering pixel coordinate ``coord`` along one axis."""
+    shifted = coord + padding * scale
+    hi = shifted // (stride * scale)
+    count = tl.zeros(coord.shape, dtype=tl.int32)
+    for t in tl.static_range(T):
+        i = hi - t
+        count += ((i >= 0) & (i < n_cells) & (shifted - i * stride * scale < P * scale)).to(tl.int32)
+    return count
+
+
+@triton.jit
+def _feature_swap_fwd_kernel(
+    v_ptr,
+    idx_ptr,
+    out_ptr,
+    Cv,
+    Hv,
+    Wv,
+    out_h,
+    out_w,
+    Gqh,
+    Gqw,
+    Gk,
+    Gkw,
+    key_offset,
+    stride,
+    padding,
+    scale,
+    P: tl.constexpr,
+    T: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK_PIX: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    pix = pid_p * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
+    p_mask = pix < out_h * out_w
+    y = pix // out_w
+    x = pix % out_w
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = ch < Cv
+    step = stride * scale
+    yy = y + padding * scale
+    xx = x + padding * scale
+    acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=out_ptr.dtype.element_ty)
+    v_base = v_ptr + (b * Cv + ch[None, :]) * Hv * Wv
+    for ti in tl.static_range(T):
+        i = yy // step - ti
+        dy = yy - i * step
+        ok_i = (i >= 0) & (i < Gqh) & (dy < P * scale)
+        for tj in tl.static_range(T):
+            j = xx // step - tj
+            dx = xx - j * step
+            ok = p_mask & ok_i & (j >= 0) & (j < Gqw) & (dx < P * scale)
+            loc = tl.load(idx_ptr + b * Gqh * Gqw + i * Gqw + j, mask=ok, other=0) - key_offset
+            ok = ok & (loc >= 0) & (loc < Gk)
+            sy = ((loc // Gkw) * stride - padding) * scale + dy
+            sx = ((loc % Gkw) * stride - padding) * scale + dx
+            ok = ok & (sy >= 0) & (sy < Hv) & (sx >= 0) & (sx < Wv)
+            acc += tl.load(v_base + (sy * Wv + sx)[:, None], mask=ok[:, None] & c_mask[None, :], other=0.0)
+    out_ptrs = out_ptr + (b * Cv + ch[None, :]) * out_h * out_w + pix[:, None]
+    o_mask = p_mask[:, None] & c_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=o_mask, other=0.0)
+    if MEAN:
+        count = _cover_count(y, Gqh, padding, stride, scale, P, T) * _cover_count(
+            x, Gqw, padding, stride, scale, P, T
+        )
+        acc = tl.where(count[:, None] > 0, acc / tl.maximum(count, 1).to(acc.dtype)[:, None], 0.0)
+    tl.store(out_ptrs, acc, mask=o_mask)
+
+
+@triton.jit
+def _feature_swap_bwd_kernel(
+    grad_ptr,
+    csr_ptr,
+    cells_ptr,
+    gv_ptr,
+    Cv,
+    Hv,
+    Wv,
+    out_h,
+    out_w,
+    Gq,
+    Gqh,
+    Gqw,
+    Gkh,
+    Gkw,
+    Nk_total,
+    key_offset,
+    stride,
+    padding,
+    scale,
+    P: tl.constexpr,
+    T: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK_PIX: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    pix = pid_p * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
+    p_mask = pix < Hv * Wv
+    y = pix // Wv
+    x = pix % Wv
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = ch < Cv
+    step = stride * scale
+    yy = y + padding * scale
+    xx = x + padding * scale
+    acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=gv_ptr.dtype.element_ty)
+    g_base = grad_ptr + (b * Cv + ch[None, :]) * out_h * out_w
+    for tu in tl.static_range(T):
+        u = yy // step - tu
+        dy = yy - u * step
+        ok_u = (u >= 0) & (u < Gkh) & (dy < P * scale)
+        for tv in tl.static_range(T):
+            v = xx // step - tv
+            dx = xx - v * step
+            ok = p_mask & ok_u & (v >= 0) & (v < Gkw) & (dx < P * scale)
+            key = key_offset + u * Gkw + v
+            start = tl.load(csr_ptr + b * (Nk_total + 1) + key, mask=ok, other=0)
+            n = tl.load(csr_ptr + b * (Nk_total + 1) + key + 1, mask=ok, other=0) - start
+            # Query cells matched to this key cell, in increasing cell order (stable sort).
+            for t in range(0, tl.max(n, axis=0)):
+                live = t < n
+                cell = tl.load(cells_ptr + b * Gq + start + t, mask=live, other=0)
+                oy = ((cell // Gqw) * stride - padding) * scale + dy
+                ox = ((cell % Gqw) * stride - padding) * scale + dx
+                live = live & (oy >= 0) & (oy < out_h) & (ox >= 0) & (ox < out_w)
+                g = tl.load(
+                    g_base + (oy * out_w + ox)[:, None], mask=live[:, None] & c_mask[None, :], other=0.0
+                )
+                if MEAN:
+                    count = _cover_count(oy, Gqh, padding, stride, scale, P, T) * _cover_count(
+                        ox, Gqw, padding, stride, scale, P, T
+                    )
+                    g = g / tl.maximum(count, 1).to(g.dtype)[:, None]
+                acc += g
+    tl.store(
+        gv_ptr + (b * Cv + ch[None, :]) * Hv * Wv + pix[:, None], acc, mask=p_mask[:, None] & c_mask[None, :]
+    )
+
+
+def _key_grids(value_hw, patch_size, stride, padding, scale):
+    """(Gk_h, Gk_w, offset) per value map, offsets over the concatenated key grids."""
+    grids, offset = [], 0
+    for h, w in value_hw:
+        gh = grid_size(h // scale, patch_size, stride, padding)
+        gw = grid_size(w // scale, patch_size, stride, padding)
+        grids.append((gh, gw, offset))
+        offset += gh * gw
+    return grids, offset
+
+
+@register_op("srntt::_feature_swap_triton")
+def feature_swap(
+    values: list[torch.Tensor],
+    index: torch.Tensor,
+    patch_size: int,
+    stride: int,
+    padding: int,
+    scale: int,
+    out_h: int,
+    out_w: int,
+    reduce: str,
+) -> torch.Tensor:
+    """Swapped map (B, Cv, out_h, out_w): the values windows of the matched key cells, summed or averaged."""
+    b, cv = values[0].shape[:2]
+    gqh, gqw = index.shape[1:]
+    grids, _ = _key_grids([v.shape[2:] for v in values], patch_size, stride, padding, scale)
+    out = values[0].new_empty((b, cv, out_h, out_w))
+    grid = (triton.cdiv(out_h * out_w, _BLOCK_PIX), triton.cdiv(cv, _BLOCK_C), b)
+    for r, (v, (gkh, gkw, offset)) in enumerate(zip(values, grids, strict=True)):
+        launch(
+            _feature_swap_fwd_kernel,
+            grid,
+            v,
+            index,
+            out,
+            cv,
+            v.shape[2],
+            v.shape[3],
+            out_h,
+            out_w,
+            gqh,
+            gqw,
+            gkh * gkw,
+            gkw,
+            offset,
+            stride,
+            padding,
+            scale,
+            P=patch_size,
+            T=-(-patch_size // stride),
+            ACCUMULATE=r > 0,
+            MEAN=reduce == "mean" and r == len(values) - 1,
+            BLOCK_PIX=_BLOCK_PIX,
+            BLOCK_C=_BLOCK_C,
+            num_warps=_NUM_WARPS,
+        )
+    return out
+
+
+@register_op("srntt::_feature_swap_triton_backward")
+def feature_swap_backward(
+    grad_out: torch.Tensor,
+    index: torch.Tensor,
+    value_sizes: list[int],
+    patch_size: int,
+    stride: int,
+    padding: int,
+    scale: int,
+    reduce: str,
+) -> list[torch.Tensor]:
+    """Adjoint of ``feature_swap`` w.r.t. each value map; deterministic (no atomics)."""
+    b, cv, out_h, out_w = grad_out.shape
+    gqh, gqw = index.shape[1:]
+    gq = gqh * gqw
+    value_hw = list(zip(value_sizes[0::2], value_sizes[1::2], strict=True))
+    grids, nk_total = _key_grids(value_hw, patch_size, stride, padding, scale)
+    # Inverse map: query cells sorted by matched key (stable, so increasing cell order within a
+    # key) and CSR offsets csr[k] = number of cells matched to keys < k. Static shapes only.
+    sorted_keys, cells = torch.sort(index.reshape(b, gq), dim=1, stable=True)
+    bounds = torch.arange(nk_total + 1, device=index.device, dtype=index.dtype).expand(b, -1).contiguous()
+    csr = torch.searchsorted(sorted_keys, bounds)
+    grads = []
+    for (hv, wv), (gkh, gkw, offset) in zip(value_hw, grids, strict=True):
+        gv = grad_out.new_empty((b, cv, hv, wv))
+        grid = (triton.cdiv(hv * wv, _BLOCK_PIX), triton.cdiv(cv, _BLOCK_C), b)
+        launch(
+            _feature_swap_bwd_kernel,
+            grid,
+            grad_out,
+            csr,
+            cells,
+            gv,
+            cv,
+            hv,
+            wv,
+            out_h,
+            out_w,
+            gq,
+            gqh,
+            gqw,
+            gkh,
+            gkw,
+            nk_total,
+            offset,
+            stride,
+            padding,
+            scale,
+            P=patch_size,
+            T=-(-patch_size // stride),
+            MEAN=reduce == "mean",
+            BLOCK_PIX=_BLOCK_PIX,
+            BLOCK_C=_BLOCK_C,
+            num_warps=_NUM_WARPS,
+        )
+        grads.append(gv)
+    return grads

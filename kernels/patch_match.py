@@ -1,0 +1,510 @@
+"""Fused patch matching in Triton: exact argmax of normalized patch cross-correlation.
+
+Maths (docs/DESIGN.md, SPEC 3.1): for query patch q and key patch k (descriptors of
+``patch_size * patch_size * C`` values taken after zero padding),
+
+    score(q, k) = <q, k> / (max(|q|, eps) * max(|k|, eps)),      eps = 1e-12,
+
+and for every query patch we return the key index with the largest score (ties: smallest index,
+counted over the concatenation of the key grids) and that score.
+
+Layout. Every map is copied once into a zero-padded channels-last buffer (B, H + 2p, W + 2p, C),
+so descriptor element (dy, dx, c) of the patch with top-left (y, x) sits at
+``(y + dy) * row_stride + (x + dx) * C + c``: the dot products are an implicit GEMM read straight
+from these buffers (no im2col), with K = patch_size^2 * C walked as patch_size^2 static taps times
+BLOCK_K channel chunks. Inverse norms are precomputed per patch (O(N)). Each program owns BLOCK_M
+query patches of one batch item and streams over the key patches in BLOCK_N tiles, keeping its
+running max/argmax in registers; nothing N_query x N_key is ever written. Several keys are handled
+by a host loop that carries the running state in (B, Nq) buffers.
+
+Precision. ``"highest"`` (and every float64 input) scores with fp32/fp64 arithmetic (tl.dot with
+``input_precision="ieee"``; float64 uses multiply-and-sum because tl.dot has no fp64 path). ``"high"``
+(TF32) and ``"medium"`` (bf16 inputs) find candidates on tensor cores and then re-score them in
+fp32, which keeps the contract provable (see ``_candidate_margin``):
+
+1. approximate pass: m~ = max over keys of the approximate score s~;
+2. collect pass: every key with s~ >= m~ - 2 * delta is appended to the query's candidate list
+   (at most ``_MAX_CANDIDATES``, in increasing key index, the number seen is counted);
+3. the candidates are re-scored in fp32 (smallest index wins ties);
+4. queries whose list overflowed are re-scanned over all keys in fp32 (a compacted, masked pass).
+Since |s~ - s| <= delta for every key, the exact argmax always survives step 2.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+EPS = 1e-12
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Candidates kept per query for fp32 re-scoring; queries with more fall back to an fp32 scan.
+_MAX_CANDIDATES = 8 if INTERPRET else 32
+_RESCORE_BLOCK_M = 16 if INTERPRET else 32
+_RESCORE_BLOCK_K = 16 if INTERPRET else 64
+
+
+def _is_traced(x) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(x, (FakeTensor, FunctionalTensor)) or (isinstance(x, torch.Tensor) and x.is_meta)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """Launch a Triton kernel from inside a ``triton_op`` body.
+
+    NB: under ``TRITON_INTERPRET=1`` the kernel body runs in Python on host memory, so FakeTensors
+    and FunctionalTensors (opcheck, torch.compile tracing) cannot be passed to it; there the launch
+    is skipped, as the outputs' metadata is fixed by the host code alone. On a GPU, ``wrap_triton``
+    makes the launch traceable.
+    """
+    if INTERPRET:
+        if any(_is_traced(a) for a in (*args, *kwargs.values())):
+            return
+        kernel[grid](*args, **kwargs)
+    else:
+        wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def register_op(name: str):
+    """Register a Triton-backed function as the custom op ``name`` (its fake kernel is the same function).
+
+    NB: on a GPU this is ``torch.library.triton_op``, so torch.compile sees the kernels through
+    ``wrap_triton``. Under ``TRITON_INTERPRET=1`` a ``triton_op`` runs eagerly on CPU tensors, but
+    ``wrap_triton`` hands back the bare interpreted function, so AOT tracing records no kernel
+    launch and a compiled graph returns uninitialized outputs (opcheck's test_aot_dispatch_dynamic
+    fails). There the op is an opaque ``torch.library.custom_op`` instead.
+    """
+
+    def register(fn):
+        if not INTERPRET:
+            return triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+
+    return register
+
+
+def grid_size(size: int, patch_size: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - patch_size) // stride + 1
+
+
+def _padded_channels_last(x: torch.Tensor, padding: int, dtype: torch.dtype) -> torch.Tensor:
+    b, c, h, w = x.shape
+    out = x.new_zeros((b, h + 2 * padding, w + 2 * padding, c), dtype=dtype)
+    out[:, padding : padding + h, padding : padding + w].copy_(x.permute(0, 2, 3, 1))
+    return out
+
+
+def _patch_sq_norms(x: torch.Tensor, patch_size: int, stride: int, padding: int) -> torch.Tensor:
+    """Squared descriptor norms, (B, G_h * G_w), in x's dtype (O(N) memory: no C-sized temporary)."""
+    sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square()
+    sq = F.pad(sq, (padding,) * 4)
+    ones = sq.new_ones((1, 1, patch_size, patch_size))
+    return F.conv2d(sq, ones, stride=stride).flatten(1)
+
+
+def _inv_norms(sq_norms: torch.Tensor) -> torch.Tensor:
+    return 1.0 / sq_norms.sqrt().clamp_min(EPS)
+
+
+def _candidate_margin(k_total: int, precision: str) -> float:
+    """delta with |s~ - s| <= delta for every pair, s~ the tensor-core score.
+
+    NB: rounding each input to u (relative) perturbs each product by <= (2u + u^2)|q_i k_i|, and
+    sum_i |q_i k_i| <= |q| |k| (Cauchy-Schwarz), so after normalization the input error is
+    <= 2u + u^2. fp32 accumulation over K terms adds <= K * 2^-24 * (1 + u)^2 per unit; it is taken
+    4x to cover tensor-core adders that truncate instead of rounding. The two norm scalings add
+    a few ulps. TF32 is taken as truncating (u = 2^-10), bf16 rounds to nearest (u = 2^-8).
+    """
+    u = {"high": 2.0**-10, "medium": 2.0**-8}[precision]
+    ulp = 2.0**-24
+    return 2 * u + u * u + 4 * k_total * ulp * (1 + u) ** 2 + 8 * ulp
+
+
+@triton.jit
+def _patch_dot_tile(
+    q_ptr,
+    k_ptr,
+    q_rows,
+    k_rows,
+    m_mask,
+    n_mask,
+    C,
+    q_sy,
+    k_sy,
+    acc,
+    P: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FMA: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc[m, n] += <query patch m, key patch n>; q_rows / k_rows are element offsets of the patches'
+    top-left corners in the padded channels-last maps."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for dy in tl.static_range(P):
+        for dx in tl.static_range(P):
+            q_tap = q_rows + dy * q_sy + dx * C
+            k_tap = k_rows + dy * k_sy + dx * C
+            for c0 in range(0, C, BLOCK_K):
+                cc = c0 + offs_k
+                c_mask = cc < C
+                a = tl.load(
+                    q_ptr + q_tap[:, None] + cc[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0
+                )
+                b = tl.load(
+                    k_ptr + k_tap[None, :] + cc[:, None], mask=n_mask[None, :] & c_mask[:, None], other=0.0
+                )
+                if FMA:
+                    acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+                else:
+                    if UPCAST:
+                        # NB: the interpreter's bf16 tl.dot is wrong; exact products of the rounded
+                        # inputs with fp32 accumulation is what the tensor cores compute.
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _patch_match_scan_kernel(
+    q_ptr,
+    k_ptr,
+    qinv_ptr,
+    kinv_ptr,
+    best_val_ptr,
+    best_idx_ptr,
+    thr_ptr,
+    count_ptr,
+    cand_ptr,
+    order_ptr,
+    active_ptr,
+    C,
+    Gq,
+    Gqw,
+    Gk,
+    Gkw,
+    q_sb,
+    q_sy,
+    k_sb,
+    k_sy,
+    stride,
+    key_offset,
+    P: tl.constexpr,
+    COLLECT: tl.constexpr,
+    SELECT: tl.constexpr,
+    KC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One key map against BLOCK_M query patches of batch item program_id(1).
+
+    COLLECT=False: running max/argmax, read from and written back to best_val/best_idx.
+    COLLECT=True: append every key with score >= thr to the query's candidate list (cand, count).
+    SELECT=True: rows are the queries order[b, row]; only those with active != 0 are scanned, and
+    programs with no active row skip the key loop.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rows < Gq
+    if SELECT:
+        qid = tl.load(order_ptr + b * Gq + rows, mask=m_mask, other=0)
+        m_mask = m_mask & (tl.load(active_ptr + b * Gq + qid, mask=m_mask, other=0) != 0)
+        n_end = tl.where(tl.max(m_mask.to(tl.int32), axis=0) > 0, Gk, 0)
+    else:
+        qid = rows.to(tl.int64)
+        n_end = Gk
+    state = b * Gq + qid
+    q_rows = b * q_sb + (qid // Gqw) * stride * q_sy + (qid % Gqw) * stride * C
+    qinv = tl.load(qinv_ptr + state, mask=m_mask, other=0.0)
+    acc_dtype = qinv_ptr.dtype.element_ty
+    if COLLECT:
+        thr = tl.load(thr_ptr + state, mask=m_mask, other=float("inf"))
+        count = tl.load(count_ptr + state, mask=m_mask, other=0)
+    else:
+        best = tl.load(best_val_ptr + state, mask=m_mask, other=float("-inf"))
+        best_idx = tl.load(best_idx_ptr + state, mask=m_mask, other=0)
+    for n0 in range(0, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        n_mask = cols < Gk
+        k_rows = b * k_sb + (cols // Gkw) * stride * k_sy + (cols % Gkw) * stride * C
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+        acc = _patch_dot_tile(
+            q_ptr,
+            k_ptr,
+            q_rows,
+            k_rows,
+            m_mask,
+            n_mask,
+            C,
+            q_sy,
+            k_sy,
+            acc,
+            P,
+            DOT_PREC,
+            UPCAST,
+            FMA,
+            BLOCK_K,
+        )
+        kinv = tl.load(kinv_ptr + b * Gk + cols, mask=n_mask, other=0.0)
+        score = tl.where(n_mask[None, :], acc * qinv[:, None] * kinv[None, :], float("-inf"))
+        if COLLECT:
+            hit = (score >= thr[:, None]) & n_mask[None, :] & m_mask[:, None]
+            hit_i = hit.to(tl.int32)
+            pos = count[:, None] + tl.cumsum(hit_i, axis=1) - 1
+            tl.store(
+                cand_ptr + state[:, None] * KC + pos,
+                (cols + key_offset).to(tl.int32)[None, :] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
+                mask=hit & (pos < KC),
+            )
+            count += tl.sum(hit_i, axis=1)
+        else:
+            tile_best = tl.max(score, axis=1)
+            tile_idx = tl.argmax(score, axis=1, tie_break_left=True)
+            # Tiles come in increasing key order: strict '>' keeps the smallest index on ties.
+            better = tile_best > best
+            best = tl.where(better, tile_best, best)
+            best_idx = tl.where(better, (tile_idx + n0 + key_offset).to(tl.int64), best_idx)
+    if COLLECT:
+        tl.store(count_ptr + state, count, mask=m_mask)
+    else:
+        tl.store(best_val_ptr + state, best, mask=m_mask)
+        tl.store(best_idx_ptr + state, best_idx, mask=m_mask)
+
+
+@triton.jit
+def _patch_match_rescore_kernel(
+    q_ptr,
+    k_ptr,
+    qinv_ptr,
+    kinv_ptr,
+    best_val_ptr,
+    best_idx_ptr,
+    count_ptr,
+    cand_ptr,
+    C,
+    Gq,
+    Gqw,
+    Gk,
+    Gkw,
+    q_sb,
+    q_sy,
+    k_sb,
+    k_sy,
+    stride,
+    key_offset,
+    P: tl.constexpr,
+    KC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 scores of the candidates that fall in this key map; updates the running max/argmax."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rows < Gq
+    state = b * Gq + rows
+    q_rows = b * q_sb + (rows // Gqw) * stride * q_sy + (rows % Gqw) * stride * C
+    qinv = tl.load(qinv_ptr + state, mask=m_mask, other=0.0)
+    n_cand = tl.minimum(tl.load(count_ptr + state, mask=m_mask, other=0), KC)
+    best = tl.load(best_val_ptr + state, mask=m_mask, other=float("-inf"))
+    best_idx = tl.load(best_idx_ptr + state, mask=m_mask, other=0)
+    offs_k = tl.arange(0, BLOCK_K)
+    for j in range(0, tl.max(n_cand, axis=0)):
+        valid = m_mask & (j < n_cand)
+        loc = tl.load(cand_ptr + state * KC + j, mask=valid, other=0).to(tl.int64) - key_offset
+        valid = valid & (loc >= 0) & (loc < Gk)
+        loc = tl.where(valid, loc, 0)
+        k_rows = b * k_sb + (loc // Gkw) * stride * k_sy + (loc % Gkw) * stride * C
+        acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for dy in tl.static_range(P):
+            for dx in tl.static_range(P):
+                q_tap = q_rows + dy * q_sy + dx * C
+                k_tap = k_rows + dy * k_sy + dx * C
+                for c0 in range(0, C, BLOCK_K):
+                    cc = c0 + offs_k
+                    mask = valid[:, None] & (cc < C)[None, :]
+                    a = tl.load(q_ptr + q_tap[:, None] + cc[None, :], mask=mask, other=0.0)
+                    kk = tl.load(k_ptr + k_tap[:, None] + cc[None, :], mask=mask, other=0.0)
+                    acc += tl.sum(a * kk, axis=1)
+        kinv = tl.load(kinv_ptr + b * Gk + loc, mask=valid, other=0.0)
+        score = acc * qinv * kinv
+        # Candidates come in increasing key index: strict '>' keeps the smallest on ties.
+        better = valid & (score > best)
+        best = tl.where(better, score, best)
+        best_idx = tl.where(better, loc + key_offset, best_idx)
+    tl.store(best_val_ptr + state, best, mask=m_mask)
+    tl.store(best_idx_ptr + state, best_idx, mask=m_mask)
+
+
+def _scan_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    # Hopper-oriented: 128x128 tiles keep the tensor cores fed from L2 (arithmetic intensity
+    # BM*BN/(BM+BN) flop/byte); K chunks of 32-64 channels with 3-4 pipeline stages.
+    configs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 3),
+        (64, 128, 64, 4, 3),
+        (64, 64, 64, 4, 4),
+        (128, 256, 32, 8, 3),
+    ]:
+        configs.append(
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        )
+    return configs
+
+
+_patch_match_scan_tuned = triton.autotune(
+    configs=_scan_configs(),
+    key=["C", "Gq", "Gk", "P", "COLLECT", "SELECT", "DOT_PREC", "UPCAST"],
+    # The scan reads and writes its running state: restore it after every timing run.
+    restore_value=["best_val_ptr", "best_idx_ptr", "count_ptr", "cand_ptr"],
+)(_patch_match_scan_kernel)
+
+
+class _Map:
+    """A feature map prepared for matching: padded channels-last buffer, grid, inverse norms."""
+
+    def __init__(self, x: torch.Tensor, patch_size: int, stride: int, padding: int, dtype: torch.dtype):
+        self.batch, self.channels, h, w = x.shape
+        self.gh = grid_size(h, patch_size, stride, padding)
+        self.gw = grid_size(w, patch_size, stride, padding)
+        self.n = self.gh * self.gw
+        self.sq_norms = _patch_sq_norms(x, patch_size, stride, padding)
+        self.inv_norms = _inv_norms(self.sq_norms)
+        self.buf = _padded_channels_last(x, padding, dtype)
+        self.low = self.buf
+
+    def strides(self):
+        return self.buf.stride(0), self.buf.stride(1)
+
+
+def _scan(query, key, key_offset, state, patch_size, stride, dot_prec, low, collect=None, select=None):
+    best_val, best_idx = state
+    q_buf, k_buf = (query.low, key.low) if low else (query.buf, key.buf)
+    fma = q_buf.dtype == torch.float64
+    dummy_i32 = best_idx.new_empty((1,), dtype=torch.int32)
+    thr, count, cand = collect if collect is not None else (best_val, dummy_i32, dummy_i32)
+    order, active = select if select is not None else (best_idx, dummy_i32)
+    args = (q_buf, k_buf, query.inv_norms, key.inv_norms, best_val, best_idx, thr, count, cand, order, active)
+    args += (
+        query.channels,
+        query.n,
+        query.gw,
+        key.n,
+        key.gw,
+        *query.strides(),
+        *key.strides(),
+        stride,
+        key_offset,
+    )
+    meta = dict(
+        P=patch_size,
+        COLLECT=collect is not None,
+        SELECT=select is not None,
+        KC=_MAX_CANDIDATES,
+        DOT_PREC=dot_prec,
+        UPCAST=INTERPRET and q_buf.dtype == torch.bfloat16,
+        FMA=fma,
+    )
+    if fma or INTERPRET:
+        # NB: float64 has no tensor-core path; small fixed tiles keep the (M, K, N) product small.
+        blocks = (
+            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) if INTERPRET else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8)
+        )
+        grid = (triton.cdiv(query.n, blocks["BLOCK_M"]), query.batch)
+        launch(_patch_match_scan_kernel, grid, *args, **meta, **blocks)
+    else:
+
+        def grid(meta):
+            return (triton.cdiv(query.n, meta["BLOCK_M"]), query.batch)
+
+        launch(_patch_match_scan_tuned, grid, *args, **meta)
+
+
+@register_op("srntt::_patch_match_triton")
+def patch_match(
+    query: torch.Tensor, keys: list[torch.Tensor], patch_size: int, stride: int, padding: int, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best key patch per query patch: (index int64 (B, Gq_h, Gq_w), score (B, Gq_h, Gq_w))."""
+    fast = precision in ("high", "medium") and query.dtype == torch.float32
+    q = _Map(query, patch_size, stride, padding, query.dtype)
+    ks = [_Map(k, patch_size, stride, padding, query.dtype) for k in keys]
+    offsets = [0]
+    for k in ks:
+        offsets.append(offsets[-1] + k.n)
+    best_val = query.new_full((q.batch, q.n), float("-inf"))
+    best_idx = query.new_zeros((q.batch, q.n), dtype=torch.int64)
+    state = (best_val, best_idx)
+    if not fast:
+        for k, off in zip(ks, offsets, strict=False):
+            _scan(q, k, off, state, patch_size, stride, "ieee", low=False)
+    else:
+        # bf16 operands ignore input_precision; "tf32" is Triton's own default for every dot.
+        dot_prec = "tf32"
+        if precision == "medium":
+            for m in (q, *ks):
+                m.low = m.buf.to(torch.bfloat16)
+        for k, off in zip(ks, offsets, strict=False):
+            _scan(q, k, off, state, patch_size, stride, dot_prec, low=True)
+        delta = _candidate_margin(patch_size * patch_size * q.channels, precision)
+        thr = best_val - 2 * delta
+        count = torch.zeros_like(best_idx, dtype=torch.int32)
+        cand = best_idx.new_empty((q.batch, q.n, _MAX_CANDIDATES), dtype=torch.int32)
+        for k, off in zip(ks, offsets, strict=False):
+            _scan(q, k, off, state, patch_size, stride, dot_prec, low=True, collect=(thr, count, cand))
+        best_val.fill_(float("-inf"))
+        best_idx.zero_()
+        grid = (triton.cdiv(q.n, _RESCORE_BLOCK_M), q.batch)
+        for k, off in zip(ks, offsets, strict=False):
+            launch(
+                _patch_match_rescore_kernel,
+                grid,
+                q.buf,
+                k.buf,
+                q.inv_norms,
+                k.inv_norms,
+                best_val,
+                best_idx,
+                count,
+                cand,
+                q.channels,
+                q.n,
+                q.gw,
+                k.n,
+                k.gw,
+                *q.strides(),
+                *k.strides(),
+                stride,
+                off,
+                P=patch_size,
+                KC=_MAX_CANDIDATES,
+                BLOCK_M=_RESCORE_BLOCK_M,
+                BLOCK_K=_RESCORE_BLOCK_K,
+            )
+        # NB: a zero query patch scores exactly 0 against every key, so its list overflows but its
+        # first candidate (key 0) is already the exact answer.
+        overflow = (count > _MAX_CANDIDATES) & (q.sq_norms > 0)
+        best_val.masked_fill_(overflow, float("-inf"))
+        best_idx.masked_fill_(overflow, 0)
+        # Overflowing queries first, so that they are packed into the first programs.
+        order = torch.argsort(overflow.to(torch.int32), dim=1, descending=True, stable=True)
+        active = overflow.to(torch.int32)
+        for k, off in zip(ks, offsets, strict=False):
+            _scan(q, k, off, state, patch_size, stride, "ieee", low=False, select=(order, active))
+    shape = (q.batch, q.gh, q.gw)
+    return best_idx.view(shape), best_val.view(shape)
