@@ -31,7 +31,8 @@ def chosen_key_norms(keys: Sequence[Tensor], index: Tensor, patch_size: int, str
     return flat.gather(1, index.flatten(1)).view_as(index).to(flat.dtype)
 
 
-def renormalized(score: Tensor, q_norm: Tensor, k_norm: Tensor, q_add: float | None, k_add: float | None) -> Tensor:
+def renormalized(score: Tensor, q_norm: Tensor, k_norm: Tensor, q_add: float | None,
+                 k_add: float | None) -> Tensor:
     """``<q, k> / (|q| + q_add) / (|k| + k_add)`` of the chosen pair from its cosine ``score``.
 
     ``score`` is ``<q, k> / (max(|q|, 1e-12) max(|k|, 1e-12))`` (patch_match's definition); a side

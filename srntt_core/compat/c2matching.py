@@ -119,7 +119,8 @@ def correspondence_match(
 class CorrespondenceMatcher(nn.Module):
     """:func:`correspondence_match` as a module: ``forward(feat_in, feat_ref) -> (index, value)``."""
 
-    def __init__(self, patch_size: int = 3, stride: int = 1, backend: str = "auto", precision: str = "highest"):
+    def __init__(self, patch_size: int = 3, stride: int = 1, backend: str = "auto",
+                 precision: str = "highest"):
         super().__init__()
         self.patch_size, self.stride = patch_size, stride
         self.backend, self.precision = backend, precision
@@ -143,7 +144,8 @@ def index_to_flow(index: Tensor, ref_width: int | None = None) -> Tensor:
     width = w if ref_width is None else ref_width
     rows = torch.arange(h, device=index.device).view(1, h, 1)
     cols = torch.arange(w, device=index.device).view(1, 1, w)
-    flow = torch.stack(((index % width) - cols, torch.div(index, width, rounding_mode="floor") - rows), dim=-1)
+    row_of = torch.div(index, width, rounding_mode="floor")
+    flow = torch.stack(((index % width) - cols, row_of - rows), dim=-1)
     return F.pad(flow.float(), (0, 0, 0, 2, 0, 2))
 
 

@@ -91,9 +91,10 @@ def srntt_swap(
     conditions = _as_list("condition", condition)
     if len(styles) != len(conditions):
         raise ValueError(f"condition: {len(conditions)} maps for {len(styles)} style maps")
-    for i, (s, c) in enumerate(zip(styles, conditions)):
+    for i, (s, c) in enumerate(zip(styles, conditions, strict=True)):
         if s.shape != c.shape:
-            raise ValueError(f"condition[{i}]: shape {tuple(c.shape)} differs from style[{i}]'s {tuple(s.shape)}")
+            raise ValueError(f"condition[{i}]: shape {tuple(c.shape)} differs from "
+                             f"style[{i}]'s {tuple(s.shape)}")
     match = patch_match(content, conditions, patch_size=patch_size, stride=1, padding=0,
                         backend=backend, precision=precision)
     h, w = content.shape[-2:]
@@ -142,7 +143,7 @@ def _resize_axis_tf(x: Tensor, out: int, dim: int) -> Tensor:
     shape = [1] * x.dim()
     shape[dim] = out
     result = 0
-    for offset, weight in zip((-1, 0, 1, 2), _cubic(t, -0.75)):
+    for offset, weight in zip((-1, 0, 1, 2), _cubic(t, -0.75), strict=True):
         taps = (base + offset).clamp(0, n - 1)
         result = result + x.index_select(dim, taps) * weight.view(shape)
     return result
@@ -245,7 +246,7 @@ class Swapper:
                 patch_size=self.patch_size, stride=self.stride, is_weight=is_weight, norm_eps=1e-5,
                 backend=self.backend,
             )
-        maps = {layer: m[0].cpu().numpy() for layer, m in zip(LAYERS, result.maps)}
+        maps = {layer: m[0].cpu().numpy() for layer, m in zip(LAYERS, result.maps, strict=True)}
         weights = None if result.weights is None else result.weights[0].cpu().numpy()
         return maps, weights, result.index[0].cpu().numpy()
 

@@ -117,9 +117,11 @@ class SearchTransformer(nn.Module):
         self.backend = backend
         self.precision = precision
 
-    def forward(self, lq_up: Tensor, ref_downup: Tensor, refs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, lq_up: Tensor, ref_downup: Tensor,
+                refs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if isinstance(refs, Tensor):
-            raise TypeError("refs: expected a tuple of reference feature levels (coarse to fine), got a tensor")
+            raise TypeError("refs: expected a tuple of reference feature levels (coarse to fine), "
+                            "got a tensor")
         soft_attention, textures, _ = search_transfer(
             lq_up, ref_downup, list(refs), backend=self.backend, precision=self.precision)
         return soft_attention, textures

@@ -1,0 +1,68 @@
+"""Peak-memory measurement for the compat tests and benchmarks (Linux, glibc; CPU tensors).
+
+The peak is the process's resident-set high-water mark (``VmHWM``) during a call minus the resident
+set before it; ``/proc/self/clear_refs`` resets the mark before each call. glibc is first told
+(``mallopt``) to serve every block of 64 KiB or more with its own mapping and to give it back when
+freed, and that fixed threshold also turns off glibc's adaptive one, so a measurement cannot reuse
+memory freed by an earlier one and read low.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import sys
+from collections.abc import Callable
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_configured: bool | None = None
+
+KERNELS_REASON = ("the compiled CPU kernels are not loaded; the plain-torch fallback works in 64 MiB "
+                  "tiles, so the O(N) memory comparison is made against the kernels only")
+
+
+def _configure() -> bool:
+    global _configured
+    if _configured is None:
+        _configured = False
+        if sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK):
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _configured = bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)) and bool(
+                    libc.mallopt(_M_TRIM_THRESHOLD, 0))
+            except (OSError, AttributeError):
+                _configured = False
+    return _configured
+
+
+def supported() -> bool:
+    """Whether :func:`peak_bytes` can measure here (Linux with glibc and a writable clear_refs)."""
+    return _configure()
+
+
+def kernels_available() -> bool:
+    """Whether ``backend="auto"`` picks a compiled kernel (not the tiled torch fallback) on the CPU."""
+    import torch
+
+    from .. import dispatch
+
+    return dispatch.resolve("auto", torch.device("cpu")) != "torch"
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of resident memory ``fn()`` needed above what was resident when it started."""
+    if not _configure():
+        raise RuntimeError("peak_bytes: needs Linux with glibc and a writable /proc/self/clear_refs")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    result = fn()
+    peak = _status_kib("VmHWM")
+    del result
+    return (peak - before) * 1024
