@@ -1,0 +1,291 @@
+"""Subcommands ``sr``, ``demo``, ``eval`` and ``train`` of the ``srntt`` CLI.
+
+Each has ``add_<cmd>_arguments(parser)`` and ``run_<cmd>(args) -> int`` (exit status);
+``srntt_core.cli`` dispatches to them. User errors (missing or corrupt files, a checkpoint
+that does not fit) are printed as one line and give exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+DEMO_SAMPLE = ASSETS / "zebra.png"
+
+
+def _user_error(e: Exception) -> int:
+    print(f"srntt: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _device(name: str):
+    from .train import resolve_device
+
+    return resolve_device(name)
+
+
+def _add_common(p: argparse.ArgumentParser, tile: bool = True) -> None:
+    p.add_argument("--checkpoint", default="bundled",
+                   help="SRNTT checkpoint (default: the bundled SRNTT-l2 model)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "triton", "torch"],
+                   help="patch-matching / swapping backend (default auto)")
+    if tile:
+        p.add_argument("--tile", type=int, default=128,
+                       help="LR tile size for large inputs (0: no tiling; default 128)")
+        p.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels (default 16)")
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    state = {}
+
+    def update(done: int, total: int) -> None:
+        if total <= 1:
+            return
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit="tile", leave=False)
+        state["bar"].update(done - state["bar"].n)
+        if done == total:
+            state["bar"].close()
+
+    return update
+
+
+# ---------------------------------------------------------------------------------------------
+# sr
+
+def add_sr_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="low-resolution image (any size)")
+    p.add_argument("--ref", action="append", default=[], metavar="REF",
+                   help="reference image (repeat for several); none: the LR upsampled (no-reference mode)")
+    p.add_argument("-o", "--out", required=True, help="output image (x4)")
+    _add_common(p)
+
+
+def run_sr(args) -> int:
+    import torch
+
+    from .data import ImageReadError, load_image, save_image
+    from .infer import CheckpointError, load_model, no_reference, super_resolve
+
+    try:
+        device = _device(args.device)
+        lr = load_image(args.input)
+        refs = [load_image(r) for r in args.ref]
+        model = load_model(args.checkpoint, device)
+    except (FileNotFoundError, IsADirectoryError, ImageReadError, CheckpointError, ValueError) as e:
+        return _user_error(e)
+    if not refs:
+        print("srntt sr: no --ref given; using the LR upsampled as reference (no-reference mode)",
+              file=sys.stderr)
+        refs = [no_reference(lr)]
+    t0 = time.perf_counter()
+    try:
+        sr = super_resolve(model, lr, refs, backend=args.backend, tile=args.tile or None,
+                           overlap=args.overlap,
+                           progress=_progress_bar("sr"))
+    except ValueError as e:
+        return _user_error(e)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    out = save_image(sr.cpu(), args.out)
+    h, w = lr.shape[-2:]
+    print(f"{args.input} ({w}x{h}) -> {out} ({4 * w}x{4 * h}), {len(refs)} reference(s), "
+          f"{secs:.2f} s on {device}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--image", default=str(DEMO_SAMPLE),
+                   help="HR image to demo on (split-image protocol: left half target, right half reference)")
+    _add_common(p)
+
+
+def side_by_side(panels: list[tuple[str, object]], ref: tuple[str, object] | None = None):
+    """Top row: the labelled panels (PIL images of one size); below: the reference, labelled."""
+    from PIL import Image, ImageDraw
+
+    w, h = panels[0][1].size
+    label_h, gap = 18, 4
+    width = len(panels) * w + (len(panels) - 1) * gap
+    ref_h = ref[1].height + label_h + gap if ref else 0
+    canvas = Image.new("RGB", (max(width, ref[1].width if ref else 0), h + label_h + ref_h), "white")
+    d = ImageDraw.Draw(canvas)
+    for i, (label, im) in enumerate(panels):
+        x = i * (w + gap)
+        canvas.paste(im, (x, label_h))
+        d.text((x + 4, 3), label, fill="black")
+    if ref:
+        y = h + label_h + gap
+        d.text((4, y + 3), ref[0], fill="black")
+        canvas.paste(ref[1], (0, y + label_h))
+    return canvas
+
+
+def run_demo(args) -> int:
+    import torch
+
+    from .data import (
+        ImageReadError,
+        bicubic_down,
+        bicubic_up,
+        load_image,
+        quantize,
+        save_image,
+        split_image,
+        tensor_to_pil,
+    )
+    from .infer import CheckpointError, load_model, super_resolve
+    from .metrics import psnr_y, ssim_y
+
+    try:
+        device = _device(args.device)
+        t0 = time.perf_counter()
+        model = load_model(args.checkpoint, device)
+        t_load = time.perf_counter() - t0
+        target, ref = split_image(load_image(args.image))
+    except (FileNotFoundError, IsADirectoryError, ImageReadError, CheckpointError, ValueError) as e:
+        return _user_error(e)
+    lr = bicubic_down(target)
+    t0 = time.perf_counter()
+    bic = bicubic_up(lr)
+    t_bic = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sr = super_resolve(model, lr, [ref], backend=args.backend, tile=args.tile or None, overlap=args.overlap)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t_sr = time.perf_counter() - t0
+    sr = quantize(sr.cpu())
+    out = Path(args.out)
+    for name, img in (("lr", lr), ("reference", ref), ("bicubic", bic), ("srntt", sr), ("hr", target)):
+        save_image(img, out / f"{name}.png")
+    panels = [("Bicubic", tensor_to_pil(bic)), ("SRNTT", tensor_to_pil(sr)), ("HR", tensor_to_pil(target))]
+    pic = side_by_side(panels,
+                       ("Reference (other half of the image)", tensor_to_pil(ref)))
+    pic.save(out / "comparison.png")
+    res = {
+        "bicubic": (psnr_y(bic, target), ssim_y(bic, target)),
+        "srntt": (psnr_y(sr, target), ssim_y(sr, target)),
+    }
+    h, w = lr.shape[-2:]
+    print(f"srntt demo: {Path(args.image).name}, LR {w}x{h} -> {4 * w}x{4 * h}, "
+          f"reference {ref.shape[-1]}x{ref.shape[-2]}, "
+          f"device {device}, backend {args.backend}")
+    print("            PSNR-Y (dB)  SSIM-Y")
+    for k, (p, s) in res.items():
+        print(f"  {k:9s} {p:10.2f}  {s:7.4f}")
+    print(f"time: model load {t_load:.2f} s, bicubic {t_bic * 1000:.0f} ms, "
+          f"SRNTT (swap + network) {t_sr:.2f} s")
+    print(f"wrote {out}/srntt.png, {out}/comparison.png (bicubic | SRNTT | HR, and the reference)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset_dir", help="folder of HR images (split-image protocol) or in CUFED5 layout")
+    p.add_argument("--layout", default="auto", choices=["auto", "split", "cufed5"])
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--rows", default="bicubic,srntt_ref,srntt_noref,srntt_oracle",
+                   help="comma-separated rows: bicubic, srntt_ref, srntt_noref, srntt_oracle")
+    p.add_argument("--csv", default=None, help="also write per-image results to this CSV")
+    _add_common(p)
+
+
+def run_eval(args) -> int:
+    from .data import ImageReadError
+    from .evaluate import evaluate_folder
+    from .infer import CheckpointError, load_model
+
+    try:
+        device = _device(args.device)
+        model = load_model(args.checkpoint, device)
+        result = evaluate_folder(model, args.dataset_dir, layout=args.layout, limit=args.limit,
+                                 rows=[r.strip() for r in args.rows.split(",") if r.strip()],
+                                 backend=args.backend, tile=args.tile or None)
+    except (FileNotFoundError, IsADirectoryError, ImageReadError, CheckpointError, ValueError) as e:
+        return _user_error(e)
+    print(result.table())
+    print(f"\n({result.seconds:.1f} s on {device})")
+    if args.csv:
+        print(f"per-image results: {result.write_csv(args.csv)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="+", help="training folders: HR images (split-image pairs) or CUFED5 layout")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, loss log); an existing run resumes")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=9)
+    p.add_argument("--crop", type=int, default=160, help="HR crop (multiple of 4; default 160)")
+    p.add_argument("--ref-crop", type=int, default=160, help="reference crop (default 160)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--losses", default="l2", choices=["l2", "full"],
+                   help="l2: reconstruction only (SRNTT-l2); full: + perceptual, texture, WGAN-GP")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="reconstruction-only steps before full losses")
+    p.add_argument("--texture-weighting", default="code", choices=["none", "paper", "code"])
+    p.add_argument("--train-with-truth", action="store_true",
+                   help="extra update per batch with the HR's own VGG features as swapped maps")
+    p.add_argument("--truth-every", type=int, default=1, help="do the truth update every k-th step")
+    p.add_argument("--residual", default=None, choices=["bicubic"],
+                   help="NOT in the original: predict a residual on top of bicubic x4 (faster convergence)")
+    p.add_argument("--augment", action="store_true", help="random flips / rotations (not in the original)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "triton", "torch"])
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds of training")
+    p.add_argument("--stop-at", default=None, help="stop and save before this UTC time (HH:MM or ISO)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--bn-recalibrate", type=int, default=0, help="batches to re-estimate BN statistics with")
+    p.add_argument("--export", default=None, help="write an fp16 inference checkpoint here at the end")
+
+
+def run_train(args) -> int:
+    from .data import ImageReadError
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data, out=args.out, steps=args.steps, batch=args.batch, crop=args.crop,
+        ref_crop=args.ref_crop,
+        lr=args.lr, lr_schedule=args.lr_schedule, losses=args.losses, pretrain_steps=args.pretrain_steps,
+        texture_weighting=args.texture_weighting, train_with_truth=args.train_with_truth,
+        truth_every=args.truth_every, residual=args.residual, augment=args.augment, seed=args.seed,
+        device=args.device, amp=not args.no_amp, backend=args.backend, save_every=args.save_every,
+        time_budget=args.time_budget, stop_at=args.stop_at, num_threads=args.threads,
+        bn_recalibrate=args.bn_recalibrate, export=args.export,
+    )
+    try:
+        summary = train(cfg)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ImageReadError, ValueError) as e:
+        return _user_error(e)
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS = {
+    "sr": ("x4 reference-based super-resolution of an image", add_sr_arguments, run_sr),
+    "demo": ("super-resolve the bundled sample with the bundled checkpoint", add_demo_arguments, run_demo),
+    "eval": ("evaluation table (SPEC 6) on a folder", add_eval_arguments, run_eval),
+    "train": ("train SRNTT with online texture swapping (resumable)", add_train_arguments, run_train),
+}

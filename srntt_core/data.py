@@ -1,0 +1,273 @@
+"""Images and datasets: Pillow IO, mod-crop, PIL bicubic LR, split-image and CUFED5-layout pairs.
+
+Tensors are float32 (3, H, W) (or batched (B, 3, H, W)) RGB in [0, 1]. Greyscale and RGBA
+files are converted to RGB. LR images are made the way SPEC 6 says: HR mod-cropped to a
+multiple of 4, then PIL bicubic x1/4 on 8-bit pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+SCALE = 4
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+CUFED5_TARGET = re.compile(r"^(?P<stem>.+)_0\.(?:png|jpe?g|bmp)$", re.IGNORECASE)
+
+
+class ImageReadError(ValueError):
+    """An image file exists but cannot be decoded."""
+
+
+# ---------------------------------------------------------------------------------------------
+# IO
+
+def load_pil(path: str | os.PathLike) -> Image.Image:
+    """Open an image as 8-bit RGB, with a clear error for missing or corrupt files."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"expected an image file, got a directory: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"cannot read image {path}: not a valid image file or corrupt ({e})") from e
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) or (1, 3, H, W) in [0, 1] -> 8-bit RGB (rounded, clamped)."""
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"x: expected a single image, got batch of {x.shape[0]}")
+        x = x[0]
+    if x.dim() != 3 or x.shape[0] != 3:
+        raise ValueError(f"x: expected (3, H, W), got shape {tuple(x.shape)}")
+    arr = x.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """(3, H, W) float32 RGB in [0, 1]."""
+    return pil_to_tensor(load_pil(path))
+
+
+def save_image(x: torch.Tensor, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensor_to_pil(x).save(path)
+    return path
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round to 8-bit levels (what saving and reloading would give)."""
+    return x.clamp(0, 1).mul(255).round().div(255)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# resizing
+
+def mod_crop(x: torch.Tensor, multiple: int = SCALE) -> torch.Tensor:
+    """Crop the bottom/right so H and W are multiples of ``multiple``."""
+    h, w = x.shape[-2:]
+    hh, ww = h - h % multiple, w - w % multiple
+    if hh == 0 or ww == 0:
+        raise ValueError(f"image of size {h}x{w} is smaller than {multiple} pixels")
+    return x[..., :hh, :ww]
+
+
+def pil_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """PIL bicubic resize of (3, H, W) or (B, 3, H, W) to ``size`` = (H', W'), on 8-bit pixels."""
+    if x.dim() == 4:
+        return torch.stack([pil_resize(xi, size) for xi in x])
+    h, w = size
+    return pil_to_tensor(tensor_to_pil(x).resize((w, h), Image.BICUBIC))
+
+
+def bicubic_down(hr: torch.Tensor, scale: int = SCALE) -> torch.Tensor:
+    """LR = PIL bicubic x1/scale of HR (H, W must be multiples of scale; mod-crop first)."""
+    h, w = hr.shape[-2:]
+    if h % scale or w % scale:
+        raise ValueError(f"hr: size {h}x{w} is not a multiple of {scale}; mod_crop it first")
+    return pil_resize(hr, (h // scale, w // scale))
+
+
+def bicubic_up(lr: torch.Tensor, scale: int = SCALE) -> torch.Tensor:
+    """PIL bicubic x``scale`` (the evaluation's bicubic baseline)."""
+    h, w = lr.shape[-2:]
+    return pil_resize(lr, (h * scale, w * scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs
+
+@dataclass
+class Pair:
+    """One evaluation / training item: target HR (mod-cropped) and its reference HR images."""
+
+    name: str
+    hr: torch.Tensor
+    refs: list[torch.Tensor]
+
+
+def split_image(hr: torch.Tensor, multiple: int = SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC 6 split-image protocol: split the longer side in two halves -> (target, reference).
+
+    The target is the first half (left or top), the reference the second; each half is
+    mod-cropped to ``multiple``.
+    """
+    h, w = hr.shape[-2:]
+    if w >= h:
+        half = w // 2
+        a, b = hr[..., :, :half], hr[..., :, half:]
+    else:
+        half = h // 2
+        a, b = hr[..., :half, :], hr[..., half:, :]
+    return mod_crop(a, multiple), mod_crop(b, multiple)
+
+
+def is_cufed5_folder(folder: str | os.PathLike) -> bool:
+    return any(CUFED5_TARGET.match(p.name) for p in list_images(folder))
+
+
+def cufed5_groups(folder: str | os.PathLike) -> list[tuple[str, Path, list[Path]]]:
+    """``(stem, target, [ref_1, ..., ref_k])`` for every ``STEM_0.ext`` with refs ``STEM_i.ext``."""
+    files = list_images(folder)
+    by_name = {p.name: p for p in files}
+    groups = []
+    for p in files:
+        m = CUFED5_TARGET.match(p.name)
+        if not m:
+            continue
+        stem = m.group("stem")
+        refs = []
+        for i in range(1, 100):
+            names = (f"{stem}_{i}{e}" for e in (p.suffix, ".png", ".jpg"))
+            hit = next((by_name[n] for n in names if n in by_name), None)
+            if hit is None:
+                break
+            refs.append(hit)
+        if not refs:
+            raise ValueError(f"{folder}: CUFED5 target {p.name} has no reference {stem}_1.*")
+        groups.append((stem, p, refs))
+    return groups
+
+
+def load_pairs(
+    folder: str | os.PathLike, layout: str = "auto", ref_levels: Sequence[int] | None = None
+) -> list[Pair]:
+    """Evaluation pairs from a folder: ``layout`` "split" (any HR images, SPEC 6 split-image
+    protocol), "cufed5" (``NNN_0`` target, ``NNN_1..5`` references) or "auto" (cufed5 when
+    ``*_0.*`` files are present). ``ref_levels`` picks CUFED5 references (1-based; default all)."""
+    if layout not in ("auto", "split", "cufed5"):
+        raise ValueError(f"layout: expected 'auto', 'split' or 'cufed5', got {layout!r}")
+    files = list_images(folder)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    if layout == "auto":
+        layout = "cufed5" if is_cufed5_folder(folder) else "split"
+    pairs = []
+    if layout == "split":
+        for p in files:
+            target, ref = split_image(load_image(p))
+            pairs.append(Pair(p.stem, target, [ref]))
+        return pairs
+    for stem, target, refs in cufed5_groups(folder):
+        chosen = refs if ref_levels is None else [refs[i - 1] for i in ref_levels if 0 < i <= len(refs)]
+        pairs.append(Pair(stem, mod_crop(load_image(target)), [mod_crop(load_image(r)) for r in chosen]))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# training crops
+
+class TrainCrops:
+    """Random training crops with a reference: (lr, hr, ref), all in [0, 1].
+
+    Sources: folders of HR images (split-image pairs: the crop comes from one half of the
+    image and the reference crop from the other half, sides chosen at random) or CUFED5-layout
+    folders (target ``NNN_0``, reference ``NNN_1``..). Images are decoded once and kept as
+    uint8. Sampling is driven by an explicit ``torch.Generator`` so that a resumed run
+    draws the same batches as an uninterrupted one.
+
+    Args:
+        folders: image folders (layout detected per folder).
+        crop: HR crop size (multiple of 4); the LR crop is ``crop // 4``.
+        ref_crop: reference crop size (multiple of 4).
+        augment: random flips / 90-degree rotations (not in the original code).
+    """
+
+    def __init__(self, folders: Sequence[str | os.PathLike], crop: int = 160, ref_crop: int = 160,
+                 augment: bool = False):
+        if crop % SCALE or ref_crop % SCALE or crop < 4 * SCALE or ref_crop < 4 * SCALE:
+            raise ValueError(f"crop/ref_crop: need multiples of {SCALE} and >= 16, got {crop}/{ref_crop}")
+        self.crop, self.ref_crop, self.augment = crop, ref_crop, augment
+        self.items: list[tuple[str, torch.Tensor, list[torch.Tensor]]] = []
+        for folder in folders:
+            if is_cufed5_folder(folder):
+                for stem, target, refs in cufed5_groups(folder):
+                    self.items.append((stem, _u8(load_image(target)), [_u8(load_image(r)) for r in refs]))
+            else:
+                for p in list_images(folder):
+                    a, b = split_image(load_image(p))
+                    # split pairs work both ways round: either half may be the target.
+                    self.items.append((p.stem, _u8(a), [_u8(b)]))
+                    self.items.append((p.stem + "@b", _u8(b), [_u8(a)]))
+        if not self.items:
+            raise ValueError(f"no training images in {list(map(str, folders))}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @staticmethod
+    def _crop(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        if h < size or w < size:  # small image: pad by reflection (rare on the bundled data)
+            img = torch.nn.functional.pad(img[None].float(), (0, max(0, size - w), 0, max(0, size - h)),
+                                          mode="replicate")[0].to(torch.uint8)
+            h, w = img.shape[-2:]
+        y = int(torch.randint(0, (h - size) // SCALE + 1, (1,), generator=g)) * SCALE
+        x = int(torch.randint(0, (w - size) // SCALE + 1, (1,), generator=g)) * SCALE
+        return img[:, y:y + size, x:x + size]
+
+    def sample(self, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lrs, hrs, refs = [], [], []
+        for _ in range(batch):
+            _, target, ref_list = self.items[int(torch.randint(0, len(self.items), (1,), generator=g))]
+            ref = ref_list[int(torch.randint(0, len(ref_list), (1,), generator=g))]
+            hr = self._crop(target, self.crop, g).float() / 255
+            rc = self._crop(ref, self.ref_crop, g).float() / 255
+            if self.augment:
+                k = int(torch.randint(0, 4, (1,), generator=g))
+                hr = torch.rot90(hr, k, (1, 2))
+                if int(torch.randint(0, 2, (1,), generator=g)):
+                    hr = hr.flip(-1)
+            hrs.append(hr)
+            lrs.append(bicubic_down(hr))
+            refs.append(rc)
+        return torch.stack(lrs), torch.stack(hrs), torch.stack(refs)
+
+
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    return x.mul(255).round().to(torch.uint8)

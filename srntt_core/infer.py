@@ -1,0 +1,253 @@
+"""x4 reference-based super-resolution with a trained SRNTT generator.
+
+- Any size and aspect: the LR image is padded (edge replication) to a multiple of 4 (and
+  at least 12 px, one relu3_1 patch of the reference side), and the output cropped back.
+- Several references: their patches form one pool (one global argmax, SRNTT_METHOD 3).
+- Large inputs are cut into overlapping LR tiles; outputs are blended with linear ramps in
+  the overlaps, so memory is bounded by the tile size (plus the reference features, which
+  are computed once).
+- Errors: missing / corrupt images raise from :mod:`srntt_core.data`; a checkpoint that does
+  not fit the network raises :class:`CheckpointError` naming the offending keys.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.srntt import SRNTT
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+BUNDLED_CHECKPOINT = CHECKPOINT_DIR / "srntt_l2.pt"
+LEVELS = {"relu3_1": 1, "relu2_1": 2, "relu1_1": 4}
+MIN_LR = 3  # one 3x3 relu3_1 patch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the SRNTT generator."""
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def _state_and_config(obj, path) -> tuple[dict, dict]:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    if obj.get("kind") == "srntt-generator":
+        return obj["state_dict"], obj.get("config", {})
+    if obj.get("kind") == "srntt-train-state":
+        return obj["model"], obj.get("model_config", {})
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        return obj["state_dict"], obj.get("config", {})
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        # a bare state dict: guess the residual mode from nothing; default network
+        return obj, {}
+    raise CheckpointError(f"{path}: not an SRNTT checkpoint (keys: {sorted(obj)[:8]})")
+
+
+def load_model(path: str | os.PathLike = "bundled", device: str | torch.device = "cpu") -> SRNTT:
+    """Load an SRNTT generator (fp16 checkpoints are cast to float32) in eval mode."""
+    path = BUNDLED_CHECKPOINT if str(path) == "bundled" else Path(path)
+    if not path.is_file():
+        bundled = path == BUNDLED_CHECKPOINT
+        hint = " (the bundled checkpoint is missing: reinstall srntt-core)" if bundled else ""
+        raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a torch checkpoint or corrupt ({e})"
+        ) from e
+    state, config = _state_and_config(obj, path)
+    try:
+        model = SRNTT(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()})
+    except TypeError as e:
+        raise CheckpointError(f"{path}: unknown network configuration {config} ({e})") from e
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:2]}")
+        raise CheckpointError(f"checkpoint {path} does not fit SRNTT({config}): " + "; ".join(parts))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# swapping with reference features computed once
+
+def _bicubic(x: torch.Tensor, factor: float) -> torch.Tensor:
+    # same resampling as srntt_core.swap.texture_swap
+    return F.interpolate(x, scale_factor=factor, mode="bicubic", align_corners=False,
+                         antialias=factor < 1).clamp(0, 1)
+
+
+class ReferenceBank(nn.Module):
+    """VGG features of the references, computed once: keys (relu3_1 of Ref↓↑) and values
+    (relu3_1/2_1/1_1 of Ref). ``swap(lr)`` then equals ``srntt_core.swap.texture_swap(lr, refs)``."""
+
+    def __init__(self, refs: Sequence[torch.Tensor], extractor: nn.Module | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        from . import swap
+
+        self.backend = backend
+        self.extractor = extractor if extractor is not None else swap.default_extractor()
+        self.keys: list[torch.Tensor] = []
+        self.values: dict[str, list[torch.Tensor]] = {k: [] for k in LEVELS}
+        with torch.no_grad():
+            for r in refs:
+                r = r if r.dim() == 4 else r[None]
+                self.keys.append(self.extractor(_bicubic(_bicubic(r, 0.25), 4))["relu3_1"])
+                feats = self.extractor(r)
+                for k in LEVELS:
+                    self.values[k].append(feats[k])
+
+    @torch.no_grad()
+    def swap(self, lr: torch.Tensor) -> dict[str, torch.Tensor]:
+        from . import swap
+
+        b = lr.shape[0]
+        query = self.extractor(_bicubic(lr, 4))["relu3_1"]
+        keys = [k.expand(b, -1, -1, -1) for k in self.keys]
+        match = swap.patch_match(query, keys, backend=self.backend)
+        h, w = lr.shape[-2:]
+        return {
+            k: swap.feature_swap([v.expand(b, -1, -1, -1) for v in self.values[k]], match.index, scale=s,
+                                 out_size=(h * s, w * s), backend=self.backend)
+            for k, s in LEVELS.items()
+        }
+
+
+def prepare_reference(ref: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) in [0, 1] -> (1, 3, H', W'): cropped to a multiple of 4, at least 12 px (padded)."""
+    if ref.dim() == 3:
+        ref = ref[None]
+    if ref.dim() != 4 or ref.shape[:2] != (1, 3):
+        raise ValueError(f"reference: expected (3, H, W) RGB, got shape {tuple(ref.shape)}")
+    h, w = ref.shape[-2:]
+    ph, pw = max(12 - h, 0), max(12 - w, 0)
+    if ph or pw:
+        ref = F.pad(ref, (0, pw, 0, ph), mode="replicate")
+    h, w = ref.shape[-2:]
+    return ref[..., : h - h % 4, : w - w % 4].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# super-resolution
+
+def _pad_lr(lr: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    h, w = lr.shape[-2:]
+    hp = max(-(-h // 4) * 4, 12)
+    wp = max(-(-w // 4) * 4, 12)
+    if (hp, wp) != (h, w):
+        lr = F.pad(lr, (0, wp - w, 0, hp - h), mode="replicate")
+    return lr, h, w
+
+
+def _ramp(n: int, overlap: int, lo_edge: bool, hi_edge: bool) -> torch.Tensor:
+    """1-D blending weights: linear ramps over ``overlap`` at inner borders, 1 elsewhere."""
+    w = torch.ones(n, dtype=torch.float64)
+    if overlap > 0:
+        r = (torch.arange(overlap, dtype=torch.float64) + 0.5) / overlap
+        if not lo_edge:
+            w[:overlap] = torch.minimum(w[:overlap], r)
+        if not hi_edge:
+            w[-overlap:] = torch.minimum(w[-overlap:], r.flip(0))
+    return w
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, size - tile, step)) + [size - tile]
+    return sorted(set(starts))
+
+
+@torch.no_grad()
+def super_resolve(
+    model: SRNTT,
+    lr: torch.Tensor,
+    refs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    backend: str = "auto",
+    tile: int | None = 128,
+    overlap: int = 16,
+    extractor: nn.Module | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """x4 SR of ``lr`` (3, h, w) in [0, 1] with reference images ``refs`` (each (3, H, W) in [0, 1]).
+
+    Returns (3, 4h, 4w) in [0, 1] on the model's device. ``tile``: LR tile size (None: whole
+    image at once); tiles overlap by ``overlap`` LR pixels and are blended linearly.
+    ``progress(done, total)`` is called after each tile.
+    """
+    if lr.dim() == 4:
+        if lr.shape[0] != 1:
+            raise ValueError(f"lr: one image at a time, got batch of {lr.shape[0]}")
+        lr = lr[0]
+    if lr.dim() != 3 or lr.shape[0] != 3:
+        raise ValueError(f"lr: expected (3, h, w) RGB, got shape {tuple(lr.shape)}")
+    if isinstance(refs, torch.Tensor):
+        refs = [refs] if refs.dim() == 3 else list(refs)
+    if not refs:
+        raise ValueError("refs: give at least one reference image (or the LR upsampled, for no reference)")
+    if tile is not None and tile < 12:
+        raise ValueError(f"tile: must be >= 12 LR pixels, got {tile}")
+    if tile is not None and not 0 <= overlap < tile // 2:
+        raise ValueError(f"overlap: must be in [0, tile/2), got {overlap} for tile {tile}")
+    device = next(model.parameters()).device
+    lr = lr.to(device, torch.float32)
+    bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor, backend)
+    if extractor is None:
+        bank.extractor.to(device)
+    h, w = lr.shape[-2:]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        xp, hh, ww = _pad_lr(x[None])
+        sr = model(xp * 2 - 1, bank.swap(xp))
+        return ((sr + 1) / 2).clamp(0, 1)[0, :, : 4 * hh, : 4 * ww]
+
+    if tile is None or (h <= tile and w <= tile):
+        out = run(lr)
+        if progress:
+            progress(1, 1)
+        return out
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    out = torch.zeros(3, 4 * h, 4 * w, dtype=torch.float64, device=device)
+    weight = torch.zeros(1, 4 * h, 4 * w, dtype=torch.float64, device=device)
+    total, done = len(ys) * len(xs), 0
+    for y in ys:
+        for x in xs:
+            th, tw = min(tile, h - y), min(tile, w - x)
+            sr = run(lr[:, y:y + th, x:x + tw]).double()
+            wy = _ramp(4 * th, 4 * overlap, y == 0, y + th >= h).to(device)
+            wx = _ramp(4 * tw, 4 * overlap, x == 0, x + tw >= w).to(device)
+            wt = (wy[:, None] * wx[None, :])[None]
+            out[:, 4 * y:4 * (y + th), 4 * x:4 * (x + tw)] += sr * wt
+            weight[:, 4 * y:4 * (y + th), 4 * x:4 * (x + tw)] += wt
+            done += 1
+            if progress:
+                progress(done, total)
+    return (out / weight).float()
+
+
+def no_reference(lr: torch.Tensor) -> torch.Tensor:
+    """SRNTT's no-reference setting: the LR upsampled (PIL bicubic) is the reference."""
+    from .data import bicubic_up
+
+    return bicubic_up(lr)

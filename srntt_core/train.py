@@ -1,0 +1,458 @@
+"""SRNTT training with online texture swapping (no offline precompute).
+
+Every step draws random crops (:class:`srntt_core.data.TrainCrops`), swaps the reference
+textures into the LR layout with :func:`srntt_core.swap.texture_swap` (VGG19 relu3_1 matching,
+no gradient) and updates the generator:
+
+- ``losses="l2"``: SRNTT-l2, reconstruction (L1) only.
+- ``losses="full"``: ``pretrain_steps`` reconstruction-only steps, then
+  ``1 L_rec + 1e-4 L_per + 1e-6 L_adv + 1e-4 L_tex`` with a WGAN-GP critic.
+- ``train_with_truth``: a second update per batch with the swapped maps replaced by the VGG
+  features of the HR crop (as the original code does); ``truth_every=k`` does it every k-th step.
+
+Runs are resumable: ``<out>/last.pt`` (generator, critic, optimizers, step, elapsed time) is
+written atomically every ``save_every`` steps, at the end, on a time budget, and on
+Ctrl-C / SIGTERM; batches are drawn from a generator seeded by (seed, step), so a resumed run
+continues exactly where an uninterrupted one would be. ``<out>/loss.csv`` and ``loss.png``
+log the losses.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import losses as L
+from .models.discriminator import Discriminator
+from .models.srntt import SRNTT
+
+CKPT_FORMAT = "srntt-core/1"
+LOG_FIELDS = ["step", "elapsed_s", "lr", "loss", "rec", "per", "adv", "tex", "d_loss", "gp", "truth_rec"]
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str
+    steps: int = 1000
+    batch: int = 9
+    crop: int = 160
+    ref_crop: int = 160
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # "constant" or "cosine" (over max(step/steps, elapsed/time_budget))
+    lr_floor: float = 0.05  # cosine end value, relative to lr
+    losses: str = "l2"  # "l2" or "full"
+    pretrain_steps: int = 0
+    weights: dict = field(default_factory=lambda: dict(L.LOSS_WEIGHTS))
+    texture_weighting: str = "code"  # "none", "paper" (S), "code" (sigmoid(-20 S + 0.65))
+    perceptual_layer: str = "relu5_1"
+    perceptual_weights: str = "imagenet"
+    train_with_truth: bool = False
+    truth_every: int = 1
+    residual: str | None = None
+    model: dict = field(default_factory=dict)  # extra SRNTT(...) arguments (tests use tiny networks)
+    augment: bool = False
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    backend: str = "auto"
+    save_every: int = 50
+    time_budget: float | None = None  # seconds of training (summed over resumes)
+    stop_at: str | None = None  # wall-clock UTC "HH:MM" or ISO time: stop and save before it
+    num_threads: int | None = None
+    bn_recalibrate: int = 0  # batches to re-estimate BN statistics with at the end
+    export: str | None = None  # write an fp16 inference checkpoint here at the end
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save to ``path.tmp`` then ``os.replace``: a crash never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def model_checkpoint(model: SRNTT, *, fp16: bool = False, meta: dict | None = None) -> dict:
+    state = {k: (v.half() if fp16 and v.is_floating_point() else v).detach().cpu().clone()
+             for k, v in model.state_dict().items()}
+    return {"format": CKPT_FORMAT, "kind": "srntt-generator", "config": dict(model.config),
+            "state_dict": state, "meta": meta or {}}
+
+
+def export_model(model: SRNTT, path: str | os.PathLike, *, fp16: bool = True,
+                 meta: dict | None = None) -> Path:
+    return atomic_save(model_checkpoint(model, fp16=fp16, meta=meta), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _deadline(cfg: TrainConfig, now: float) -> float | None:
+    if not cfg.stop_at:
+        return None
+    today = dt.datetime.now(dt.timezone.utc)
+    try:
+        if len(cfg.stop_at) <= 5:
+            hh, mm = map(int, cfg.stop_at.split(":"))
+            t = today.replace(hour=hh, minute=mm, second=0, microsecond=0)
+            if t < today - dt.timedelta(hours=12):
+                t += dt.timedelta(days=1)
+        else:
+            t = dt.datetime.fromisoformat(cfg.stop_at)
+            if t.tzinfo is None:
+                t = t.replace(tzinfo=dt.timezone.utc)
+    except ValueError as e:
+        raise ValueError(f"stop_at: expected 'HH:MM' (UTC) or an ISO time, got {cfg.stop_at!r}") from e
+    return now + (t - today).total_seconds()
+
+
+def _lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    progress = step / max(cfg.steps, 1)
+    if cfg.time_budget:
+        progress = max(progress, elapsed / cfg.time_budget)
+    progress = min(progress, 1.0)
+    return cfg.lr * (cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past ``step`` (written after the checkpoint a resumed run starts from)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, LOG_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_log(csv_path: str | os.PathLike, png_path: str | os.PathLike, width: int = 800,
+             height: int = 400) -> Path:
+    """Loss curve (log scale, raw + running mean) drawn with Pillow (matplotlib is optional)."""
+    from PIL import Image, ImageDraw
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    pad = 50
+    d.rectangle([pad, 10, width - 10, height - pad], outline="black")
+    pts = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss") not in (None, "")]
+    pts = [(s, v) for s, v in pts if v > 0 and math.isfinite(v)]
+    if len(pts) >= 2:
+        s0, s1 = pts[0][0], pts[-1][0]
+        lv = [math.log10(v) for _, v in pts]
+        lo, hi = min(lv), max(lv)
+        hi = hi if hi > lo else lo + 1
+
+        def xy(s, v):
+            x = pad + (s - s0) / max(s1 - s0, 1) * (width - 10 - pad)
+            y = 10 + (hi - v) / (hi - lo) * (height - pad - 10)
+            return x, y
+
+        d.line([xy(s, v) for (s, _), v in zip(pts, lv, strict=True)], fill=(170, 170, 230), width=1)
+        k = max(1, len(lv) // 20)
+        smooth = [sum(lv[max(0, i - k):i + 1]) / len(lv[max(0, i - k):i + 1]) for i in range(len(lv))]
+        d.line([xy(s, v) for (s, _), v in zip(pts, smooth, strict=True)], fill=(200, 0, 0), width=2)
+        d.text((5, 10), f"{10 ** hi:.3g}", fill="black")
+        d.text((5, height - pad - 10), f"{10 ** lo:.3g}", fill="black")
+        d.text((pad, height - pad + 5), str(s0), fill="black")
+        d.text((width - 60, height - pad + 5), str(s1), fill="black")
+    d.text((pad + 10, height - 20), "training loss (log scale; red: running mean) vs step", fill="black")
+    png_path = Path(png_path)
+    tmp = png_path.with_name(png_path.name + ".tmp.png")
+    img.save(tmp)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def vgg_to_maps(extractor: nn.Module, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+    """'Train with truth': the maps are the VGG features of the HR itself."""
+    feats = extractor(hr)
+    return {k: feats[k] for k in ("relu3_1", "relu2_1", "relu1_1")}
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> None:
+    """Re-estimate BN running statistics at the final weights (cumulative average over ``batches``).
+
+    NB: with a short run at a large learning rate, the exponential running averages lag the
+    weights; evaluation-mode outputs then differ from training-mode ones.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or not batches:
+        return
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was = model.training
+    model.train()
+    for lr, maps in batches:
+        model(lr, maps)
+    model.train(was)
+    for m, (mom, _) in zip(bns, saved, strict=True):
+        m.momentum = mom
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+class _Stop(Exception):
+    pass
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
+    """Train (or resume) according to ``cfg``. Returns a summary dict.
+
+    ``on_step(step)`` is called after every completed step (tests use it to interrupt a run).
+    KeyboardInterrupt / SIGTERM save ``last.pt`` at the last completed step and re-raise
+    KeyboardInterrupt.
+    """
+    from . import swap
+    from .data import TrainCrops
+    from .models.vgg import VGG19Features
+
+    if cfg.losses not in ("l2", "full"):
+        raise ValueError(f"losses: expected 'l2' or 'full', got {cfg.losses!r}")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "last.pt", out / "loss.csv"
+    use_amp = cfg.amp and device.type == "cuda"
+
+    torch.manual_seed(cfg.seed)
+    model = SRNTT(residual=cfg.residual, **cfg.model).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    critic = d_opt = perceptual = None
+    if cfg.losses == "full":
+        critic = Discriminator(cfg.crop).to(device)
+        d_opt = torch.optim.Adam(critic.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        perceptual = L.PerceptualLoss(cfg.perceptual_layer, cfg.perceptual_weights).to(device)
+    extractor = VGG19Features(("relu1_1", "relu2_1", "relu3_1")).to(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    nets = {"model": model, "opt": opt, "scaler": scaler, "critic": critic, "perceptual": perceptual,
+            "extractor": extractor}
+
+    step, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        saved_cfg = state.get("train_config", {})
+        defaults = dataclasses.asdict(TrainConfig(data=[], out=""))
+        for key in ("residual", "losses", "crop", "model"):
+            if saved_cfg.get(key, defaults[key]) != getattr(cfg, key):
+                raise ValueError(
+                    f"{ckpt_path}: cannot resume, it was trained with {key}={saved_cfg.get(key)!r} but "
+                    f"this run asks for {getattr(cfg, key)!r}; use another --out or the same settings"
+                )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if critic is not None and state.get("critic") is not None:
+            critic.load_state_dict(state["critic"])
+            d_opt.load_state_dict(state["d_opt"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        _truncate_log(log_path, step)
+        print(f"resuming {ckpt_path} at step {step} ({elapsed / 60:.1f} min trained)", file=sys.stderr)
+    with open(out / "config.json", "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    def save():
+        atomic_save({
+            "format": CKPT_FORMAT, "kind": "srntt-train-state", "step": step, "elapsed": elapsed,
+            "train_config": dataclasses.asdict(cfg), "model_config": model.config,
+            "model": model.state_dict(), "opt": opt.state_dict(),
+            "critic": critic.state_dict() if critic is not None else None,
+            "d_opt": d_opt.state_dict() if d_opt is not None else None,
+            "scaler": scaler.state_dict() if use_amp else None,
+        }, ckpt_path)
+        if log_path.exists():
+            plot_log(log_path, out / "loss.png")
+
+    if step >= cfg.steps:
+        print(f"{ckpt_path}: already at step {step} >= steps={cfg.steps}; nothing to train", file=sys.stderr)
+    data = None
+    if step < cfg.steps:
+        data = TrainCrops(cfg.data, crop=cfg.crop, ref_crop=cfg.ref_crop, augment=cfg.augment)
+    new_log = not log_path.exists()
+    log_file = open(log_path, "a", newline="")
+    log = csv.DictWriter(log_file, LOG_FIELDS)
+    if new_log:
+        log.writeheader()
+
+    stop_reason = "steps"
+    start = time.monotonic()
+    deadline = _deadline(cfg, start)
+    received: list[int] = []
+    old_handler = None
+    if hasattr(signal, "SIGTERM") and _in_main_thread():
+        old_handler = signal.signal(signal.SIGTERM, lambda s, f: received.append(s))
+    bar = None
+    if cfg.progress and data is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    last_step_s = 0.0
+    try:
+        model.train()
+        while step < cfg.steps:
+            if received:
+                raise KeyboardInterrupt
+            now = time.monotonic()
+            if cfg.time_budget is not None and elapsed + last_step_s > cfg.time_budget:
+                stop_reason = "time_budget"
+                break
+            if deadline is not None and now + last_step_s * 1.5 + 60 > deadline:
+                stop_reason = "stop_at"
+                break
+            t0 = time.monotonic()
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            lr_img, hr, ref = (t.to(device) for t in data.sample(cfg.batch, g))
+            lr_now = _lr_at(cfg, step, elapsed)
+            for group in opt.param_groups:
+                group["lr"] = lr_now
+            with torch.no_grad():
+                sw = swap.texture_swap(lr_img, ref, extractor=extractor, backend=cfg.backend)
+            lr_in, hr_in = lr_img * 2 - 1, hr * 2 - 1
+            row = {"step": step + 1, "lr": f"{lr_now:.3g}"}
+            full = cfg.losses == "full" and step >= cfg.pretrain_steps
+
+            sr, loss, parts = _generator_step(nets, cfg, lr_in, hr_in, sw.maps, sw.weights, full, use_amp)
+            row["loss"] = f"{loss:.6g}"
+            row.update({k: f"{v:.6g}" for k, v in parts.items()})
+            if full:
+                critic.train()
+                d_real, d_fake = critic(hr_in), critic(sr)
+                gp = L.gradient_penalty(critic, hr_in, sr, generator=None)
+                d_loss = L.critic_loss(d_real, d_fake) + gp
+                d_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                d_opt.step()
+                row["d_loss"], row["gp"] = f"{d_loss.item():.6g}", f"{gp.item():.6g}"
+            if cfg.train_with_truth and step % max(cfg.truth_every, 1) == 0:
+                with torch.no_grad():
+                    truth = vgg_to_maps(extractor, hr)
+                _, _, parts = _generator_step(nets, cfg, lr_in, hr_in, truth, None, full, use_amp)
+                row["truth_rec"] = f"{parts['rec']:.6g}"
+            step += 1
+            last_step_s = time.monotonic() - t0
+            elapsed += last_step_s
+            row["elapsed_s"] = f"{elapsed:.1f}"
+            log.writerow(row)
+            log_file.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=row.get("loss"), lr=row["lr"])
+            if step % cfg.save_every == 0:
+                save()
+            if on_step is not None:
+                on_step(step)
+    except KeyboardInterrupt:
+        stop_reason = "interrupted"
+        log_file.close()
+        save()
+        print(f"\ninterrupted: saved {ckpt_path} at step {step}; run again to resume", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        if not log_file.closed:
+            log_file.close()
+    save()
+    summary = {"step": step, "elapsed_s": elapsed, "stop_reason": stop_reason, "checkpoint": str(ckpt_path)}
+    if cfg.export:
+        if cfg.bn_recalibrate and data is not None:
+            batches = []
+            for i in range(cfg.bn_recalibrate):
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 10_000_000 + i)
+                lr_img, _, ref = (t.to(device) for t in data.sample(cfg.batch, g))
+                with torch.no_grad():
+                    maps = swap.texture_swap(lr_img, ref, extractor=extractor, backend=cfg.backend).maps
+                batches.append((lr_img * 2 - 1, maps))
+            recalibrate_bn(model, batches)
+        meta = {"steps": step, "train_seconds": round(elapsed, 1), "device": _device_name(device),
+                "data": [str(d) for d in cfg.data], "batch": cfg.batch, "crop": cfg.crop,
+                "ref_crop": cfg.ref_crop, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "losses": cfg.losses,
+                "train_with_truth": cfg.train_with_truth, "truth_every": cfg.truth_every,
+                "bn_recalibrate": cfg.bn_recalibrate, "seed": cfg.seed}
+        export_model(model, cfg.export, fp16=True, meta=meta)
+        summary["export"] = cfg.export
+    print(json.dumps(summary), file=sys.stderr)
+    return summary
+
+
+def _generator_step(nets: dict, cfg: TrainConfig, lr_in, hr_in, maps, weights, full: bool, use_amp: bool):
+    """One generator update; returns (SR detached, total loss, {loss part: value})."""
+    model, opt, scaler = nets["model"], nets["opt"], nets["scaler"]
+    with torch.autocast("cuda", enabled=use_amp):
+        sr = model(lr_in, maps).float()
+        rec = L.reconstruction_loss(sr, hr_in)
+        loss = cfg.weights["rec"] * rec
+        parts = {"rec": rec}
+        if full:
+            parts["per"] = nets["perceptual"](sr, hr_in)
+            tw = None
+            if cfg.texture_weighting != "none" and weights is not None:
+                tw = {k: L.texture_weights(w, cfg.texture_weighting) for k, w in weights.items()}
+            parts["tex"] = L.texture_loss(nets["extractor"]((sr + 1) / 2), maps, tw)
+            parts["adv"] = L.generator_adversarial_loss(nets["critic"](sr))
+            loss = loss + sum(cfg.weights[k] * parts[k] for k in ("per", "tex", "adv"))
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return sr.detach(), loss.item(), {k: v.item() for k, v in parts.items()}
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))"
