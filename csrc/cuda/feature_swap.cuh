@@ -150,7 +150,7 @@ __host__ __device__ inline void swap_inverse_entry(const int64_t* index, int64_t
   cells[t] = static_cast<int>(t - b * num_cells_per_batch);
 }
 
-__global__ void swap_inverse_keys_kernel(const int64_t* __restrict__ index, int64_t num_cells_per_batch,
+static __global__ void swap_inverse_keys_kernel(const int64_t* __restrict__ index, int64_t num_cells_per_batch,
                                          int64_t total, int64_t nk_total, int64_t sentinel,
                                          unsigned long long* __restrict__ keys, int* __restrict__ cells) {
   SRNTT_KERNEL_LOOP(t, total) { swap_inverse_entry(index, t, num_cells_per_batch, nk_total, sentinel, keys, cells); }
@@ -169,7 +169,7 @@ __host__ __device__ inline int lower_bound_key(const unsigned long long* keys, i
   return lo;
 }
 
-__global__ void swap_bucket_start_kernel(const unsigned long long* __restrict__ sorted_keys, int n,
+static __global__ void swap_bucket_start_kernel(const unsigned long long* __restrict__ sorted_keys, int n,
                                          int64_t num_buckets, int* __restrict__ bucket_start) {
   SRNTT_KERNEL_LOOP(k, num_buckets + 1) {
     bucket_start[k] = lower_bound_key(sorted_keys, n, static_cast<unsigned long long>(k));

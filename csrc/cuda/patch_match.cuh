@@ -116,7 +116,7 @@ inline float candidate_margin(MatchPrecision precision, int D) {
 // ---------------------------------------------------------------------------------------------
 // Small kernels: descriptor table, norms, state, merge, output.
 
-__global__ void descriptor_table_kernel(int2* __restrict__ table, int D, int p) {
+static __global__ void descriptor_table_kernel(int2* __restrict__ table, int D, int p) {
   SRNTT_KERNEL_LOOP(d, D) { table[d] = descriptor_entry(static_cast<int>(d), p); }
 }
 
