@@ -15,7 +15,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(VENV)/bin/python $(EXT_SOURCES)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q --upgrade pip setuptools wheel numpy
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,triton,lint]"
 	$(PY) -c "import srntt_core; print(srntt_core.build_info())"
@@ -23,6 +23,7 @@ $(STAMP): $(VENV)/bin/python $(EXT_SOURCES)
 
 demo: $(STAMP)
 	$(PY) -m srntt_core demo
+	$(PY) -m srntt_core swap-demo -o out/swap_demo.png
 
 test: $(STAMP)
 	@if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then $(MAKE) --no-print-directory cuda-check; fi

@@ -21,5 +21,5 @@ def build_info() -> str:
     cuda = "with CUDA kernels" if _ext.has_kernel("_patch_match_fused", "CUDA") else "CPU kernels only"
     lines = [f"srntt-core {__version__}, torch {torch.__version__}; extension {ext}, {cuda}"]
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        lines.append(f"  {device}: " + "; ".join(backend_report(torch.device(device))))
+        lines.append(f"  backends on {device}: " + "; ".join(backend_report(torch.device(device))))
     return "\n".join(lines)
