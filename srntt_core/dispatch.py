@@ -96,13 +96,7 @@ class TritonBackend(Backend):
             k = self._kernels()
         except Exception as exc:
             return [f"kernels package failed to import ({type(exc).__name__}: {exc})"]
-        if not getattr(k, "AVAILABLE", False):
-            return [getattr(k, "UNAVAILABLE_REASON", "triton kernels unavailable")]
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return ["needs cuda tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"]
-        if device.type not in ("cpu", "cuda"):
-            return [f"unsupported device {device.type}"]
-        return []
+        return k.not_supported_reasons(device)
 
     def patch_match(self, *args):
         return tuple(self._kernels().patch_match(*args))
