@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .patch_match import INTERPRET, grid_size, launch, register_op
 
-_BLOCK_PIX = 16 if INTERPRET else 128
+_BLOCK_PIX = 64 if INTERPRET else 128
 _BLOCK_C = 16 if INTERPRET else 32
 _NUM_WARPS = 4
 
@@ -106,11 +106,22 @@ def _feature_swap_fwd_kernel(
     tl.store(out_ptrs, acc, mask=o_mask)
 
 
+def _cover_counts(n_out, n_cells, patch_size, stride, padding, scale, device):
+    """count[y]: windows (cells 0 <= i < n_cells) covering output coordinate y along one axis (int32)."""
+    step = stride * scale
+    y = torch.arange(n_out, device=device) + padding * scale
+    first = (-torch.div(-(y - patch_size * scale + 1), step, rounding_mode="floor")).clamp_min(0)
+    last = torch.div(y, step, rounding_mode="floor").clamp_max(n_cells - 1)
+    return (last - first + 1).clamp_min(0).to(torch.int32)
+
+
 @triton.jit
 def _feature_swap_bwd_kernel(
     grad_ptr,
     csr_ptr,
     cells_ptr,
+    count_h_ptr,
+    count_w_ptr,
     gv_ptr,
     Cv,
     Hv,
@@ -169,8 +180,8 @@ def _feature_swap_bwd_kernel(
                     g_base + (oy * out_w + ox)[:, None], mask=live[:, None] & c_mask[None, :], other=0.0
                 )
                 if MEAN:
-                    count = _cover_count(oy, Gqh, padding, stride, scale, P, T) * _cover_count(
-                        ox, Gqw, padding, stride, scale, P, T
+                    count = tl.load(count_h_ptr + oy, mask=live, other=1) * tl.load(
+                        count_w_ptr + ox, mask=live, other=1
                     )
                     g = g / tl.maximum(count, 1).to(g.dtype)[:, None]
                 acc += g
@@ -261,6 +272,8 @@ def feature_swap_backward(
     sorted_keys, cells = torch.sort(index.reshape(b, gq), dim=1, stable=True)
     bounds = torch.arange(nk_total + 1, device=index.device, dtype=index.dtype).expand(b, -1).contiguous()
     csr = torch.searchsorted(sorted_keys, bounds)
+    count_h = _cover_counts(out_h, gqh, patch_size, stride, padding, scale, index.device)
+    count_w = _cover_counts(out_w, gqw, patch_size, stride, padding, scale, index.device)
     grads = []
     for (hv, wv), (gkh, gkw, offset) in zip(value_hw, grids, strict=True):
         gv = grad_out.new_empty((b, cv, hv, wv))
@@ -271,6 +284,8 @@ def feature_swap_backward(
             grad_out,
             csr,
             cells,
+            count_h,
+            count_w,
             gv,
             cv,
             hv,

@@ -42,7 +42,7 @@ EPS = 1e-12
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Candidates kept per query for fp32 re-scoring; queries with more fall back to an fp32 scan.
 _MAX_CANDIDATES = 8 if INTERPRET else 32
-_RESCORE_BLOCK_M = 16 if INTERPRET else 32
+_RESCORE_BLOCK_M = 64 if INTERPRET else 32
 _RESCORE_BLOCK_K = 16 if INTERPRET else 64
 
 
@@ -424,7 +424,7 @@ def _scan(query, key, key_offset, state, patch_size, stride, dot_prec, low, coll
     if fma or INTERPRET:
         # NB: float64 has no tensor-core path; small fixed tiles keep the (M, K, N) product small.
         blocks = (
-            dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) if INTERPRET else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8)
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16) if INTERPRET else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8)
         )
         grid = (triton.cdiv(query.n, blocks["BLOCK_M"]), query.batch)
         launch(_patch_match_scan_kernel, grid, *args, **meta, **blocks)
