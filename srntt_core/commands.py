@@ -282,10 +282,3 @@ def run_train(args) -> int:
     print(json.dumps(summary))
     return 0
 
-
-COMMANDS = {
-    "sr": ("x4 reference-based super-resolution of an image", add_sr_arguments, run_sr),
-    "demo": ("super-resolve the bundled sample with the bundled checkpoint", add_demo_arguments, run_demo),
-    "eval": ("evaluation table (SPEC 6) on a folder", add_eval_arguments, run_eval),
-    "train": ("train SRNTT with online texture swapping (resumable)", add_train_arguments, run_train),
-}
