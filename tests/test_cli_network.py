@@ -40,7 +40,8 @@ def test_sr_several_refs_any_size(tmp_path, tiny_ckpt, capsys):
 
 def test_sr_clear_errors(tmp_path, tiny_ckpt, capsys):
     lr = _img(tmp_path / "lr.png", 12, 12)
-    rc = cli.main(["sr", str(tmp_path / "nope.png"), "-o", str(tmp_path / "o.png"), "--checkpoint", tiny_ckpt])
+    missing = str(tmp_path / "nope.png")
+    rc = cli.main(["sr", missing, "-o", str(tmp_path / "o.png"), "--checkpoint", tiny_ckpt])
     assert rc == 2 and "image not found" in capsys.readouterr().err
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"garbage")
@@ -93,8 +94,9 @@ def test_train_command_and_resume(tmp_path, capsys):
     data = tmp_path / "hr"
     data.mkdir()
     _img(data / "a.png", 40, 64)
-    args = ["train", str(data), "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "1", "--crop", "16",
-            "--ref-crop", "16", "--residual", "bicubic", "--threads", "1", "--export", str(tmp_path / "m.pt")]
+    args = ["train", str(data), "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "1",
+            "--crop", "16", "--ref-crop", "16", "--residual", "bicubic", "--threads", "1",
+            "--export", str(tmp_path / "m.pt")]
     assert cli.main(args) == 0
     assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "m.pt").is_file()
     assert cli.main(args) == 0  # already done: resumes at step 1, nothing to train
