@@ -168,3 +168,64 @@ def test_memory_is_far_below_the_relevance_matrix():
     nxn = (n * n) ** 2 * 4
     assert original >= nxn  # the N x N relevance matrix really is there
     assert ours < nxn / 8
+
+
+# ---------------------------------------------------------------------------------------------
+# registration hooks (srntt_core.compat.registry), with stand-ins for the frameworks' registries
+
+class _BasicSRRegistry:
+    """BasicSR's Registry surface: ``register(obj)`` by class name, ``in``, ``get``."""
+
+    def __init__(self):
+        self._obj_map = {}
+
+    def __contains__(self, name):
+        return name in self._obj_map
+
+    def register(self, obj):
+        assert obj.__name__ not in self._obj_map
+        self._obj_map[obj.__name__] = obj
+
+    def get(self, name):
+        return self._obj_map[name]
+
+
+class _MMRegistry:
+    """mmengine's Registry surface: ``register_module(name=, module=, force=)`` and ``build``."""
+
+    def __init__(self):
+        self.modules = {}
+
+    def register_module(self, name=None, force=False, module=None):
+        if name in self.modules and not force:
+            raise KeyError(f"{name} is already registered")
+        self.modules[name] = module
+
+    def build(self, cfg):
+        cfg = dict(cfg)
+        return self.modules[cfg.pop("type")](**cfg)
+
+
+def test_registration_hooks_without_importing_the_frameworks():
+    import importlib
+    import sys
+
+    from srntt_core.compat import registry
+
+    frameworks = ("basicsr", "mmagic", "mmedit", "mmengine", "mmcv")
+    loaded = {name for name in sys.modules if name.split(".")[0] in frameworks}
+    importlib.reload(registry)  # re-runs the module's imports
+    assert {name for name in sys.modules if name.split(".")[0] in frameworks} == loaded
+    basic = registry.register_basicsr(_BasicSRRegistry())
+    arch = basic.get("SRNTTCoreSearchTransfer")(backend="torch")
+    assert isinstance(arch, SearchTransfer) and arch.backend == "torch"
+    registry.register_basicsr(basic)  # registering twice leaves the first registration alone
+    mm = registry.register_mmagic(_MMRegistry())
+    module = mm.build({"type": "SRNTTCoreSearchTransformer"})
+    lr, key, lv1, lv2, lv3 = random_inputs(b=1, c=4, h=5, w=6, hr=4, wr=5)
+    s, textures = module(lr, key, (lv3, lv2, lv1))
+    assert s.shape == (1, 1, 5, 6) and len(textures) == 3
+    with pytest.raises(KeyError):
+        registry.register_mmagic(mm)
+    registry.register_mmagic(mm, force=True)
+    assert "SRNTTCoreCorrespondenceMatcher" in mm.modules
