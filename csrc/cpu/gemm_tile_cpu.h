@@ -47,10 +47,8 @@ template <typename T>
 inline void vstore(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
-template <typename T>
-inline vec_t<T> vset1(T x) {
-  return vec_t<T>{} + x;
-}
+inline vec_t<float> vset1(float x) { return vec_t<float>{x, x, x, x, x, x, x, x}; }
+inline vec_t<double> vset1(double x) { return vec_t<double>{x, x, x, x}; }
 // a * b + c, fused when the target has FMA (one build always uses the same form).
 inline vec_t<float> vfma(vec_t<float> a, vec_t<float> b, vec_t<float> c) {
 #if defined(__FMA__)

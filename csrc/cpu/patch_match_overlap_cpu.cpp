@@ -41,42 +41,35 @@ constexpr int V = Vec<float>::size;
 using vf = vec_t<float>;
 using vi = Vec<float>::mask;
 
-// Zero-padded query rows as GEMM panels: [b][row][panel][c][NR].
+// Query rows as GEMM panels: [b][row][panel][c][NR] (no padding: padded pixels are zero and
+// their pixel-level products are known to be zero).
 std::vector<float> pack_query(const float* q, int64_t B, int64_t C, int64_t H, int64_t W,
-                              int64_t pad, int64_t n_panels) {
-  const int64_t Hp = H + 2 * pad;
+                              int64_t n_panels) {
   const int64_t row_size = n_panels * C * NR;
-  std::vector<float> out(B * Hp * row_size, 0.0f);
-  at::parallel_for(0, B * Hp, 1, [&](int64_t begin, int64_t end) {
+  std::vector<float> out(B * H * row_size, 0.0f);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / Hp, y = t % Hp - pad;
-      if (y < 0 || y >= H) continue;
+      const int64_t b = t / H, y = t % H;
       float* row = out.data() + t * row_size;
       for (int64_t c = 0; c < C; ++c) {
         const float* src = q + ((b * C + c) * H + y) * W;
-        for (int64_t x = 0; x < W; ++x) {
-          const int64_t xp = x + pad;
-          row[((xp / NR) * C + c) * NR + xp % NR] = src[x];
-        }
+        for (int64_t x = 0; x < W; ++x) row[((x / NR) * C + c) * NR + x % NR] = src[x];
       }
     }
   });
   return out;
 }
 
-// Zero-padded key rows, pixel-major: [b][row][x][c].
-std::vector<float> pack_key(const float* k, int64_t B, int64_t C, int64_t H, int64_t W,
-                            int64_t pad) {
-  const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad;
-  std::vector<float> out(B * Hp * Wp * C, 0.0f);
-  at::parallel_for(0, B * Hp, 1, [&](int64_t begin, int64_t end) {
+// Key rows, pixel-major: [b][row][x][c].
+std::vector<float> pack_key(const float* k, int64_t B, int64_t C, int64_t H, int64_t W) {
+  std::vector<float> out(B * H * W * C);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / Hp, y = t % Hp - pad;
-      if (y < 0 || y >= H) continue;
-      float* row = out.data() + t * Wp * C;
+      const int64_t b = t / H, y = t % H;
+      float* row = out.data() + t * W * C;
       for (int64_t c = 0; c < C; ++c) {
         const float* src = k + ((b * C + c) * H + y) * W;
-        for (int64_t x = 0; x < W; ++x) row[(x + pad) * C + c] = src[x];
+        for (int64_t x = 0; x < W; ++x) row[x * C + c] = src[x];
       }
     }
   });
@@ -90,17 +83,18 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
                          const double* query_norms, int64_t* index, float* score) {
   const int64_t Hqp = Hq + 2 * padding, Wqp = Wq + 2 * padding;
   const int64_t gqh = Hqp - p + 1, gqw = Wqp - p + 1;
-  const int64_t q_panels = (Wqp + NR - 1) / NR;
+  const int64_t q_panels = (Wq + NR - 1) / NR;
   const int64_t q_row = q_panels * C * NR;
-  // P rows: every query pixel plus slack so the shifted vector reads of X stay in the buffer.
-  const int64_t ldp = q_panels * NR + V;
+  // P[kx'][qx'] over padded coordinates: the GEMM fills the block of real pixels, the padding
+  // rows and columns stay zero; slack columns keep the shifted vector reads of X in the buffer.
+  const int64_t ldp = q_panels * NR + 2 * padding + V;
   const int64_t x_vecs = (gqw + V - 1) / V, ldx = x_vecs * V;
-  const std::vector<float> qpack = pack_query(query, B, C, Hq, Wq, padding, q_panels);
+  const std::vector<float> qpack = pack_query(query, B, C, Hq, Wq, q_panels);
 
   std::vector<std::vector<float>> kpack;
   int64_t max_wkp = 0, max_gkw = 0;
   for (const OverlapKey& k : keys) {
-    kpack.push_back(pack_key(k.data, B, C, k.H, k.W, padding));
+    kpack.push_back(pack_key(k.data, B, C, k.H, k.W));
     max_wkp = std::max(max_wkp, k.W + 2 * padding);
     max_gkw = std::max(max_gkw, k.grid_w);
   }
@@ -122,22 +116,32 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
       best_i.assign((qb - qa) * ldx, 0);
       for (size_t r = 0; r < keys.size(); ++r) {
         const OverlapKey& key = keys[r];
-        const int64_t Wkp = key.W + 2 * padding, gkh = key.grid_h, gkw = key.grid_w;
-        const float* kb = kpack[r].data() + b * (key.H + 2 * padding) * Wkp * C;
+        const int64_t gkh = key.grid_h, gkw = key.grid_w;
+        const float* kb = kpack[r].data() + b * key.H * key.W * C;
         const float* inv_norm = key.inv_norm + b * gkh * gkw;
+        // A wider key before this one may have left products in this key's padding rows.
+        std::fill(pbuf.begin() + (padding + key.W) * ldp, pbuf.end(), 0.0f);
         for (int64_t d = qa - (gkh - 1); d < qb; ++d) {
           const int64_t qy0 = std::max(qa, d), qy1 = std::min(qb, gkh + d);
           if (qy0 >= qy1) continue;
           for (int64_t a = qy0; a < qy1 + p - 1; ++a) {
-            // P_a = K(row a - d) . Q(row a), then X_a into ring slot a % p.
-            gemm_packed(kb + (a - d) * Wkp * C, C, Wkp, qpack.data() + (b * Hqp + a) * q_row,
-                        q_panels, C, pbuf.data(), ldp);
+            // X_a (into ring slot a % p) from P_a = K(row a - d) . Q(row a); a padding row
+            // on either side gives zeros.
             float* x = ring.data() + (a % p) * max_gkw * ldx;
-            for (int64_t kx = 0; kx < gkw; ++kx) {
-              for (int64_t v = 0; v < x_vecs; ++v) {
-                vf s = vload(pbuf.data() + kx * ldp + v * V);
-                for (int64_t dx = 1; dx < p; ++dx) s += vload(pbuf.data() + (kx + dx) * ldp + v * V + dx);
-                vstore(x + kx * ldx + v * V, s);
+            const int64_t qrow = a - padding, krow = a - d - padding;
+            if (qrow < 0 || qrow >= Hq || krow < 0 || krow >= key.H) {
+              std::fill(x, x + gkw * ldx, 0.0f);
+            } else {
+              gemm_packed(kb + krow * key.W * C, C, key.W,
+                          qpack.data() + (b * Hq + qrow) * q_row, q_panels, C,
+                          pbuf.data() + padding * ldp + padding, ldp);
+              for (int64_t kx = 0; kx < gkw; ++kx) {
+                for (int64_t v = 0; v < x_vecs; ++v) {
+                  const float* pk = pbuf.data() + kx * ldp + v * V;
+                  vf s = vload(pk);
+                  for (int64_t dx = 1; dx < p; ++dx) s += vload(pk + dx * ldp + dx);
+                  vstore(x + kx * ldx + v * V, s);
+                }
               }
             }
             const int64_t qy = a - (p - 1);
