@@ -12,21 +12,32 @@ reference as values):
   Python paste loops with overlap counts at three levels).
 
 ``extra_info`` adds ``index_agreement`` (share of the original's indices that srntt_core reproduces)
-next to time and peak memory. The 1080p shape is skipped: the originals' N x N buffers would need
+and ``peak_mem_mb_isolated``: the peak measured again in a separate process with
+``srntt_core.compat._memory`` (glibc told to map and unmap every block of 64 KiB or more, so freed
+memory cannot hide a peak), which leaves this process's allocator, and so the other benchmarks'
+timings, untouched. The 1080p shape is skipped: the originals' N x N buffers would need
 ~67 GB there, and an exact search takes minutes on a CPU.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from srntt_core.compat import _memory
 from srntt_core.compat.c2matching import correspondence_match
 from srntt_core.compat.srntt import srntt_swap
 from srntt_core.compat.ttsr import SearchTransfer, search_transfer
 
 ROUNDS = {"train": 3, "cufed5": 1}
+MODULES = ("ttsr", "c2matching", "srntt")
+PROVIDERS = ("srntt_core", "original")
+HERE = Path(__file__).resolve().parent
 
 
 def ttsr_original(lrsr_lv3, refsr_lv3, ref_lv1, ref_lv2, ref_lv3):
@@ -114,8 +125,37 @@ def _our_index(module, query, key):
             srntt_swap(query, key, key).index
 
 
-@pytest.mark.parametrize("provider", ["srntt_core", "original"])
-@pytest.mark.parametrize("module", ["ttsr", "c2matching", "srntt"])
+def measure_peaks(shape: str) -> None:
+    """In a fresh process: peak bytes of every (module, provider) at ``shape``, printed as JSON."""
+    import types
+
+    import conftest
+
+    data = types.SimpleNamespace(match_inputs=conftest.match_inputs, swap_values=conftest.swap_values)
+    query, key, lv3, lv2, lv1 = _inputs(data, shape)
+    peaks = {}
+    with torch.no_grad():
+        inputs = (query, key, lv3, lv2, lv1)
+        crops = [t[..., : 8 * s, : 8 * s] for t, s in zip(inputs, (1, 1, 1, 2, 4), strict=True)]
+        _runner("ttsr", "srntt_core", *crops)[0]()  # warm-up: the first custom-op call imports torch._dynamo
+        for module in MODULES:
+            for provider in PROVIDERS:
+                fn = _runner(module, provider, query, key, lv3, lv2, lv1)[0]
+                peaks[f"{module}/{provider}"] = _memory.peak_bytes(fn)
+    print(json.dumps(peaks))
+
+
+@functools.cache
+def isolated_peaks(shape: str) -> dict:
+    if not _memory.supported():
+        return {}
+    code = f"import sys; sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]; import bench_compat as b; " \
+           f"b.measure_peaks({shape!r})"
+    return _memory.run_child(code, cwd=str(HERE.parent))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("module", MODULES)
 def test_compat(bench, data, shape, module, provider):
     if shape == data.LARGE_SHAPE:
         pytest.skip("1080p: the originals' N x N buffers need ~67 GB; exact search takes minutes on a CPU")
@@ -130,6 +170,8 @@ def test_compat(bench, data, shape, module, provider):
     # One warm-up round for srntt_core: its first custom-op call imports torch._dynamo (seconds).
     out = bench.run(fn, group=f"compat {module} {shape}", provider=provider, shape=shape, features="real",
                     n_query=grid, n_key=grid, rounds=ROUNDS[shape], warmup=int(provider == "srntt_core"))
+    peak = isolated_peaks(shape).get(f"{module}/{provider}")
+    bench.benchmark.extra_info["peak_mem_mb_isolated"] = None if peak is None else round(peak / 2**20, 1)
     if provider == "original":
         theirs = index_of(out).reshape(-1).cpu()
         ours = _our_index(module, query, key).reshape(-1).cpu()

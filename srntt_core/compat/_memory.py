@@ -66,3 +66,17 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     peak = _status_kib("VmHWM")
     del result
     return (peak - before) * 1024
+
+
+def run_child(code: str, cwd: str | None = None, timeout: float = 1800) -> dict:
+    """Runs ``code`` in a fresh Python (so that :func:`peak_bytes`'s allocator settings stay there);
+    ``code`` must print one JSON object as its last line, which is returned."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"child process failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
