@@ -147,28 +147,28 @@ def _patch_dot_tile(
     """acc[m, n] += <query patch m, key patch n>; q_rows / k_rows are element offsets of the patches'
     top-left corners in the padded channels-last maps."""
     offs_k = tl.arange(0, BLOCK_K)
-    for dy in tl.static_range(P):
-        for dx in tl.static_range(P):
-            q_tap = q_rows + dy * q_sy + dx * C
-            k_tap = k_rows + dy * k_sy + dx * C
-            for c0 in range(0, C, BLOCK_K):
-                cc = c0 + offs_k
-                c_mask = cc < C
-                a = tl.load(
-                    q_ptr + q_tap[:, None] + cc[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0
-                )
-                b = tl.load(
-                    k_ptr + k_tap[None, :] + cc[:, None], mask=n_mask[None, :] & c_mask[:, None], other=0.0
-                )
-                if FMA:
-                    acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-                else:
-                    if UPCAST:
-                        # NB: the interpreter's bf16 tl.dot is wrong; exact products of the rounded
-                        # inputs with fp32 accumulation is what the tensor cores compute.
-                        a = a.to(tl.float32)
-                        b = b.to(tl.float32)
-                    acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    n_chunks = tl.cdiv(C, BLOCK_K)
+    # One flat loop over (tap, channel chunk) rather than static taps around a short channel loop:
+    # with C = 256 the channel loop alone has too few iterations to software-pipeline.
+    for kk in range(0, P * P * n_chunks):
+        tap = kk // n_chunks
+        dy = tap // P
+        dx = tap - dy * P
+        cc = (kk - tap * n_chunks) * BLOCK_K + offs_k
+        c_mask = cc < C
+        q_off = q_rows + dy * q_sy + dx * C
+        k_off = k_rows + dy * k_sy + dx * C
+        a = tl.load(q_ptr + q_off[:, None] + cc[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+        b = tl.load(k_ptr + k_off[None, :] + cc[:, None], mask=n_mask[None, :] & c_mask[:, None], other=0.0)
+        if FMA:
+            acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        else:
+            if UPCAST:
+                # NB: the interpreter's bf16 tl.dot is wrong; exact products of the rounded
+                # inputs with fp32 accumulation is what the tensor cores compute.
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
     return acc
 
 
@@ -236,7 +236,7 @@ def _patch_match_scan_kernel(
         best = tl.load(best_val_ptr + state, mask=m_mask, other=float("-inf"))
         best_idx = tl.load(best_idx_ptr + state, mask=m_mask, other=0)
     for n0 in range(0, n_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = cols < Gk
         k_rows = b * k_sb + (cols // Gkw) * stride * k_sy + (cols % Gkw) * stride * C
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
@@ -370,7 +370,8 @@ def _scan_configs():
 
 _patch_match_scan_tuned = triton.autotune(
     configs=_scan_configs(),
-    key=["C", "Gq", "Gk", "P", "COLLECT", "SELECT", "DOT_PREC", "UPCAST"],
+    # Not keyed on the grid sizes: a first call on a 4K map would otherwise time every config on it.
+    key=["C", "P", "COLLECT", "SELECT", "DOT_PREC", "UPCAST"],
     # The scan reads and writes its running state: restore it after every timing run.
     restore_value=["best_val_ptr", "best_idx_ptr", "count_ptr", "cand_ptr"],
 )(_patch_match_scan_kernel)
