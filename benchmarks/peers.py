@@ -92,9 +92,6 @@ def python_loop_swap(values, index, patch_size=3, stride=1, padding=0, scale=1, 
     canvas = values.new_zeros(b, cv, ch, cw)
     count = values.new_zeros(ch, cw)
     gqh, gqw = index.shape[-2:]
-    for i in range(gqh):
-        for j in range(gqw):
-            count[i * step : i * step + k, j * step : j * step + k] += 1
     for n in range(b):
         rows = index[n].tolist()
         for i in range(gqh):
@@ -102,6 +99,8 @@ def python_loop_swap(values, index, patch_size=3, stride=1, padding=0, scale=1, 
                 u, v = divmod(rows[i][j], gkw)
                 canvas[n, :, i * step : i * step + k, j * step : j * step + k] += \
                     vp[n, :, u * step : u * step + k, v * step : v * step + k]
+                if n == 0:  # the overlap count is the same for every batch element
+                    count[i * step : i * step + k, j * step : j * step + k] += 1
     out = canvas / count.clamp_min(1)
     return out[:, :, off : off + out_h, off : off + out_w]
 

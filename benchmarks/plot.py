@@ -155,6 +155,32 @@ def _table(rows, op, peers, key_extra):
     return "\n".join(lines)
 
 
+# issue 3's goals: (op, peer, minimum speed-up of the cpu backend over the peer)
+GOALS = [("patch_match", "faiss", 3.0), ("feature_swap", "ttsr_fold", 10.0),
+         ("feature_swap", "python_loop", 100.0)]
+
+
+def goals(rows, backend="cpu") -> str:
+    """The cpu backend's speed-up over each goal's peer, per shape / features / level."""
+    index = {(r["op"], r["shape"], r["features"], r["level"], r["provider"]): r for r in rows}
+    lines = ["| goal | shape | features | level | cpu | peer | speed-up | holds |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def order(kv):
+        return SHAPE_ORDER.get(kv[0][1], 9), kv[0][2], LEVEL_ORDER[kv[0][3]]
+
+    for op, peer, target in GOALS:
+        for (o, shape, features, level, provider), r in sorted(index.items(), key=order):
+            if o != op or provider != backend or (o, shape, features, level, peer) not in index:
+                continue
+            p = index[(o, shape, features, level, peer)]
+            ratio = p["min"] / r["min"]
+            lines.append(f"| {op} vs {peer} >= {target:g}x | {shape} | {features} | {level or '-'} | "
+                         f"{_fmt_time(r['min'])} | {_fmt_time(p['min'])} | {ratio:.2f}x | "
+                         f"{'yes' if ratio >= target else 'no'} |")
+    return "\n".join(lines)
+
+
 def markdown(rows, meta) -> str:
     out = []
     if meta:
@@ -163,7 +189,9 @@ def markdown(rows, meta) -> str:
                    f"{', '.join(f'{x:.2f}' for x in meta.get('load_average_start', []))}, at end "
                    f"{', '.join(f'{x:.2f}' for x in meta.get('load_average_end', []))}; "
                    f"1080p mode: {meta.get('large_mode')}.\n")
-    out.append("### patch_match\n")
+    out.append("### goals (speed-up = peer's best time / cpu's best time)\n")
+    out.append(goals(rows))
+    out.append("\n### patch_match\n")
     out.append(_table(rows, "patch_match", ["faiss", "ttsr_bmm", "srntt_conv2d"], ("GFLOP/s", "gflops")))
     out.append("\n### feature_swap\n")
     out.append(_table(rows, "feature_swap", ["ttsr_fold", "python_loop", "torch"], ("GB/s", "gbps")))
