@@ -69,9 +69,14 @@ inline vec_t<double> vfma(vec_t<double> a, vec_t<double> b, vec_t<double> c) {
 template <typename T>
 constexpr int64_t kPanel = 2 * Vec<T>::size;
 
+// Rows of the broadcast operand per micro-tile.
+constexpr int64_t kRows = 6;
+
+// One MR x kPanel tile of C. A's element (r, k) is at a[r * a_row + k * a_col]: row-major A has
+// (lda, 1); A packed in row blocks (pack_rows below) has (1, kRows), one contiguous stream.
 template <typename T, int MR>
-inline void gemm_micro(const T* __restrict a, int64_t lda, const T* __restrict b, int64_t K,
-                       T* __restrict c, int64_t ldc, bool accumulate) {
+inline void gemm_micro(const T* __restrict a, int64_t a_row, int64_t a_col, const T* __restrict b,
+                       int64_t K, T* __restrict c, int64_t ldc, bool accumulate) {
   constexpr int V = Vec<T>::size;
   vec_t<T> acc0[MR], acc1[MR];
 #pragma GCC unroll 8
@@ -79,12 +84,13 @@ inline void gemm_micro(const T* __restrict a, int64_t lda, const T* __restrict b
     acc0[r] = accumulate ? vload(c + r * ldc) : vec_t<T>{};
     acc1[r] = accumulate ? vload(c + r * ldc + V) : vec_t<T>{};
   }
+#pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k) {
     const vec_t<T> b0 = vload(b + k * 2 * V);
     const vec_t<T> b1 = vload(b + k * 2 * V + V);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const vec_t<T> ar = vset1(a[r * lda + k]);
+      const vec_t<T> ar = vset1(a[r * a_row + k * a_col]);
       acc0[r] = vfma(ar, b0, acc0[r]);
       acc1[r] = vfma(ar, b1, acc1[r]);
     }
@@ -96,7 +102,7 @@ inline void gemm_micro(const T* __restrict a, int64_t lda, const T* __restrict b
   }
 }
 
-// C[:M, :n_panels * kPanel] = A[:M, :K] * B (see the top of this file).
+// C[:M, :n_panels * kPanel] = A[:M, :K] * B (see the top of this file); A row-major (lda).
 template <typename T>
 void gemm_packed(const T* a, int64_t lda, int64_t M, const T* b_panels, int64_t n_panels,
                  int64_t K, T* c, int64_t ldc) {
@@ -109,16 +115,37 @@ void gemm_packed(const T* a, int64_t lda, int64_t M, const T* b_panels, int64_t 
       const T* bp = b_panels + (j * K + k0) * NR;
       T* cj = c + j * NR;
       int64_t i = 0;
-      for (; i + 6 <= M; i += 6) gemm_micro<T, 6>(a + i * lda + k0, lda, bp, kc, cj + i * ldc, ldc, acc);
+      for (; i + kRows <= M; i += kRows) {
+        gemm_micro<T, kRows>(a + i * lda + k0, lda, 1, bp, kc, cj + i * ldc, ldc, acc);
+      }
       const T* ai = a + i * lda + k0;
       T* ci = cj + i * ldc;
       switch (M - i) {
-        case 5: gemm_micro<T, 5>(ai, lda, bp, kc, ci, ldc, acc); break;
-        case 4: gemm_micro<T, 4>(ai, lda, bp, kc, ci, ldc, acc); break;
-        case 3: gemm_micro<T, 3>(ai, lda, bp, kc, ci, ldc, acc); break;
-        case 2: gemm_micro<T, 2>(ai, lda, bp, kc, ci, ldc, acc); break;
-        case 1: gemm_micro<T, 1>(ai, lda, bp, kc, ci, ldc, acc); break;
+        case 5: gemm_micro<T, 5>(ai, lda, 1, bp, kc, ci, ldc, acc); break;
+        case 4: gemm_micro<T, 4>(ai, lda, 1, bp, kc, ci, ldc, acc); break;
+        case 3: gemm_micro<T, 3>(ai, lda, 1, bp, kc, ci, ldc, acc); break;
+        case 2: gemm_micro<T, 2>(ai, lda, 1, bp, kc, ci, ldc, acc); break;
+        case 1: gemm_micro<T, 1>(ai, lda, 1, bp, kc, ci, ldc, acc); break;
         default: break;
+      }
+    }
+  }
+}
+
+// Same product with A packed in blocks of kRows rows ([M / kRows][K][kRows], M a multiple of
+// kRows, zero rows as needed): C gets all M rows, so C must have room for them.
+template <typename T>
+void gemm_packed_rows(const T* a_blocks, int64_t M, const T* b_panels, int64_t n_panels, int64_t K,
+                      T* c, int64_t ldc) {
+  constexpr int64_t NR = kPanel<T>;
+  constexpr int64_t KC = 4096 / sizeof(T);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = K - k0 < KC ? K - k0 : KC;
+    for (int64_t j = 0; j < n_panels; ++j) {
+      const T* bp = b_panels + (j * K + k0) * NR;
+      for (int64_t i = 0; i < M; i += kRows) {
+        gemm_micro<T, kRows>(a_blocks + (i * K + k0 * kRows), 1, kRows, bp, kc,
+                             c + i * ldc + j * NR, ldc, k0 > 0);
       }
     }
   }

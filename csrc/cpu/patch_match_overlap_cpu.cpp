@@ -60,16 +60,19 @@ std::vector<float> pack_query(const float* q, int64_t B, int64_t C, int64_t H, i
   return out;
 }
 
-// Key rows, pixel-major: [b][row][x][c].
-std::vector<float> pack_key(const float* k, int64_t B, int64_t C, int64_t H, int64_t W) {
-  std::vector<float> out(B * H * W * C);
+// Key rows in GEMM row blocks: [b][row][x / kRows][c][x % kRows], x padded with zero pixels
+// to a multiple of kRows.
+std::vector<float> pack_key(const float* k, int64_t B, int64_t C, int64_t H, int64_t W,
+                            int64_t W_blocks) {
+  const int64_t row_size = W_blocks * kRows * C;
+  std::vector<float> out(B * H * row_size, 0.0f);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / H, y = t % H;
-      float* row = out.data() + t * W * C;
+      float* row = out.data() + t * row_size;
       for (int64_t c = 0; c < C; ++c) {
         const float* src = k + ((b * C + c) * H + y) * W;
-        for (int64_t x = 0; x < W; ++x) row[x * C + c] = src[x];
+        for (int64_t x = 0; x < W; ++x) row[((x / kRows) * C + c) * kRows + x % kRows] = src[x];
       }
     }
   });
@@ -94,8 +97,11 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
   std::vector<std::vector<float>> kpack;
   int64_t max_wkp = 0, max_gkw = 0;
   for (const OverlapKey& k : keys) {
-    kpack.push_back(pack_key(k.data, B, C, k.H, k.W));
-    max_wkp = std::max(max_wkp, k.W + 2 * padding);
+    const int64_t w_blocks = (k.W + kRows - 1) / kRows;
+    kpack.push_back(pack_key(k.data, B, C, k.H, k.W, w_blocks));
+    // The GEMM writes whole row blocks: rows past the key's width (zeros) land in padding rows
+    // or in these spare rows.
+    max_wkp = std::max(max_wkp, w_blocks * kRows + 2 * padding);
     max_gkw = std::max(max_gkw, k.grid_w);
   }
 
@@ -117,7 +123,8 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
       for (size_t r = 0; r < keys.size(); ++r) {
         const OverlapKey& key = keys[r];
         const int64_t gkh = key.grid_h, gkw = key.grid_w;
-        const float* kb = kpack[r].data() + b * key.H * key.W * C;
+        const int64_t w_blocks = (key.W + kRows - 1) / kRows;
+        const float* kb = kpack[r].data() + b * key.H * w_blocks * kRows * C;
         const float* inv_norm = key.inv_norm + b * gkh * gkw;
         // A wider key before this one may have left products in this key's padding rows.
         std::fill(pbuf.begin() + (padding + key.W) * ldp, pbuf.end(), 0.0f);
@@ -132,9 +139,9 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
             if (qrow < 0 || qrow >= Hq || krow < 0 || krow >= key.H) {
               std::fill(x, x + gkw * ldx, 0.0f);
             } else {
-              gemm_packed(kb + krow * key.W * C, C, key.W,
-                          qpack.data() + (b * Hq + qrow) * q_row, q_panels, C,
-                          pbuf.data() + padding * ldp + padding, ldp);
+              gemm_packed_rows(kb + krow * w_blocks * kRows * C, w_blocks * kRows,
+                               qpack.data() + (b * Hq + qrow) * q_row, q_panels, C,
+                               pbuf.data() + padding * ldp + padding, ldp);
               for (int64_t kx = 0; kx < gkw; ++kx) {
                 for (int64_t v = 0; v < x_vecs; ++v) {
                   const float* pk = pbuf.data() + kx * ldp + v * V;
