@@ -110,3 +110,13 @@ def test_lr_schedule_and_atomic_save(tmp_path):
     p = T.atomic_save({"a": torch.ones(2)}, tmp_path / "x" / "c.pt")
     assert torch.equal(torch.load(p)["a"], torch.ones(2))
     assert os.listdir(tmp_path / "x") == ["c.pt"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_step_on_gpu(folder, tmp_path):
+    summary = T.train(_cfg(folder, tmp_path / "gpu", steps=2, device="cuda", amp=True, train_with_truth=True))
+    assert summary["step"] == 2
+    state = _state(tmp_path / "gpu")
+    assert state["scaler"] is not None
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
