@@ -212,9 +212,11 @@ def super_resolve(
         raise ValueError(f"overlap: must be in [0, tile/2), got {overlap} for tile {tile}")
     device = next(model.parameters()).device
     lr = lr.to(device, torch.float32)
-    bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor, backend)
     if extractor is None:
-        bank.extractor.to(device)
+        from .swap import default_extractor
+
+        extractor = default_extractor().to(device)
+    bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor, backend)
     h, w = lr.shape[-2:]
 
     def run(x: torch.Tensor) -> torch.Tensor:
