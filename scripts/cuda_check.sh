@@ -3,10 +3,15 @@
 # and sm_90, through csrc/cuda/check/instantiate.cu (which instantiates every kernel and launcher),
 # then builds and runs csrc/cuda/check/host_check.cu: the kernels' index math on the CPU against
 # brute force (needs no GPU). The *_binding.cu files include torch and are built by setup.py only.
+# With --bindings it also compiles (no link) the *_binding.cu files against the installed torch's
+# headers, as setup.py would; a CPU build of torch lacks a few CUDA-side headers, for which
+# csrc/cuda/check/torch_stubs stands in (slow: minutes; not part of `make test`).
 # Exit status: 0 when everything compiled and passed, or when there is nothing to check (no nvcc,
 # no .cuh); 1 otherwise.
 set -u
 cd "$(dirname "$0")/.."
+BINDINGS=0
+[ "${1:-}" = "--bindings" ] && BINDINGS=1
 
 NVCC=""
 if command -v nvcc >/dev/null 2>&1; then
@@ -42,7 +47,9 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 echo "cuda_check: $("$NVCC" --version | tail -n 1)"
 echo "cuda_check: headers: ${HEADERS[*]}"
-FLAGS=(-std=c++17 -O3 --expt-relaxed-constexpr -Icsrc)
+# As setup.py and torch.utils.cpp_extension (COMMON_NVCC_FLAGS) compile the extension.
+FLAGS=(-std=c++17 -O3 -DNDEBUG --use_fast_math --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__
+       -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ -Icsrc)
 
 # The two compilations are independent: run them side by side.
 "$NVCC" "${FLAGS[@]}" -c -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
@@ -70,6 +77,41 @@ else
   echo "cuda_check: FAILED to compile $HOST_CHECK:"
   cat "$TMP/host_check.log"
   status=1
+fi
+
+if [ $BINDINGS -eq 1 ]; then
+  PY=python3
+  [ -x .venv/bin/python ] && PY=.venv/bin/python
+  if ! TORCH_INC="$("$PY" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join(include_paths()))' 2>/dev/null)"; then
+    echo "cuda_check: --bindings: torch not importable with $PY"
+    status=1
+  else
+    PY_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+    INC=()
+    for d in $TORCH_INC; do INC+=(-I"$d"); done
+    INC+=(-I"$PY_INC")
+    CUDA_INC="$(dirname "$(dirname "$NVCC")")/include"
+    # Stubs only for what is missing (they come last, after the real torch include dirs).
+    if [ ! -f "$CUDA_INC/cublas_v2.h" ] || ! "$PY" -c 'import torch, os, sys; sys.exit(not os.path.isfile(os.path.join(os.path.dirname(torch.__file__), "include/c10/cuda/impl/cuda_cmake_macros.h")))'; then
+      INC+=(-Icsrc/cuda/check/torch_stubs)
+      echo "cuda_check: --bindings: using csrc/cuda/check/torch_stubs for missing cuBLAS/cuSPARSE/c10 headers"
+    fi
+    # setup.py's nvcc flags plus torch.utils.cpp_extension.COMMON_NVCC_FLAGS.
+    BFLAGS=("${FLAGS[@]}" -DSRNTT_WITH_CUDA=1 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
+            -diag-suppress 3306)
+    for f in csrc/cuda/*_binding.cu; do
+      if "$NVCC" "${BFLAGS[@]}" "${INC[@]}" -c -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+          "$f" -o "$TMP/$(basename "$f").o" >"$TMP/binding.log" 2>&1; then
+        echo "cuda_check: compiled $f against torch headers (sm_80, sm_90; not linked)"
+      else
+        echo "cuda_check: FAILED to compile $f:"
+        grep -v "Wc++20-extensions\|bit-field" "$TMP/binding.log" | head -60
+        status=1
+      fi
+    done
+  fi
+else
+  echo "cuda_check: bindings (csrc/cuda/*_binding.cu) not compiled here (scripts/cuda_check.sh --bindings does)"
 fi
 
 if [ $status -eq 0 ]; then

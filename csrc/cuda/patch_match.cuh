@@ -533,6 +533,8 @@ __global__ void __launch_bounds__(kTcThreads)
     part_idx[o] = best_i;
     part_apx[o] = apx;
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // wmma TF32/BF16 needs sm_80+; patch_match() never launches this kernel below that
 #endif
 }
 
@@ -549,6 +551,7 @@ struct PatchMatchArgs {
   int patch_size = 3, stride = 1, padding = 0;
   MatchPrecision precision = MatchPrecision::kHighest;
   int num_sms = 1;                 // multiprocessors of the device (sizes the key splitting)
+  int compute_capability = 80;     // major * 10 + minor; below 80 every precision runs as "highest"
   int64_t* index = nullptr;        // out: (B, Gq_h, Gq_w)
   T* score = nullptr;              // out: (B, Gq_h, Gq_w)
 };
@@ -583,7 +586,8 @@ PatchMatchPlan plan_patch_match(const PatchMatchArgs<T>& a) {
     max_plane = H * W > max_plane ? H * W : max_plane;
     k_tiles = ceil_div(nk, kExactBN) > k_tiles ? ceil_div(nk, kExactBN) : k_tiles;
   }
-  plan.tensor_cores = std::is_same<T, float>::value && a.precision != MatchPrecision::kHighest;
+  plan.tensor_cores = std::is_same<T, float>::value && a.precision != MatchPrecision::kHighest &&
+                      a.compute_capability >= 80;
   plan.D = static_cast<int>(D);
   plan.gqh = static_cast<int>(gqh);
   plan.gqw = static_cast<int>(gqw);

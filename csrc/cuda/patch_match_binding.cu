@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cuda(const at::Tensor& quer
   const int64_t gqw = (query.size(3) + 2 * padding - patch_size) / stride + 1;
   at::Tensor index = at::empty({B, gqh, gqw}, query.options().dtype(at::kLong));
   at::Tensor score = at::empty({B, gqh, gqw}, query.options());
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "_patch_match_fused_cuda", [&] {
@@ -100,7 +100,8 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cuda(const at::Tensor& quer
     args.stride = static_cast<int>(stride);
     args.padding = static_cast<int>(padding);
     args.precision = prec;
-    args.num_sms = num_sms;
+    args.num_sms = props->multiProcessorCount;
+    args.compute_capability = props->major * 10 + props->minor;
     args.index = index.data_ptr<int64_t>();
     args.score = score.data_ptr<scalar_t>();
     const cuda_kernels::PatchMatchPlan plan = cuda_kernels::plan_patch_match(args);

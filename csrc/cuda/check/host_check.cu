@@ -343,9 +343,44 @@ void check_margin() {
   }
 }
 
+// Workspace sizing and key splitting of patch_match (host arithmetic only).
+void check_patch_match_plan() {
+  const int key_hw[] = {9, 14, 5, 5, 200, 3};
+  PatchMatchArgs<float> a;
+  a.B = 2;
+  a.C = 7;
+  a.Hq = 13;
+  a.Wq = 11;
+  a.num_keys = 3;
+  a.key_hw = key_hw;
+  a.patch_size = 3;
+  a.padding = 1;
+  a.num_sms = 132;
+  PatchMatchPlan plan = plan_patch_match(a);
+  expect(plan.ok && plan.D == 63 && plan.gqh == 13 && plan.gqw == 11 && plan.nq == 143 && plan.q_tiles == 3,
+         "patch_match plan shape");
+  expect(plan.max_nk == 600 && plan.splits == 10 && !plan.tensor_cores, "patch_match plan splits");  // 10 key tiles
+  expect(plan.workspace_bytes > 0 && plan.workspace_bytes < (1u << 20), "patch_match plan workspace");
+  a.precision = MatchPrecision::kMedium;
+  expect(plan_patch_match(a).tensor_cores, "tensor cores for medium");
+  a.compute_capability = 75;
+  expect(!plan_patch_match(a).tensor_cores, "no tensor cores below sm_80");
+  expect(!plan_patch_match(PatchMatchArgs<double>{}).ok, "empty args rejected");
+  const int small[] = {1, 14};
+  a.key_hw = small;
+  a.num_keys = 1;
+  a.padding = 0;
+  expect(!plan_patch_match(a).ok, "key smaller than a patch rejected");
+  expect(candidate_margin(MatchPrecision::kMedium, 2304) > candidate_margin(MatchPrecision::kHigh, 2304) &&
+             candidate_margin(MatchPrecision::kHigh, 2304) > 0,
+         "candidate margins");
+  std::printf("patch_match plan: sizes, splits, tensor-core choice\n");
+}
+
 }  // namespace
 
 int main() {
+  check_patch_match_plan();
   check_covering_windows();
   check_patch_dot();
   check_feature_swap();

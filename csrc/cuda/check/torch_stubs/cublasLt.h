@@ -1,0 +1,5 @@
+#pragma once
+// Stub for scripts/cuda_check.sh --bindings only: a CPU build of torch ships ATen/cuda headers
+// but not these; the binding files use nothing from them. Never used in a real build.
+#include "cublas_v2.h"
+typedef struct cublasLtContext* cublasLtHandle_t;

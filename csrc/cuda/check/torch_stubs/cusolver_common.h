@@ -1,0 +1,4 @@
+#pragma once
+// Stub for scripts/cuda_check.sh --bindings only: a CPU build of torch ships ATen/cuda headers
+// but not these; the binding files use nothing from them. Never used in a real build.
+typedef enum { CUSOLVER_STATUS_SUCCESS = 0, CUSOLVER_STATUS_INVALID_VALUE = 3 } cusolverStatus_t;
