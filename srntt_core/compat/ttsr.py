@@ -77,7 +77,11 @@ def search_transfer(
         _check_level(f"values[{level}]", value, key, scale)
         summed = feature_swap(value, match.index, scale=scale, out_size=(h * scale, w * scale),
                               reduce="sum", backend=backend, **_GRID)
-        textures.append(summed / _WINDOWS_PER_PIXEL)
+        # In place where autograd allows it: the finest level is the largest tensor of the call.
+        if summed.requires_grad:
+            textures.append(summed / _WINDOWS_PER_PIXEL)
+        else:
+            textures.append(summed.div_(_WINDOWS_PER_PIXEL))
     return match.score.unsqueeze(1), textures, match.index
 
 
