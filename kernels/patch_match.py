@@ -26,8 +26,10 @@ fp32, which keeps the contract provable (see ``_candidate_margin``):
 2. collect pass: every key with s~ >= m~ - 2 * delta is appended to the query's candidate list
    (at most ``_MAX_CANDIDATES``, in increasing key index, the number seen is counted);
 3. the candidates are re-scored in fp32 (smallest index wins ties);
-4. queries whose list overflowed are re-scanned over all keys in fp32 (a compacted, masked pass).
-Since |s~ - s| <= delta for every key, the exact argmax always survives step 2.
+4. queries whose list overflowed (exact ties of flat regions, mostly) are re-scanned in fp32,
+   packed into the first programs; only key tiles holding some key with s~ >= m~ - 2 * delta get
+   exact dot products.
+Since |s~ - s| <= delta for every key, the exact argmax always survives steps 2 and 4.
 """
 
 import os
@@ -173,9 +175,23 @@ def _patch_dot_tile(
 
 
 @triton.jit
+def _update_best(score, best, best_idx, first_col):
+    """Running max/argmax over key tiles that come in increasing key order: a strict '>' keeps the
+    smallest index on ties (tl.argmax breaks ties within the tile the same way)."""
+    tile_best = tl.max(score, axis=1)
+    tile_idx = tl.argmax(score, axis=1, tie_break_left=True)
+    better = tile_best > best
+    best = tl.where(better, tile_best, best)
+    best_idx = tl.where(better, tile_idx.to(tl.int64) + first_col, best_idx)
+    return best, best_idx
+
+
+@triton.jit
 def _patch_match_scan_kernel(
     q_ptr,
     k_ptr,
+    ql_ptr,
+    kl_ptr,
     qinv_ptr,
     kinv_ptr,
     best_val_ptr,
@@ -199,6 +215,7 @@ def _patch_match_scan_kernel(
     P: tl.constexpr,
     COLLECT: tl.constexpr,
     SELECT: tl.constexpr,
+    PRUNE: tl.constexpr,
     KC: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -213,6 +230,9 @@ def _patch_match_scan_kernel(
     COLLECT=True: append every key with score >= thr to the query's candidate list (cand, count).
     SELECT=True: rows are the queries order[b, row]; only those with active != 0 are scanned, and
     programs with no active row skip the key loop.
+    PRUNE=True (running max, exact): a key tile is first scored in TF32 / bf16 from ql / kl; keys
+    below thr cannot be the argmax and are dropped, and the exact dot products (q, k, DOT_PREC) are
+    computed only for tiles where some key is at or above thr.
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -229,8 +249,9 @@ def _patch_match_scan_kernel(
     q_rows = b * q_sb + (qid // Gqw) * stride * q_sy + (qid % Gqw) * stride * C
     qinv = tl.load(qinv_ptr + state, mask=m_mask, other=0.0)
     acc_dtype = qinv_ptr.dtype.element_ty
-    if COLLECT:
+    if COLLECT or PRUNE:
         thr = tl.load(thr_ptr + state, mask=m_mask, other=float("inf"))
+    if COLLECT:
         count = tl.load(count_ptr + state, mask=m_mask, other=0)
     else:
         best = tl.load(best_val_ptr + state, mask=m_mask, other=float("-inf"))
@@ -239,43 +260,80 @@ def _patch_match_scan_kernel(
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = cols < Gk
         k_rows = b * k_sb + (cols // Gkw) * stride * k_sy + (cols % Gkw) * stride * C
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-        acc = _patch_dot_tile(
-            q_ptr,
-            k_ptr,
-            q_rows,
-            k_rows,
-            m_mask,
-            n_mask,
-            C,
-            q_sy,
-            k_sy,
-            acc,
-            P,
-            DOT_PREC,
-            UPCAST,
-            FMA,
-            BLOCK_K,
-        )
         kinv = tl.load(kinv_ptr + b * Gk + cols, mask=n_mask, other=0.0)
-        score = tl.where(n_mask[None, :], acc * qinv[:, None] * kinv[None, :], float("-inf"))
-        if COLLECT:
-            hit = (score >= thr[:, None]) & n_mask[None, :] & m_mask[:, None]
-            hit_i = hit.to(tl.int32)
-            pos = count[:, None] + tl.cumsum(hit_i, axis=1) - 1
-            tl.store(
-                cand_ptr + state[:, None] * KC + pos,
-                (cols + key_offset).to(tl.int32)[None, :] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
-                mask=hit & (pos < KC),
+        if PRUNE:
+            approx = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            approx = _patch_dot_tile(
+                ql_ptr,
+                kl_ptr,
+                q_rows,
+                k_rows,
+                m_mask,
+                n_mask,
+                C,
+                q_sy,
+                k_sy,
+                approx,
+                P,
+                "tf32",
+                UPCAST,
+                FMA,
+                BLOCK_K,
             )
-            count += tl.sum(hit_i, axis=1)
+            hit = (approx * qinv[:, None] * kinv[None, :] >= thr[:, None]) & n_mask[None, :] & m_mask[:, None]
+            if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+                acc = _patch_dot_tile(
+                    q_ptr,
+                    k_ptr,
+                    q_rows,
+                    k_rows,
+                    m_mask,
+                    n_mask,
+                    C,
+                    q_sy,
+                    k_sy,
+                    acc,
+                    P,
+                    DOT_PREC,
+                    False,
+                    FMA,
+                    BLOCK_K,
+                )
+                score = tl.where(hit, acc * qinv[:, None] * kinv[None, :], float("-inf"))
+                best, best_idx = _update_best(score, best, best_idx, n0 + key_offset)
         else:
-            tile_best = tl.max(score, axis=1)
-            tile_idx = tl.argmax(score, axis=1, tie_break_left=True)
-            # Tiles come in increasing key order: strict '>' keeps the smallest index on ties.
-            better = tile_best > best
-            best = tl.where(better, tile_best, best)
-            best_idx = tl.where(better, (tile_idx + n0 + key_offset).to(tl.int64), best_idx)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+            acc = _patch_dot_tile(
+                q_ptr,
+                k_ptr,
+                q_rows,
+                k_rows,
+                m_mask,
+                n_mask,
+                C,
+                q_sy,
+                k_sy,
+                acc,
+                P,
+                DOT_PREC,
+                UPCAST,
+                FMA,
+                BLOCK_K,
+            )
+            score = tl.where(n_mask[None, :], acc * qinv[:, None] * kinv[None, :], float("-inf"))
+            if COLLECT:
+                hit = (score >= thr[:, None]) & n_mask[None, :] & m_mask[:, None]
+                hit_i = hit.to(tl.int32)
+                pos = count[:, None] + tl.cumsum(hit_i, axis=1) - 1
+                tl.store(
+                    cand_ptr + state[:, None] * KC + pos,
+                    (cols + key_offset).to(tl.int32)[None, :] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
+                    mask=hit & (pos < KC),
+                )
+                count += tl.sum(hit_i, axis=1)
+            else:
+                best, best_idx = _update_best(score, best, best_idx, n0 + key_offset)
     if COLLECT:
         tl.store(count_ptr + state, count, mask=m_mask)
     else:
@@ -371,7 +429,7 @@ def _scan_configs():
 _patch_match_scan_tuned = triton.autotune(
     configs=_scan_configs(),
     # Not keyed on the grid sizes: a first call on a 4K map would otherwise time every config on it.
-    key=["C", "P", "COLLECT", "SELECT", "DOT_PREC", "UPCAST"],
+    key=["C", "P", "COLLECT", "SELECT", "PRUNE", "DOT_PREC", "UPCAST"],
     # The scan reads and writes its running state: restore it after every timing run.
     restore_value=["best_val_ptr", "best_idx_ptr", "count_ptr", "cand_ptr"],
 )(_patch_match_scan_kernel)
@@ -394,14 +452,33 @@ class _Map:
         return self.buf.stride(0), self.buf.stride(1)
 
 
-def _scan(query, key, key_offset, state, patch_size, stride, dot_prec, low, collect=None, select=None):
+def _scan(
+    query, key, key_offset, state, patch_size, stride, dot_prec, low, collect=None, select=None, prune=None
+):
+    """One launch of the scan kernel over one key map (see its docstring for the modes)."""
     best_val, best_idx = state
     q_buf, k_buf = (query.low, key.low) if low else (query.buf, key.buf)
     fma = q_buf.dtype == torch.float64
     dummy_i32 = best_idx.new_empty((1,), dtype=torch.int32)
     thr, count, cand = collect if collect is not None else (best_val, dummy_i32, dummy_i32)
+    if prune is not None:
+        thr = prune
     order, active = select if select is not None else (best_idx, dummy_i32)
-    args = (q_buf, k_buf, query.inv_norms, key.inv_norms, best_val, best_idx, thr, count, cand, order, active)
+    args = (
+        q_buf,
+        k_buf,
+        query.low,
+        key.low,
+        query.inv_norms,
+        key.inv_norms,
+        best_val,
+        best_idx,
+        thr,
+        count,
+        cand,
+        order,
+        active,
+    )
     args += (
         query.channels,
         query.n,
@@ -417,9 +494,10 @@ def _scan(query, key, key_offset, state, patch_size, stride, dot_prec, low, coll
         P=patch_size,
         COLLECT=collect is not None,
         SELECT=select is not None,
+        PRUNE=prune is not None,
         KC=_MAX_CANDIDATES,
         DOT_PREC=dot_prec,
-        UPCAST=INTERPRET and q_buf.dtype == torch.bfloat16,
+        UPCAST=INTERPRET and query.low.dtype == torch.bfloat16,
         FMA=fma,
     )
     if fma or INTERPRET:
@@ -502,10 +580,11 @@ def patch_match(
         overflow = (count > _MAX_CANDIDATES) & (q.sq_norms > 0)
         best_val.masked_fill_(overflow, float("-inf"))
         best_idx.masked_fill_(overflow, 0)
-        # Overflowing queries first, so that they are packed into the first programs.
+        # Overflowing queries first, so that they are packed into the first programs. Their exact
+        # scan skips the key tiles where no key reaches thr (typically flat, tied regions remain).
         order = torch.argsort(overflow.to(torch.int32), dim=1, descending=True, stable=True)
         active = overflow.to(torch.int32)
         for k, off in zip(ks, offsets, strict=False):
-            _scan(q, k, off, state, patch_size, stride, "ieee", low=False, select=(order, active))
+            _scan(q, k, off, state, patch_size, stride, "ieee", low=False, select=(order, active), prune=thr)
     shape = (q.batch, q.gh, q.gw)
     return best_idx.view(shape), best_val.view(shape)
