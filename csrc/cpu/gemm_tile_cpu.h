@@ -70,7 +70,7 @@ template <typename T>
 constexpr int64_t kPanel = 2 * Vec<T>::size;
 
 // Rows of the broadcast operand per micro-tile.
-constexpr int64_t kRows = 6;
+constexpr int64_t kRows = 6;  // the switches below assume 6
 
 // One MR x kPanel tile of C. A's element (r, k) is at a[r * a_row + k * a_col]: row-major A has
 // (lda, 1); A packed in row blocks (pack_rows below) has (1, kRows), one contiguous stream.
@@ -132,20 +132,38 @@ void gemm_packed(const T* a, int64_t lda, int64_t M, const T* b_panels, int64_t 
   }
 }
 
-// Same product with A packed in blocks of kRows rows ([M / kRows][K][kRows], M a multiple of
-// kRows, zero rows as needed): C gets all M rows, so C must have room for them.
+// Same product with A packed in blocks of kRows rows ([ceil(M / kRows)][K][kRows], zero rows
+// as needed). While it runs, the `bytes` at each of `prefetch[0..1]` (the next call's operands)
+// are pulled towards L2, spread over the tiles.
 template <typename T>
 void gemm_packed_rows(const T* a_blocks, int64_t M, const T* b_panels, int64_t n_panels, int64_t K,
-                      T* c, int64_t ldc) {
+                      T* c, int64_t ldc, const void* const* prefetch = nullptr,
+                      int64_t bytes = 0) {
   constexpr int64_t NR = kPanel<T>;
   constexpr int64_t KC = 4096 / sizeof(T);
+  const int64_t m_blocks = (M + kRows - 1) / kRows;
+  const int64_t n_tiles = n_panels * m_blocks * ((K + KC - 1) / KC);
+  const int64_t lines_per_tile = (bytes / 64 + n_tiles) / n_tiles;
+  int64_t next_line = 0;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = K - k0 < KC ? K - k0 : KC;
     for (int64_t j = 0; j < n_panels; ++j) {
       const T* bp = b_panels + (j * K + k0) * NR;
       for (int64_t i = 0; i < M; i += kRows) {
-        gemm_micro<T, kRows>(a_blocks + (i * K + k0 * kRows), 1, kRows, bp, kc,
-                             c + i * ldc + j * NR, ldc, k0 > 0);
+        for (int64_t l = 0; prefetch && l < lines_per_tile && next_line * 64 < bytes; ++l) {
+          __builtin_prefetch(static_cast<const char*>(prefetch[0]) + 64 * next_line, 0, 2);
+          __builtin_prefetch(static_cast<const char*>(prefetch[1]) + 64 * next_line++, 0, 2);
+        }
+        const T* ai = a_blocks + (i * K + k0 * kRows);
+        T* ci = c + i * ldc + j * NR;
+        switch (M - i < kRows ? M - i : kRows) {
+          case 6: gemm_micro<T, 6>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
+          case 5: gemm_micro<T, 5>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
+          case 4: gemm_micro<T, 4>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
+          case 3: gemm_micro<T, 3>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
+          case 2: gemm_micro<T, 2>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
+          default: gemm_micro<T, 1>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
+        }
       }
     }
   }

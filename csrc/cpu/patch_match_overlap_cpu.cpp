@@ -124,7 +124,8 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
         const OverlapKey& key = keys[r];
         const int64_t gkh = key.grid_h, gkw = key.grid_w;
         const int64_t w_blocks = (key.W + kRows - 1) / kRows;
-        const float* kb = kpack[r].data() + b * key.H * w_blocks * kRows * C;
+        const int64_t k_row = w_blocks * kRows * C;
+        const float* kb = kpack[r].data() + b * key.H * k_row;
         const float* inv_norm = key.inv_norm + b * gkh * gkw;
         // A wider key before this one may have left products in this key's padding rows.
         std::fill(pbuf.begin() + (padding + key.W) * ldp, pbuf.end(), 0.0f);
@@ -139,9 +140,15 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
             if (qrow < 0 || qrow >= Hq || krow < 0 || krow >= key.H) {
               std::fill(x, x + gkw * ldx, 0.0f);
             } else {
-              gemm_packed_rows(kb + krow * w_blocks * kRows * C, w_blocks * kRows,
-                               qpack.data() + (b * Hq + qrow) * q_row, q_panels, C,
-                               pbuf.data() + padding * ldp + padding, ldp);
+              // The next step reads query row qrow + 1 and key row krow + 1, which follow
+              // these rows in memory: prefetch both.
+              const float* krow_ptr = kb + krow * k_row;
+              const float* qrow_ptr = qpack.data() + (b * Hq + qrow) * q_row;
+              const void* next[2] = {krow_ptr + k_row, qrow_ptr + q_row};
+              const bool last = qrow + 1 >= Hq || krow + 1 >= key.H;
+              gemm_packed_rows(krow_ptr, key.W, qrow_ptr, q_panels, C,
+                               pbuf.data() + padding * ldp + padding, ldp, last ? nullptr : next,
+                               std::min(k_row, q_row) * int64_t(sizeof(float)));
               for (int64_t kx = 0; kx < gkw; ++kx) {
                 for (int64_t v = 0; v < x_vecs; ++v) {
                   const float* pk = pbuf.data() + kx * ldp + v * V;
