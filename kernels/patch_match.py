@@ -46,6 +46,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_CANDIDATES = 8 if INTERPRET else 32
 _RESCORE_BLOCK_M = 64 if INTERPRET else 32
 _RESCORE_BLOCK_K = 16 if INTERPRET else 64
+# Problems below this many (query, key) pairs per batch item run one fixed configuration: timing
+# every autotune config (several compiles per kernel variant) would cost more than it saves.
+_AUTOTUNE_MIN_PAIRS = 1 << 24
 
 
 def _is_traced(x) -> bool:
@@ -407,8 +410,6 @@ def _patch_match_rescore_kernel(
 
 
 def _scan_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     # Hopper-oriented: 128x128 tiles keep the tensor cores fed from L2 (arithmetic intensity
     # BM*BN/(BM+BN) flop/byte); K chunks of 32-64 channels with 3-4 pipeline stages.
     configs = []
@@ -416,8 +417,6 @@ def _scan_configs():
         (128, 128, 64, 8, 3),
         (128, 128, 32, 8, 4),
         (128, 64, 64, 4, 3),
-        (64, 128, 64, 4, 3),
-        (64, 64, 64, 4, 4),
         (128, 256, 32, 8, 3),
     ]:
         configs.append(
@@ -500,11 +499,16 @@ def _scan(
         UPCAST=INTERPRET and query.low.dtype == torch.bfloat16,
         FMA=fma,
     )
-    if fma or INTERPRET:
+    if INTERPRET:
+        blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16)
+    elif fma:
         # NB: float64 has no tensor-core path; small fixed tiles keep the (M, K, N) product small.
-        blocks = (
-            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16) if INTERPRET else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8)
-        )
+        blocks = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=1)
+    elif query.n * key.n < _AUTOTUNE_MIN_PAIRS:
+        blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    else:
+        blocks = None
+    if blocks is not None:
         grid = (triton.cdiv(query.n, blocks["BLOCK_M"]), query.batch)
         launch(_patch_match_scan_kernel, grid, *args, **meta, **blocks)
     else:
