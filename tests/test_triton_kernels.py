@@ -175,7 +175,7 @@ def test_patch_match_float64():
 # (batch, value channels, query grid, value sizes, patch_size, stride, padding, scale, out size)
 SWAP_CASES = [
     pytest.param(2, 3, (4, 5), [(6, 5), (5, 7)], 3, 1, 0, 1, (6, 7), id="two-values-valid"),
-    pytest.param(1, 5, (3, 3), [(10, 12)], 3, 2, 1, 2, (11, 10), id="stride2-same-x2-odd-out"),
+    pytest.param(1, 5, (3, 3), [(11, 13)], 3, 2, 1, 2, (11, 10), id="stride2-same-x2-odd-sizes"),
     pytest.param(1, 2, (3, 2), [(8, 8)], 3, 1, 1, 4, (12, 8), id="same-x4"),
 ]
 
