@@ -239,7 +239,7 @@ def swap_problems(draw):
             draw(st.none() | st.tuples(st.integers(1, 20), st.integers(1, 20))))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=swap_problems())
 def test_hypothesis_shapes(backend, problem):
     b, cv, q_grid, k_sizes, patch_size, stride, padding, scale, extra, reduce, seed, out_size = problem

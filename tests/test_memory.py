@@ -16,7 +16,7 @@ import pytest
 from conftest import cpu_backends_available
 
 ROOT = Path(__file__).parents[1]
-QUERY, KEY, CHANNELS = (131, 133), (133, 131), 8
+QUERY, KEY, CHANNELS = (131, 133), (133, 131), 4
 LIMIT_MB = 300
 
 SCRIPT = textwrap.dedent("""

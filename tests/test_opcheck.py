@@ -73,11 +73,12 @@ needs_ext = pytest.mark.skipif(not _ext.LOADED, reason=f"srntt_core._C not loade
 
 @needs_ext
 def test_opcheck_kernel_patch_match_fused():
-    for query, keys, patch_size, stride, padding in _patch_match_samples("cpu"):
-        for precision in ("highest", "medium"):
-            torch.library.opcheck(torch.ops.srntt._patch_match_fused.default,
-                                  (query.detach(), [k.detach() for k in keys], patch_size, stride, padding,
-                                   precision))
+    samples = _patch_match_samples("cpu")
+    for (query, keys, patch_size, stride, padding), precision in zip(samples, ("highest", "medium", "high"),
+                                                                      strict=True):
+        torch.library.opcheck(torch.ops.srntt._patch_match_fused.default,
+                              (query.detach(), [k.detach() for k in keys], patch_size, stride, padding,
+                               precision))
 
 
 @needs_ext

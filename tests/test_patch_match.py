@@ -23,6 +23,8 @@ CASES = [
     pytest.param(1, 3, (9, 10), [(11, 7)], 5, 1, 2, id="patch5-same"),
     pytest.param(1, 2, (8, 9), [(7, 10)], 2, 1, 0, id="patch2-even"),
     pytest.param(1, 16, (37, 29), [(41, 23)], 3, 1, 0, id="larger-than-a-tile"),
+    pytest.param(1, 32, (48, 45), [(50, 39), (13, 61)], 3, 1, 1, id="many-tiles-two-refs"),
+    pytest.param(1, 32, (47, 44), [(50, 39)], 3, 2, 0, id="many-tiles-stride2"),
 ]
 
 
@@ -83,8 +85,7 @@ def test_mixed_float32_float64_promotes_to_float64(backend):
     assert_match(result, exact_match(query, keys), tol=1e-12)
 
 
-@pytest.mark.parametrize("padding", [0, 1])
-def test_non_contiguous_inputs(backend, padding):
+def test_non_contiguous_inputs(backend):
     dev = backend.device
     base_q = features(1, 10, 13, 9, seed=3, device=dev)
     base_k = features(1, 12, 14, 11, seed=4, device=dev)
@@ -96,7 +97,8 @@ def test_non_contiguous_inputs(backend, padding):
                           base_k[:, :10].contiguous(memory_format=torch.channels_last)),
         "expanded-batch": (base_q.expand(3, -1, -1, -1), base_k[:, :10].expand(3, -1, -1, -1)),
     }
-    for name, (q, k) in views.items():
+    for n, (name, (q, k)) in enumerate(views.items()):
+        padding = n % 2  # both grids, alternately
         assert not q.is_contiguous() or not k.is_contiguous(), name
         got = sw.patch_match(q, k, padding=padding, backend=backend.name)
         want = sw.patch_match(q.contiguous(), k.contiguous(), padding=padding, backend=backend.name)
@@ -332,7 +334,7 @@ def problems(draw):
     return b, c, size(), k_sizes, patch_size, stride, padding, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=problems())
 def test_hypothesis_shapes(backend, problem):
     b, c, q_size, k_sizes, patch_size, stride, padding, seed = problem

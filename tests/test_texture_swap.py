@@ -89,16 +89,20 @@ def test_texture_swap_lr_up_override(real_images, vgg):
     _check(result, lr, refs, vgg, lr_up=lr_up)
 
 
-def test_default_extractor_is_bundled_vgg(real_images):
+def test_default_extractor_is_bundled_vgg(vgg):
     from srntt_core.models.vgg import VGG19Features
 
     extractor = sw.default_extractor()
     assert isinstance(extractor, VGG19Features)
     assert sw.default_extractor() is extractor  # shared, built once
-    lr, refs = real_images["lr"], real_images["refs"]
-    a = sw.texture_swap(lr, refs)
-    b = sw.texture_swap(lr, refs, extractor=extractor)
-    assert torch.equal(a.index, b.index)
+    assert set(extractor(torch.rand(1, 3, 8, 8))) >= set(LEVELS)
+    for (k, v), (k2, v2) in zip(extractor.state_dict().items(), vgg.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    g = torch.Generator().manual_seed(3)
+    lr, ref = torch.rand(1, 3, 6, 7, generator=g), torch.rand(1, 3, 24, 20, generator=g)
+    a = sw.texture_swap(lr, ref)
+    b = sw.texture_swap(lr, ref, extractor=vgg)
+    assert torch.equal(a.index, b.index) and torch.equal(a.maps["relu1_1"], b.maps["relu1_1"])
 
 
 def test_texture_swapper_module(real_images, vgg):
