@@ -1,8 +1,8 @@
 // CPU kernels of srntt::_feature_swap_fused and srntt::_feature_swap_fused_backward
 // (semantics: docs/DESIGN.md, "feature_swap semantics").
 //
-// Forward gathers per output row: every (batch, output row) task builds the list of window
-// segments that land on its row once, then replays it for every channel. Backward scatters
+// Forward gathers per output row: the window segments that land on each (batch, output row)
+// are listed once, then every (batch, channel) plane replays the lists in order. Backward scatters
 // per (batch, channel) plane in a fixed cell order. Both are deterministic: each output element
 // is written by one thread, always summing its contributions in the same order.
 #include <ATen/ATen.h>
@@ -84,6 +84,12 @@ std::vector<int64_t> coverage(int64_t size, int64_t n, int64_t step, int64_t off
 
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
+// dst[0:n] += src[0:n]; the two never overlap (output and values are different tensors).
+template <typename scalar_t>
+inline void add_run(scalar_t* __restrict dst, const scalar_t* __restrict src, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) dst[t] += src[t];
+}
+
 // A horizontal run of `len` pixels: values[ref] plane offset `src`, output row offset `dst`.
 struct Segment {
   int32_t ref;
@@ -131,51 +137,62 @@ at::Tensor feature_swap_fused_cpu(at::TensorList values_in, const at::Tensor& in
   const std::vector<int64_t> count_h = coverage(out_h, gqh, step, off, win);
   const std::vector<int64_t> count_w = coverage(out_w, gqw, step, off, win);
 
+  // Segments of every (batch, output row), built once and replayed for every channel.
+  std::vector<std::vector<Segment>> rows(B * out_h);
+  at::parallel_for(0, B * out_h, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / out_h, y = task % out_h;
+      std::vector<Segment>& segs = rows[task];
+      // Query rows i whose output window [i*step - off, i*step - off + win) holds y.
+      const int64_t i_lo = floor_div(y + off - win, step) + 1;
+      for (int64_t i = std::max<int64_t>(0, i_lo); i < gqh; ++i) {
+        const int64_t top = i * step - off;
+        if (top > y) break;
+        const int64_t dy = y - top;
+        for (int64_t j = 0; j < gqw; ++j) {
+          const int64_t cell = (b * gqh + i) * gqw + j;
+          const int32_t r = w.ref[cell];
+          const int64_t sy = w.top[cell] + dy;
+          if (sy < 0 || sy >= g.H[r]) continue;
+          const int64_t left = j * step - off, sx = w.left[cell];
+          const int64_t lo = std::max<int64_t>({0, -left, -sx});
+          const int64_t hi = std::min<int64_t>({win, out_w - left, g.W[r] - sx});
+          if (lo >= hi) continue;
+          segs.push_back({r, sy * g.W[r] + sx + lo, left + lo, hi - lo});
+        }
+      }
+    }
+  });
+
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "_feature_swap_fused_cpu", [&] {
     std::vector<const scalar_t*> vptr;
     for (const at::Tensor& v : values) vptr.push_back(v.data_ptr<scalar_t>());
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * out_h, 1, [&](int64_t begin, int64_t end) {
-      std::vector<Segment> segs;
-      std::vector<scalar_t> row_scale(out_w);
+    std::vector<scalar_t> divisor;
+    if (mean) {
+      divisor.resize(out_h * out_w);
+      for (int64_t y = 0; y < out_h; ++y) {
+        for (int64_t x = 0; x < out_w; ++x) {
+          const int64_t n = count_h[y] * count_w[x];  // uncovered pixels stay 0
+          divisor[y * out_w + x] = n > 0 ? scalar_t(n) : scalar_t(1);
+        }
+      }
+    }
+    // One (batch, channel) plane per task: its values planes and output plane stay in cache.
+    at::parallel_for(0, B * Cv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / out_h, y = task % out_h;
-        segs.clear();
-        // Query rows i whose output window [i*step - off, i*step - off + win) holds y.
-        const int64_t i_lo = floor_div(y + off - win, step) + 1;
-        for (int64_t i = std::max<int64_t>(0, i_lo); i < gqh; ++i) {
-          const int64_t top = i * step - off;
-          if (top > y) break;
-          const int64_t dy = y - top;
-          for (int64_t j = 0; j < gqw; ++j) {
-            const int64_t cell = (b * gqh + i) * gqw + j;
-            const int32_t r = w.ref[cell];
-            const int64_t sy = w.top[cell] + dy;
-            if (sy < 0 || sy >= g.H[r]) continue;
-            const int64_t left = j * step - off, sx = w.left[cell];
-            const int64_t lo = std::max<int64_t>({0, -left, -sx});
-            const int64_t hi = std::min<int64_t>({win, out_w - left, g.W[r] - sx});
-            if (lo >= hi) continue;
-            segs.push_back({r, sy * g.W[r] + sx + lo, left + lo, hi - lo});
+        const int64_t b = task / Cv;
+        std::vector<const scalar_t*> src_plane(vptr.size());
+        for (size_t r = 0; r < vptr.size(); ++r) src_plane[r] = vptr[r] + task * g.H[r] * g.W[r];
+        scalar_t* dst_plane = out_ptr + task * out_h * out_w;
+        for (int64_t y = 0; y < out_h; ++y) {
+          scalar_t* dst = dst_plane + y * out_w;
+          for (const Segment& seg : rows[b * out_h + y]) {
+            add_run(dst + seg.dst, src_plane[seg.ref] + seg.src, seg.len);
           }
         }
         if (mean) {
-          for (int64_t x = 0; x < out_w; ++x) {
-            const int64_t n = count_h[y] * count_w[x];
-            row_scale[x] = n > 0 ? scalar_t(n) : scalar_t(1);
-          }
-        }
-        for (int64_t c = 0; c < Cv; ++c) {
-          scalar_t* dst = out_ptr + ((b * Cv + c) * out_h + y) * out_w;
-          for (const Segment& s : segs) {
-            const scalar_t* src =
-                vptr[s.ref] + (b * Cv + c) * g.H[s.ref] * g.W[s.ref] + s.src;
-            scalar_t* d = dst + s.dst;
-            for (int64_t t = 0; t < s.len; ++t) d[t] += src[t];
-          }
-          if (mean) {
-            for (int64_t x = 0; x < out_w; ++x) dst[x] /= row_scale[x];
-          }
+          for (int64_t i = 0; i < out_h * out_w; ++i) dst_plane[i] /= divisor[i];
         }
       }
     });
@@ -239,9 +256,8 @@ std::vector<at::Tensor> feature_swap_fused_backward_cpu(
             if (ylo >= yhi || xlo >= xhi) continue;
             scalar_t* dst_plane = gptr[r] + task * Hv * Wv;
             for (int64_t dy = ylo; dy < yhi; ++dy) {
-              const scalar_t* s = src_plane + (top + dy) * out_w + left;
-              scalar_t* d = dst_plane + (sy + dy) * Wv + sx;
-              for (int64_t dx = xlo; dx < xhi; ++dx) d[dx] += s[dx];
+              add_run(dst_plane + (sy + dy) * Wv + sx + xlo,
+                      src_plane + (top + dy) * out_w + left + xlo, xhi - xlo);
             }
           }
         }
