@@ -214,6 +214,15 @@ def test_backward_is_deterministic(backend, reduce):
         again = torch.autograd.grad(out, values, g, retain_graph=True)
         for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)
+    if dev == "cpu":  # and whatever the number of threads
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single = torch.autograd.grad(out, values, g, retain_graph=True)
+        finally:
+            torch.set_num_threads(threads)
+        for a, b in zip(first, single, strict=True):
+            assert torch.equal(a, b)
     ref = reference.feature_swap_backward(g.double().cpu(), index.cpu(), [24, 20, 12, 16], 3, 1, 1, 2, reduce)
     for a, r in zip(first, ref, strict=True):
         torch.testing.assert_close(a.double().cpu(), r, atol=1e-4, rtol=1e-5)

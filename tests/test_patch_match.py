@@ -244,6 +244,14 @@ def test_repeated_calls_are_bitwise_equal(backend):
     a = sw.patch_match(query, keys, padding=1, backend=backend.name)
     b = sw.patch_match(query, keys, padding=1, backend=backend.name)
     assert torch.equal(a.index, b.index) and torch.equal(a.score, b.score)
+    if backend.device == "cpu":  # whatever the number of threads
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            c = sw.patch_match(query, keys, padding=1, backend=backend.name)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(a.index, c.index) and torch.equal(a.score, c.score)
 
 
 def test_all_backends_agree(real_features):
