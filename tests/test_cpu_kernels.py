@@ -307,3 +307,99 @@ def test_feature_swap_rejects_bad_index():
         torch.ops.srntt._feature_swap_fused(values, index + 1000, p, s, pad, scale, oh, ow, "sum")
     with pytest.raises(RuntimeError, match="reduce"):
         torch.ops.srntt._feature_swap_fused(values, index, p, s, pad, scale, oh, ow, "max")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_patch_match_many_channels(dtype, stride):
+    # C * p * p and C beyond the GEMM's K block (accumulator reloaded between blocks).
+    query = _features(1, 1100, 6, 7, dtype=dtype, seed=13)
+    key = _features(1, 1100, 7, 5, dtype=dtype, seed=14)
+    check_patch_match(query, [key], 3, stride, 1)
+
+
+def test_patch_match_non_contiguous_inputs():
+    base = _features(2, 9, 14, 16, dtype=torch.float32, seed=15)
+    query = base.transpose(2, 3)[:, 1::2]
+    key = base[:, ::2]
+    assert not query.is_contiguous() and not key.is_contiguous()
+    check_patch_match(query, [key[:, :4], base[:, 1::2].flip(3)], 3, 1, 1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_patch_match_chunking_does_not_change_results(batch):
+    # The stride-1 path splits query rows by thread count and batch; results must not move.
+    query = _features(batch, 16, 25, 13, dtype=torch.float32, seed=16)
+    key = _features(batch, 16, 11, 20, dtype=torch.float32, seed=17)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 5):
+            torch.set_num_threads(n)
+            runs.append(torch.ops.srntt._patch_match_fused(query, [key], 3, 1, 0, "highest"))
+    finally:
+        torch.set_num_threads(threads)
+    for index, score in runs[1:]:
+        assert torch.equal(index, runs[0][0]) and torch.equal(score, runs[0][1])
+    check_patch_match(query, [key], 3, 1, 0)
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+
+if given is not None:
+
+    @settings(max_examples=30, deadline=None)
+    @given(
+        data=st.data(),
+        p=st.integers(1, 4),
+        stride=st.integers(1, 3),
+        padding=st.integers(0, 2),
+        C=st.integers(1, 20),
+        n_keys=st.integers(1, 3),
+        dtype=st.sampled_from([torch.float32, torch.float64]),
+    )
+    def test_patch_match_random_shapes(data, p, stride, padding, C, n_keys, dtype):
+        lo = max(1, p - 2 * padding)
+        size = st.integers(lo, 19)
+        B = data.draw(st.integers(1, 2))
+        seed = data.draw(st.integers(0, 2**16))
+        query = _features(B, C, data.draw(size), data.draw(size), dtype=dtype, seed=seed)
+        keys = [
+            _features(B, C, data.draw(size), data.draw(size), dtype=dtype, seed=seed + 1 + i) for i in range(n_keys)
+        ]
+        check_patch_match(query, keys, p, stride, padding)
+
+    @settings(max_examples=30, deadline=None)
+    @given(
+        data=st.data(),
+        p=st.integers(1, 4),
+        stride=st.integers(1, 3),
+        padding=st.integers(0, 2),
+        scale=st.integers(1, 3),
+        reduce=st.sampled_from(["sum", "mean"]),
+    )
+    def test_feature_swap_random_shapes(data, p, stride, padding, scale, reduce):
+        lo = max(1, p - 2 * padding)
+        size = st.integers(lo, 9)
+        n_refs = data.draw(st.integers(1, 2))
+        vsizes = [(data.draw(size) * scale, data.draw(size) * scale) for _ in range(n_refs)]
+        hq, wq = data.draw(size), data.draw(size)
+        out_size = data.draw(st.one_of(st.none(), st.tuples(st.integers(0, 20), st.integers(0, 20))))
+        case = (data.draw(st.integers(1, 2)), 2, (hq, wq), vsizes, p, stride, padding, scale, out_size)
+        values, index, _, (oh, ow) = _swap_inputs(case, torch.float64, seed=data.draw(st.integers(0, 999)))
+        out = torch.ops.srntt._feature_swap_fused(values, index, p, stride, padding, scale, oh, ow, reduce)
+        leaves = [v.clone().requires_grad_() for v in values]
+        ref = feature_swap_ref(leaves, index, p, stride, padding, scale, oh, ow, reduce)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        if ref.numel():
+            grad_out = torch.randn(ref.shape, dtype=torch.float64)
+            sizes = [n for v in values for n in v.shape[2:]]
+            grads = torch.ops.srntt._feature_swap_fused_backward(grad_out, index, sizes, p, stride, padding, scale, reduce)
+            ref_grads = torch.autograd.grad(ref, leaves, grad_out, allow_unused=True)
+            for g, rg in zip(grads, ref_grads):
+                torch.testing.assert_close(g, torch.zeros_like(g) if rg is None else rg, atol=1e-12, rtol=1e-12)

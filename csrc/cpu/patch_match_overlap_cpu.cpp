@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 
 #include "cpu/gemm_tile_cpu.h"
 
@@ -105,11 +106,11 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
     max_gkw = std::max(max_gkw, k.grid_w);
   }
 
-  // Chunks of query patch rows: one per thread and batch item. Any split gives the same
-  // results (each patch pair is computed the same way in any chunk); fewer chunks mean fewer
-  // halo rows.
-  const int64_t n_chunks =
-      std::clamp<int64_t>((at::get_num_threads() + B - 1) / B, int64_t(1), gqh);
+  // Chunks of query patch rows, as few as give every thread the same number of (batch, chunk)
+  // tasks: fewer chunks mean fewer halo rows. Any split gives the same results (each patch pair
+  // is computed the same way in any chunk).
+  const int64_t threads = at::get_num_threads();
+  const int64_t n_chunks = std::clamp<int64_t>(threads / std::gcd(B, threads), 1, gqh);
   at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> pbuf((max_wkp + 1) * ldp, 0.0f);
     std::vector<float> ring(p * max_gkw * ldx, 0.0f);
