@@ -13,9 +13,9 @@ reference as values):
 
 ``extra_info`` adds ``index_agreement`` (share of the original's indices that srntt_core reproduces)
 and ``peak_mem_mb_isolated``: the peak measured again in a separate process with
-``srntt_core.compat._memory`` (glibc told to map and unmap every block of 64 KiB or more, so freed
-memory cannot hide a peak), which leaves this process's allocator, and so the other benchmarks'
-timings, untouched. The 1080p shape is skipped: the originals' N x N buffers would need
+``srntt_core.compat._memory`` and ``fix_allocator()`` (glibc told to map and unmap every block of
+64 KiB or more, so freed memory cannot hide a peak), which leaves this process's allocator, and so
+the other benchmarks' timings, untouched. The 1080p shape is skipped: the originals' N x N buffers would need
 ~67 GB there, and an exact search takes minutes on a CPU.
 """
 
@@ -132,6 +132,7 @@ def measure_peaks(shape: str) -> None:
     import conftest
 
     data = types.SimpleNamespace(match_inputs=conftest.match_inputs, swap_values=conftest.swap_values)
+    _memory.fix_allocator()
     query, key, lv3, lv2, lv1 = _inputs(data, shape)
     peaks = {}
     with torch.no_grad():

@@ -1,10 +1,13 @@
 """Peak-memory measurement for the compat tests and benchmarks (Linux, glibc; CPU tensors).
 
 The peak is the process's resident-set high-water mark (``VmHWM``) during a call minus the resident
-set before it; ``/proc/self/clear_refs`` resets the mark before each call. glibc is first told
-(``mallopt``) to serve every block of 64 KiB or more with its own mapping and to give it back when
-freed, and that fixed threshold also turns off glibc's adaptive one, so a measurement cannot reuse
-memory freed by an earlier one and read low.
+set before it; ``/proc/self/clear_refs`` resets the mark, and ``malloc_trim(0)`` first hands freed heap
+pages back to the system, so that a call re-using them counts them again.
+
+:func:`fix_allocator` additionally tells glibc to serve every block of 64 KiB or more with its own
+mapping and to unmap it when freed (a fixed threshold also turns off glibc's adaptive one). That is
+the most faithful setting, but it lasts for the whole process and slows allocation-heavy code, so
+only a dedicated measuring process (the benchmark's child) turns it on; the tests do not.
 """
 
 from __future__ import annotations
@@ -22,18 +25,28 @@ KERNELS_REASON = ("the compiled CPU kernels are not loaded; the plain-torch fall
                   "tiles, so the O(N) memory comparison is made against the kernels only")
 
 
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _configure() -> bool:
     global _configured
     if _configured is None:
-        _configured = False
-        if sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK):
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                _configured = bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)) and bool(
-                    libc.mallopt(_M_TRIM_THRESHOLD, 0))
-            except (OSError, AttributeError):
-                _configured = False
+        libc = _libc()
+        _configured = (sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK)
+                       and libc is not None and hasattr(libc, "malloc_trim"))
     return _configured
+
+
+def fix_allocator() -> bool:
+    """Process-wide: glibc maps every block >= 64 KiB separately and unmaps it when freed."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 0))
 
 
 def supported() -> bool:
@@ -59,6 +72,7 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     """Bytes of resident memory ``fn()`` needed above what was resident when it started."""
     if not _configure():
         raise RuntimeError("peak_bytes: needs Linux with glibc and a writable /proc/self/clear_refs")
+    _libc().malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
