@@ -32,12 +32,14 @@ MARGIN = 1e-4
 # with the input, max over the reference axis; with norm_input the max is divided by the input
 # patch's norm + 1e-5. The correspondence step first L2-normalizes each pixel's channel vector.
 
-def match_original(feat_input, feat_ref, patch_size=3, stride=1, norm_input=False, index=None):
+def match_original(feat_input, feat_ref, patch_size=3, stride=1, norm_input=False, index=None,
+                   ref_stride=None):
     """(C, H, W) maps -> ``(max_idx, max_val, margin)`` on the input's valid grid; ``index``
     overrides the argmax (``max_val`` is then the score of that pair)."""
     gh = (feat_input.shape[1] - patch_size) // stride + 1
     gw = (feat_input.shape[2] - patch_size) // stride + 1
-    ref = F.unfold(feat_ref[None], patch_size, stride=stride)[0]  # (C k k, N_ref)
+    ref_stride = stride if ref_stride is None else ref_stride
+    ref = F.unfold(feat_ref[None], patch_size, stride=ref_stride)[0]  # (C k k, N_ref)
     ref = ref / (ref.norm(dim=0, keepdim=True) + 1e-5)
     inp = F.unfold(feat_input[None], patch_size, stride=stride)[0]  # (C k k, N_in)
     corr = ref.t() @ inp  # the N_ref x N_in correlation
@@ -97,12 +99,13 @@ def test_features_with_zero_pixels_match_c2matching():
 
 
 @pytest.mark.parametrize("norm_input", [False, True])
-@pytest.mark.parametrize("patch_size,stride", [(3, 1), (5, 2)])
-def test_feature_match_index_signature(norm_input, patch_size, stride):
+@pytest.mark.parametrize("patch_size,input_stride,ref_stride", [(3, 1, 1), (5, 2, 2), (3, 1, 2), (3, 3, 2)])
+def test_feature_match_index_signature(norm_input, patch_size, input_stride, ref_stride):
     g = torch.Generator().manual_seed(2)
     a, b = torch.rand(8, 15, 13, generator=g), torch.rand(8, 14, 16, generator=g)
-    ours = Correspondence(*feature_match_index(a, b, patch_size, stride, stride, True, norm_input))
-    check(ours, functools.partial(match_original, a, b, patch_size, stride, norm_input))
+    ours = Correspondence(*feature_match_index(a, b, patch_size, input_stride, ref_stride, True, norm_input))
+    check(ours, functools.partial(match_original, a, b, patch_size, input_stride, norm_input,
+                                  ref_stride=ref_stride))
 
 
 def _image(name, box):
@@ -138,6 +141,22 @@ def test_value_gradients_match_c2matching():
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
+def test_strided_value_gradients_match_c2matching():
+    # input_stride != ref_stride goes through one match per input phase; gradients must still flow.
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(4, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 8, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    index, value, margin = match_original(a, b, 3, 1, True, ref_stride=2)
+    assert bool((margin > MARGIN).all())
+    idx, val = feature_match_index(a, b, 3, 1, 2, True, True)
+    assert torch.equal(idx, index)
+    weight = torch.randn(value.shape, generator=g, dtype=torch.float64)
+    theirs = torch.autograd.grad((value * weight).sum(), (a, b))
+    mine = torch.autograd.grad((val * weight).sum(), (a, b))
+    for x, y in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-8)
+
+
 def test_index_to_flow_and_similarity_maps_match_their_layout():
     g = torch.Generator().manual_seed(4)
     index = torch.randint(0, 6 * 6, (2, 6, 6), generator=g)
@@ -162,8 +181,8 @@ def test_unsupported_modes_are_errors():
     a = torch.rand(4, 8, 8)
     with pytest.raises(ValueError, match="is_norm"):
         feature_match_index(a, a, is_norm=False)
-    with pytest.raises(ValueError, match="input_stride"):
-        feature_match_index(a, a, input_stride=1, ref_stride=2)
+    with pytest.raises(ValueError, match="ref_stride"):
+        feature_match_index(a, a, input_stride=1, ref_stride=0)
     with pytest.raises(ValueError, match="feat_input"):
         feature_match_index(a[None], a)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..swap import patch_match
+from ..swap import PatchMatch, patch_match
 from ._pairs import chosen_key_norms, patch_norms, renormalized
 
 __all__ = [
@@ -46,12 +46,49 @@ class Correspondence(NamedTuple):
     value: Tensor
 
 
-def _match(query: Tensor, key: Tensor, patch_size: int, stride: int, norm_input: bool,
-           backend: str, precision: str) -> Correspondence:
-    match = patch_match(query, key, patch_size=patch_size, stride=stride, padding=0,
-                        backend=backend, precision=precision)
-    q_norm = patch_norms(query, patch_size, stride)
-    k_norm = chosen_key_norms([key], match.index, patch_size, stride)
+def _strided_match(query: Tensor, key: Tensor, patch_size: int, input_stride: int, ref_stride: int,
+                   backend: str, precision: str):
+    """Cosine match of input patches at ``input_stride`` against reference patches at ``ref_stride``.
+
+    patch_match takes one stride for both grids, so the input is cut into its ``ref_stride``
+    phases: the input patches at rows a, a + s, a + 2s, ... (s = ref_stride) are the stride-s grid of
+    the input cropped at row a. Each phase that holds input-grid patches is matched once and the
+    needed cells are picked out; together the phases see each input patch once.
+    """
+    if input_stride == ref_stride:
+        return patch_match(query, key, patch_size=patch_size, stride=ref_stride, padding=0,
+                           backend=backend, precision=precision)
+    b = query.shape[0]
+    gh = (query.shape[-2] - patch_size) // input_stride + 1
+    gw = (query.shape[-1] - patch_size) // input_stride + 1
+    rows = torch.arange(gh, device=query.device) * input_stride
+    cols = torch.arange(gw, device=query.device) * input_stride
+    index = torch.empty((b, gh, gw), dtype=torch.long, device=query.device)
+    score = None
+    for a in range(ref_stride):
+        r_sel = (rows % ref_stride == a).nonzero().flatten()
+        for c in range(ref_stride):
+            c_sel = (cols % ref_stride == c).nonzero().flatten()
+            if len(r_sel) == 0 or len(c_sel) == 0:
+                continue
+            m = patch_match(query[..., a:, c:], key, patch_size=patch_size, stride=ref_stride, padding=0,
+                            backend=backend, precision=precision)
+            i = (rows[r_sel] // ref_stride)[:, None]
+            j = (cols[c_sel] // ref_stride)[None, :]
+            if score is None:
+                score = m.score.new_empty((b, gh, gw))
+            index[:, r_sel[:, None], c_sel[None, :]] = m.index[:, i, j]
+            # NB: an index_put keeps autograd's path from score back to each phase's match.
+            batch = torch.arange(b, device=query.device)[:, None, None]
+            score = score.index_put((batch, r_sel[None, :, None], c_sel[None, None, :]), m.score[:, i, j])
+    return PatchMatch(index, score)
+
+
+def _match(query: Tensor, key: Tensor, patch_size: int, input_stride: int, ref_stride: int,
+           norm_input: bool, backend: str, precision: str) -> Correspondence:
+    match = _strided_match(query, key, patch_size, input_stride, ref_stride, backend, precision)
+    q_norm = patch_norms(query, patch_size, input_stride)
+    k_norm = chosen_key_norms([key], match.index, patch_size, ref_stride)
     value = renormalized(match.score, q_norm.to(match.score.dtype), k_norm.to(match.score.dtype),
                          NORM_EPS if norm_input else None, NORM_EPS)
     return Correspondence(match.index, value)
@@ -73,7 +110,7 @@ def feature_match_index(
 
     Args:
         feat_input, feat_ref: (C, H, W) feature maps (the callers pass per-pixel normalized ones).
-        patch_size: patch side. input_stride, ref_stride: grid strides (must be equal here).
+        patch_size: patch side. input_stride, ref_stride: strides of the input and reference grids.
         is_norm: must be True (reference patches divided by norm + 1e-5; the only mode the
             C2-Matching and DATSR models use).
         norm_input: also divide the best correlation by the input patch's norm + 1e-5.
@@ -89,10 +126,12 @@ def feature_match_index(
     if not is_norm:
         raise ValueError("is_norm: only is_norm=True is supported (raw inner-product matching is not a "
                          "cosine search); C2-Matching and DATSR always pass True")
-    if input_stride != ref_stride:
-        raise ValueError(f"input_stride: must equal ref_stride here, got {input_stride} and {ref_stride}")
+    for name, value in (("patch_size", patch_size), ("input_stride", input_stride),
+                        ("ref_stride", ref_stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
     index, value = _match(feat_input.unsqueeze(0), feat_ref.unsqueeze(0), patch_size, input_stride,
-                          norm_input, backend, precision)
+                          ref_stride, norm_input, backend, precision)
     return index[0], value[0]
 
 
@@ -113,7 +152,7 @@ def correspondence_match(
     """
     feat_in = F.normalize(feat_in, dim=1)
     feat_ref = F.normalize(feat_ref, dim=1)
-    return _match(feat_in, feat_ref, patch_size, stride, True, backend, precision)
+    return _match(feat_in, feat_ref, patch_size, stride, stride, True, backend, precision)
 
 
 class CorrespondenceMatcher(nn.Module):
