@@ -1,14 +1,16 @@
 // A small register-blocked GEMM for the CPU patch-matching kernels.
 //
-// C (M x N) = A (M x K, row-major, rows broadcast) * B (K x N, packed in panels of kPanel
-// columns: panel j holds columns [j * kPanel, (j + 1) * kPanel) as K rows of kPanel values).
+// C (M x N) = A (M x K) * B (K x N). A's rows are broadcast, packed in blocks of kRows rows
+// (block i holds rows [i * kRows, (i + 1) * kRows) as K groups of kRows values); B is packed in
+// panels of kPanel columns (panel j holds columns [j * kPanel, (j + 1) * kPanel) as K rows of
+// kPanel values), so both operands are read as single contiguous streams.
 //
 // NB: every C[i][j] is one fused-multiply-add chain over k = 0, 1, ..., K-1 in order, whatever
 // its position in the tile, the tile sizes or the number of threads (K blocks reload the
 // accumulator from C and continue the same chain). Equal inputs therefore give bit-equal dot
-// products, which is what makes "ties go to the smallest index" hold for duplicated patches and
-// the results independent of the thread count. BLAS (at::mm) gives neither: its edge kernels
-// round differently from its main kernel.
+// products, which is what makes "ties go to the smallest index" hold for duplicated patches, and
+// the results do not depend on how work is split. BLAS (at::mm) does not promise this: its edge
+// kernels round differently from its main kernel, so equal patches could score differently.
 #pragma once
 
 #include <cstdint>
@@ -69,14 +71,17 @@ inline vec_t<double> vfma(vec_t<double> a, vec_t<double> b, vec_t<double> c) {
 template <typename T>
 constexpr int64_t kPanel = 2 * Vec<T>::size;
 
+// K block: a kDepth x kPanel slice of one panel (16 KB) stays in L1 across the row tiles.
+template <typename T>
+constexpr int64_t kDepth = 16384 / (kPanel<T> * sizeof(T));
+
 // Rows of the broadcast operand per micro-tile.
 constexpr int64_t kRows = 6;  // the switches below assume 6
 
-// One MR x kPanel tile of C. A's element (r, k) is at a[r * a_row + k * a_col]: row-major A has
-// (lda, 1); A packed in row blocks (pack_rows below) has (1, kRows), one contiguous stream.
+// One MR x kPanel tile of C from one A row block (the first MR of its kRows rows).
 template <typename T, int MR>
-inline void gemm_micro(const T* __restrict a, int64_t a_row, int64_t a_col, const T* __restrict b,
-                       int64_t K, T* __restrict c, int64_t ldc, bool accumulate) {
+inline void gemm_micro(const T* __restrict a, const T* __restrict b, int64_t K, T* __restrict c,
+                       int64_t ldc, bool accumulate) {
   constexpr int V = Vec<T>::size;
   vec_t<T> acc0[MR], acc1[MR];
 #pragma GCC unroll 8
@@ -90,7 +95,7 @@ inline void gemm_micro(const T* __restrict a, int64_t a_row, int64_t a_col, cons
     const vec_t<T> b1 = vload(b + k * 2 * V + V);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const vec_t<T> ar = vset1(a[r * a_row + k * a_col]);
+      const vec_t<T> ar = vset1(a[k * kRows + r]);
       acc0[r] = vfma(ar, b0, acc0[r]);
       acc1[r] = vfma(ar, b1, acc1[r]);
     }
@@ -102,45 +107,15 @@ inline void gemm_micro(const T* __restrict a, int64_t a_row, int64_t a_col, cons
   }
 }
 
-// C[:M, :n_panels * kPanel] = A[:M, :K] * B (see the top of this file); A row-major (lda).
-template <typename T>
-void gemm_packed(const T* a, int64_t lda, int64_t M, const T* b_panels, int64_t n_panels,
-                 int64_t K, T* c, int64_t ldc) {
-  constexpr int64_t NR = kPanel<T>;
-  constexpr int64_t KC = 4096 / sizeof(T);  // a 16 KB slice of one panel stays in L1
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t kc = K - k0 < KC ? K - k0 : KC;
-    const bool acc = k0 > 0;
-    for (int64_t j = 0; j < n_panels; ++j) {
-      const T* bp = b_panels + (j * K + k0) * NR;
-      T* cj = c + j * NR;
-      int64_t i = 0;
-      for (; i + kRows <= M; i += kRows) {
-        gemm_micro<T, kRows>(a + i * lda + k0, lda, 1, bp, kc, cj + i * ldc, ldc, acc);
-      }
-      const T* ai = a + i * lda + k0;
-      T* ci = cj + i * ldc;
-      switch (M - i) {
-        case 5: gemm_micro<T, 5>(ai, lda, 1, bp, kc, ci, ldc, acc); break;
-        case 4: gemm_micro<T, 4>(ai, lda, 1, bp, kc, ci, ldc, acc); break;
-        case 3: gemm_micro<T, 3>(ai, lda, 1, bp, kc, ci, ldc, acc); break;
-        case 2: gemm_micro<T, 2>(ai, lda, 1, bp, kc, ci, ldc, acc); break;
-        case 1: gemm_micro<T, 1>(ai, lda, 1, bp, kc, ci, ldc, acc); break;
-        default: break;
-      }
-    }
-  }
-}
-
-// Same product with A packed in blocks of kRows rows ([ceil(M / kRows)][K][kRows], zero rows
-// as needed). While it runs, the `bytes` at each of `prefetch[0..1]` (the next call's operands)
+// C[:M, :n_panels * kPanel] = A[:M, :K] * B (layouts at the top of this file; A has
+// ceil(M / kRows) blocks, zero rows as needed). While it runs, the `bytes` at each of `prefetch[0..1]` (the next call's operands)
 // are pulled towards L2, spread over the tiles.
 template <typename T>
 void gemm_packed_rows(const T* a_blocks, int64_t M, const T* b_panels, int64_t n_panels, int64_t K,
                       T* c, int64_t ldc, const void* const* prefetch = nullptr,
                       int64_t bytes = 0) {
   constexpr int64_t NR = kPanel<T>;
-  constexpr int64_t KC = 4096 / sizeof(T);
+  constexpr int64_t KC = kDepth<T>;
   const int64_t m_blocks = (M + kRows - 1) / kRows;
   const int64_t n_tiles = n_panels * m_blocks * ((K + KC - 1) / KC);
   const int64_t lines_per_tile = (bytes / 64 + n_tiles) / n_tiles;
@@ -157,12 +132,12 @@ void gemm_packed_rows(const T* a_blocks, int64_t M, const T* b_panels, int64_t n
         const T* ai = a_blocks + (i * K + k0 * kRows);
         T* ci = c + i * ldc + j * NR;
         switch (M - i < kRows ? M - i : kRows) {
-          case 6: gemm_micro<T, 6>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
-          case 5: gemm_micro<T, 5>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
-          case 4: gemm_micro<T, 4>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
-          case 3: gemm_micro<T, 3>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
-          case 2: gemm_micro<T, 2>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
-          default: gemm_micro<T, 1>(ai, 1, kRows, bp, kc, ci, ldc, k0 > 0); break;
+          case 6: gemm_micro<T, 6>(ai, bp, kc, ci, ldc, k0 > 0); break;
+          case 5: gemm_micro<T, 5>(ai, bp, kc, ci, ldc, k0 > 0); break;
+          case 4: gemm_micro<T, 4>(ai, bp, kc, ci, ldc, k0 > 0); break;
+          case 3: gemm_micro<T, 3>(ai, bp, kc, ci, ldc, k0 > 0); break;
+          case 2: gemm_micro<T, 2>(ai, bp, kc, ci, ldc, k0 > 0); break;
+          default: gemm_micro<T, 1>(ai, bp, kc, ci, ldc, k0 > 0); break;
         }
       }
     }

@@ -76,6 +76,22 @@ void im2col_panels(const scalar_t* x, int64_t C, int64_t H, int64_t W, int64_t p
   }
 }
 
+// Row-major rows (n x D) into GEMM row blocks [ceil(n / kRows)][D][kRows], zero-filled.
+template <typename scalar_t>
+void pack_row_blocks(const scalar_t* rows, int64_t n, int64_t D, scalar_t* out) {
+  for (int64_t i0 = 0; i0 < n; i0 += kRows) {
+    scalar_t* block = out + i0 * D;
+    for (int64_t r = 0; r < kRows; ++r) {
+      if (i0 + r >= n) {
+        for (int64_t d = 0; d < D; ++d) block[d * kRows + r] = scalar_t(0);
+        continue;
+      }
+      const scalar_t* row = rows + (i0 + r) * D;
+      for (int64_t d = 0; d < D; ++d) block[d * kRows + r] = row[d];
+    }
+  }
+}
+
 struct KeyGrid {
   int64_t H, W, grid_h, grid_w, offset;
 };
@@ -97,7 +113,8 @@ void patch_match_blocked(const at::Tensor& query, const std::vector<at::Tensor>&
   scalar_t* score_ptr = score.data_ptr<scalar_t>();
 
   at::parallel_for(0, B * n_qtiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> qbuf(kTileQ * D), kbuf(kTileK * D), kscratch(kTileK * D);
+    std::vector<scalar_t> qbuf(kTileQ * D), kbuf(kTileK * D);
+    std::vector<scalar_t> kscratch(std::max(kTileQ, kTileK) * D);
     std::vector<scalar_t> sbuf(kTileQ * kTileK);
     std::vector<scalar_t> best(kTileQ);
     std::vector<int64_t> best_index(kTileQ);
@@ -106,7 +123,8 @@ void patch_match_blocked(const at::Tensor& query, const std::vector<at::Tensor>&
       const int64_t q0 = (task % n_qtiles) * kTileQ;
       const int64_t mq = std::min(kTileQ, nq - q0);
       im2col_rows(q_ptr + b * C * Hq * Wq, C, Hq, Wq, p, stride, padding, gqw, q0, mq,
-                  qbuf.data());
+                  kscratch.data());
+      pack_row_blocks(kscratch.data(), mq, D, qbuf.data());
       std::fill(best.begin(), best.end(), -std::numeric_limits<scalar_t>::infinity());
       std::fill(best_index.begin(), best_index.end(), 0);
       // Keys in increasing index order with a strict '>' keep the smallest index on ties.
@@ -120,7 +138,7 @@ void patch_match_blocked(const at::Tensor& query, const std::vector<at::Tensor>&
           const int64_t n_panels = (mk + kPanel<scalar_t> - 1) / kPanel<scalar_t>;
           im2col_panels(k_ptr, C, g.H, g.W, p, stride, padding, g.grid_w, k0, mk,
                         kscratch.data(), kbuf.data());
-          gemm_packed(qbuf.data(), D, mq, kbuf.data(), n_panels, D, sbuf.data(), kTileK);
+          gemm_packed_rows(qbuf.data(), mq, kbuf.data(), n_panels, D, sbuf.data(), kTileK);
           for (int64_t i = 0; i < mq; ++i) {
             const scalar_t* row = sbuf.data() + i * kTileK;
             scalar_t bv = best[i];
