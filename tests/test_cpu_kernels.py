@@ -404,3 +404,18 @@ if given is not None:
             ref_grads = torch.autograd.grad(ref, leaves, grad_out, allow_unused=True)
             for g, rg in zip(grads, ref_grads):
                 torch.testing.assert_close(g, torch.zeros_like(g) if rg is None else rg, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_feature_swap_reduced_precision_rounds_once(dtype):
+    values, index, (p, s, pad, scale), (oh, ow) = _swap_inputs(SWAP_CASES[3], torch.float32, seed=4)
+    low = [v.to(dtype) for v in values]
+    sizes = [n for v in values for n in v.shape[2:]]
+    for reduce in ("sum", "mean"):
+        out = torch.ops.srntt._feature_swap_fused(low, index, p, s, pad, scale, oh, ow, reduce)
+        want = torch.ops.srntt._feature_swap_fused([v.float() for v in low], index, p, s, pad, scale, oh, ow, reduce)
+        assert out.dtype == dtype and torch.equal(out, want.to(dtype))
+        grad_out = torch.randn(out.shape).to(dtype)
+        grads = torch.ops.srntt._feature_swap_fused_backward(grad_out, index, sizes, p, s, pad, scale, reduce)
+        want = torch.ops.srntt._feature_swap_fused_backward(grad_out.float(), index, sizes, p, s, pad, scale, reduce)
+        assert all(g.dtype == dtype and torch.equal(g, w.to(dtype)) for g, w in zip(grads, want))

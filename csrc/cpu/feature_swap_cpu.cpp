@@ -96,6 +96,12 @@ struct Segment {
   int64_t src, dst, len;
 };
 
+// float16 / bfloat16 are swapped in float32 and rounded once at the end (sums of up to
+// patch_size^2 terms would otherwise round at every step).
+bool is_reduced_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
 void check_reduce(c10::string_view reduce) {
   TORCH_CHECK(reduce == "sum" || reduce == "mean",
               "_feature_swap_fused: reduce must be 'sum' or 'mean', got '", std::string(reduce),
@@ -113,6 +119,13 @@ at::Tensor feature_swap_fused_cpu(at::TensorList values_in, const at::Tensor& in
   TORCH_CHECK(patch_size >= 1 && stride >= 1 && padding >= 0 && scale >= 1 && out_h >= 0 &&
                   out_w >= 0,
               "_feature_swap_fused: bad patch_size/stride/padding/scale/out size");
+  if (is_reduced_float(values_in[0])) {
+    std::vector<at::Tensor> wide;
+    for (const at::Tensor& v : values_in) wide.push_back(v.to(at::kFloat));
+    return feature_swap_fused_cpu(wide, index_in, patch_size, stride, padding, scale, out_h, out_w,
+                                  reduce)
+        .to(values_in[0].scalar_type());
+  }
   const at::Tensor index = index_in.contiguous();
   const int64_t B = index.size(0), gqh = index.size(1), gqw = index.size(2);
   std::vector<at::Tensor> values;
@@ -212,6 +225,13 @@ std::vector<at::Tensor> feature_swap_fused_backward_cpu(
               "_feature_swap_fused_backward: index must be int64 (B, Gh, Gw)");
   TORCH_CHECK(patch_size >= 1 && stride >= 1 && padding >= 0 && scale >= 1,
               "_feature_swap_fused_backward: bad patch_size/stride/padding/scale");
+  if (is_reduced_float(grad_out_in)) {
+    std::vector<at::Tensor> grads = feature_swap_fused_backward_cpu(
+        grad_out_in.to(at::kFloat), index_in, value_sizes, patch_size, stride, padding, scale,
+        reduce);
+    for (at::Tensor& g : grads) g = g.to(grad_out_in.scalar_type());
+    return grads;
+  }
   const at::Tensor index = index_in.contiguous();
   const std::vector<int64_t> sizes(value_sizes.begin(), value_sizes.end());
   const ValueGrids g = value_grids(sizes, patch_size, stride, padding, scale);
