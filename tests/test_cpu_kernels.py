@@ -115,7 +115,7 @@ def test_patch_match_finds_planted_patches(dtype, padding):
         gk_w = key.shape[3] - 2
         i, j = torch.meshgrid(torch.arange(12), torch.arange(16), indexing="ij")
         expected = ((i + 0) * gk_w + (j + 3))[None]
-        assert torch.equal(index[:, 2:14, :16][:, : 12, :], expected[:, :12])
+        assert torch.equal(index[:, 2:14, :16][:, :12, :], expected[:, :12])
         torch.testing.assert_close(score[:, 2:14], torch.ones_like(score[:, 2:14]))
 
 
@@ -170,7 +170,9 @@ def test_patch_match_deterministic_across_threads(dtype, stride):
 def test_patch_match_precision_is_ignored_on_cpu():
     query = _features(1, 8, 9, 9, dtype=torch.float32, seed=11)
     key = _features(1, 8, 10, 8, dtype=torch.float32, seed=12)
-    out = [torch.ops.srntt._patch_match_fused(query, [key], 3, 1, 0, p) for p in ("highest", "high", "medium")]
+    out = [
+        torch.ops.srntt._patch_match_fused(query, [key], 3, 1, 0, p) for p in ("highest", "high", "medium")
+    ]
     for index, score in out[1:]:
         assert torch.equal(index, out[0][0]) and torch.equal(score, out[0][1])
 
@@ -265,7 +267,7 @@ def test_feature_swap_forward_backward(case, reduce, dtype):
     grads = torch.ops.srntt._feature_swap_fused_backward(grad_out, index, sizes, p, s, pad, scale, reduce)
     ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
     assert len(grads) == len(values)
-    for g, rg, v in zip(grads, ref_grads, values):
+    for g, rg, v in zip(grads, ref_grads, values, strict=True):
         assert g.dtype == dtype and g.shape == v.shape
         torch.testing.assert_close(g.double(), rg, atol=tol, rtol=tol)
 
@@ -290,14 +292,16 @@ def test_feature_swap_backward_is_adjoint_and_deterministic():
             for n in (1, 2, 3):
                 torch.set_num_threads(n)
                 runs.append(
-                    torch.ops.srntt._feature_swap_fused_backward(grad_out, index, sizes, p, s, pad, scale, reduce)
+                    torch.ops.srntt._feature_swap_fused_backward(
+                        grad_out, index, sizes, p, s, pad, scale, reduce
+                    )
                 )
         finally:
             torch.set_num_threads(threads)
         for grads in runs[1:]:
-            assert all(torch.equal(a, b) for a, b in zip(grads, runs[0]))
+            assert all(torch.equal(a, b) for a, b in zip(grads, runs[0], strict=True))
         lhs = (out * grad_out).sum()
-        rhs = sum((g * v).sum() for g, v in zip(runs[0], values))
+        rhs = sum((g * v).sum() for g, v in zip(runs[0], values, strict=True))
         torch.testing.assert_close(lhs, rhs)
 
 
@@ -370,7 +374,8 @@ if given is not None:
         seed = data.draw(st.integers(0, 2**16))
         query = _features(B, C, data.draw(size), data.draw(size), dtype=dtype, seed=seed)
         keys = [
-            _features(B, C, data.draw(size), data.draw(size), dtype=dtype, seed=seed + 1 + i) for i in range(n_keys)
+            _features(B, C, data.draw(size), data.draw(size), dtype=dtype, seed=seed + 1 + i)
+            for i in range(n_keys)
         ]
         check_patch_match(query, keys, p, stride, padding)
 
@@ -400,10 +405,14 @@ if given is not None:
         if ref.numel():
             grad_out = torch.randn(ref.shape, dtype=torch.float64)
             sizes = [n for v in values for n in v.shape[2:]]
-            grads = torch.ops.srntt._feature_swap_fused_backward(grad_out, index, sizes, p, stride, padding, scale, reduce)
+            grads = torch.ops.srntt._feature_swap_fused_backward(
+                grad_out, index, sizes, p, stride, padding, scale, reduce
+            )
             ref_grads = torch.autograd.grad(ref, leaves, grad_out, allow_unused=True)
-            for g, rg in zip(grads, ref_grads):
-                torch.testing.assert_close(g, torch.zeros_like(g) if rg is None else rg, atol=1e-12, rtol=1e-12)
+            for g, rg in zip(grads, ref_grads, strict=True):
+                torch.testing.assert_close(
+                    g, torch.zeros_like(g) if rg is None else rg, atol=1e-12, rtol=1e-12
+                )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -413,9 +422,13 @@ def test_feature_swap_reduced_precision_rounds_once(dtype):
     sizes = [n for v in values for n in v.shape[2:]]
     for reduce in ("sum", "mean"):
         out = torch.ops.srntt._feature_swap_fused(low, index, p, s, pad, scale, oh, ow, reduce)
-        want = torch.ops.srntt._feature_swap_fused([v.float() for v in low], index, p, s, pad, scale, oh, ow, reduce)
+        want = torch.ops.srntt._feature_swap_fused(
+            [v.float() for v in low], index, p, s, pad, scale, oh, ow, reduce
+        )
         assert out.dtype == dtype and torch.equal(out, want.to(dtype))
         grad_out = torch.randn(out.shape).to(dtype)
         grads = torch.ops.srntt._feature_swap_fused_backward(grad_out, index, sizes, p, s, pad, scale, reduce)
-        want = torch.ops.srntt._feature_swap_fused_backward(grad_out.float(), index, sizes, p, s, pad, scale, reduce)
-        assert all(g.dtype == dtype and torch.equal(g, w.to(dtype)) for g, w in zip(grads, want))
+        want = torch.ops.srntt._feature_swap_fused_backward(
+            grad_out.float(), index, sizes, p, s, pad, scale, reduce
+        )
+        assert all(g.dtype == dtype and torch.equal(g, w.to(dtype)) for g, w in zip(grads, want, strict=True))

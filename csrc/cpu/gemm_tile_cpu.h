@@ -108,8 +108,9 @@ inline void gemm_micro(const T* __restrict a, const T* __restrict b, int64_t K, 
 }
 
 // C[:M, :n_panels * kPanel] = A[:M, :K] * B (layouts at the top of this file; A has
-// ceil(M / kRows) blocks, zero rows as needed). While it runs, the `bytes` at each of `prefetch[0..1]` (the next call's operands)
-// are pulled towards L2, spread over the tiles.
+// ceil(M / kRows) blocks, zero rows as needed). While it runs, the `bytes` at each of
+// prefetch[0] and prefetch[1] (the next call's operands) are pulled towards L2, spread over
+// the tiles.
 template <typename T>
 void gemm_packed_rows(const T* a_blocks, int64_t M, const T* b_panels, int64_t n_panels, int64_t K,
                       T* c, int64_t ldc, const void* const* prefetch = nullptr,

@@ -100,9 +100,7 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
   for (const OverlapKey& k : keys) {
     const int64_t w_blocks = (k.W + kRows - 1) / kRows;
     kpack.push_back(pack_key(k.data, B, C, k.H, k.W, w_blocks));
-    // The GEMM writes whole row blocks: rows past the key's width (zeros) land in padding rows
-    // or in these spare rows.
-    max_wkp = std::max(max_wkp, w_blocks * kRows + 2 * padding);
+    max_wkp = std::max(max_wkp, k.W + 2 * padding);
     max_gkw = std::max(max_gkw, k.grid_w);
   }
 
@@ -112,7 +110,7 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
   const int64_t threads = at::get_num_threads();
   const int64_t n_chunks = std::clamp<int64_t>(threads / std::gcd(B, threads), 1, gqh);
   at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> pbuf((max_wkp + 1) * ldp, 0.0f);
+    std::vector<float> pbuf(max_wkp * ldp, 0.0f);
     std::vector<float> ring(p * max_gkw * ldx, 0.0f);
     std::vector<float> best_v;
     std::vector<int32_t> best_i;
