@@ -117,8 +117,29 @@ def pytest_runtest_logreport(report):
         _SKIPPED.append({"name": report.nodeid.split("::")[-1], "reason": reason})
 
 
+def _build() -> dict:
+    import subprocess
+
+    import srntt_core
+
+    package = Path(srntt_core.__file__).resolve().parent
+    # SRNTT_BENCH_COMMIT names the commit when the package runs from a copy outside the repository
+    # (a snapshot taken so that a rebuild of the extension cannot change it mid-run).
+    info = {"package": str(package), "build_info": srntt_core.build_info(),
+            "commit": os.environ.get("SRNTT_BENCH_COMMIT")}
+    if info["commit"] is None:
+        try:
+            out = subprocess.run(["git", "-C", str(package.parent), "rev-parse", "HEAD"],
+                                 capture_output=True, text=True, timeout=30)
+            info["commit"] = out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["srntt"] = {
+        **_build(),
         "machine": machine_name(str(DEVICE)),
         "device": str(DEVICE),
         "torch": torch.__version__,
