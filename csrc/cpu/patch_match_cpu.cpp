@@ -4,7 +4,14 @@
 //  * blocked (any patch size / stride / padding, float32 and float64): im2col tiles of query
 //    and key patches, one register-blocked GEMM per tile pair (gemm_tile_cpu.h), running
 //    max/argmax per query patch.
-//  * overlap (float32, stride 1): see patch_match_overlap_cpu.h.
+//  * overlap (float32, stride 1, any patch size / padding): pixel-level dot products summed over
+//    the patch offsets, ~p^2 times fewer flops; see patch_match_overlap_cpu.cpp. float64 stays
+//    on the blocked path (the speed target is float32; float64 is the checking dtype).
+//
+// NB: candidates are ranked by dot * (1 / max(|k|, eps)) with the reciprocal precomputed in
+// double, which is the cosine up to the query's constant factor and at most an ulp from dividing;
+// the returned score divides by max(|q|, eps) in double. Norms come from box sums of per-pixel
+// squared norms in double (patch_norms_cpu.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
