@@ -85,8 +85,8 @@ def test_demo_bundled(tmp_path, capsys):
     rc = cli.main(["demo", "-o", str(tmp_path / "demo")])
     out = capsys.readouterr().out
     assert rc == 0 and "srntt" in out
-    lines = [line.split() for line in out.splitlines() if line.strip().startswith(("bicubic", "srntt "))]
-    psnr = {parts[0]: float(parts[1]) for parts in lines}
+    rows = [line.split() for line in out.splitlines()]
+    psnr = {r[0]: float(r[1]) for r in rows if len(r) == 3 and r[0] in ("bicubic", "srntt")}
     assert psnr["srntt"] > psnr["bicubic"]
 
 
