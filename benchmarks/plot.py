@@ -86,14 +86,17 @@ def plot(rows, meta, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    providers = sorted({r["provider"] for r in rows})
+    # Colours per op, so that each figure's providers are told apart.
     cmap = plt.get_cmap("tab10")
-    colors = {p: cmap(i % 10) for i, p in enumerate(providers)}
+    colors = {}
+    for op in ("patch_match", "feature_swap"):
+        for i, p in enumerate(sorted({r["provider"] for r in rows if r["op"] == op})):
+            colors.setdefault(op, {})[p] = cmap(i % 10)
     machine = meta.get("machine", rows[0]["device"] if rows else "?")
     written = []
     if any(r["op"] == "patch_match" for r in rows):
         fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
-        _draw(a, b, _series(rows, "patch_match"), colors)
+        _draw(a, b, _series(rows, "patch_match"), colors["patch_match"])
         a.legend(fontsize=7)
         fig.suptitle(f"patch_match, 3x3 patches, 256 channels, one reference - {machine}")
         fig.tight_layout()
@@ -104,7 +107,7 @@ def plot(rows, meta, out_dir: Path) -> list[Path]:
     if levels:
         fig, axes = plt.subplots(2, len(levels), figsize=(5.5 * len(levels), 9), squeeze=False)
         for j, level in enumerate(levels):
-            _draw(axes[0][j], axes[1][j], _series(rows, "feature_swap", level), colors)
+            _draw(axes[0][j], axes[1][j], _series(rows, "feature_swap", level), colors["feature_swap"])
             axes[0][j].set_title(level)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"feature_swap (reduce=mean) - {machine}")
