@@ -15,6 +15,11 @@ EPS = 1e-12
 # Bytes allowed for one band of unfolded descriptors and for one score tile.
 BAND_BYTES = 64 << 20
 TILE_BYTES = 64 << 20
+# NB: a GEMM may round the same dot product differently depending on the column's position in its
+# register tile, so an exact duplicate of an earlier key patch can score an ulp higher. Scores
+# within TIE_ULPS ulps of |q| (the largest possible unnormalized score) count as ties, which go to
+# the smallest index. That is ~1e-6 relative in float32, far inside the 1e-5 "highest" contract.
+TIE_ULPS = 16
 
 
 def grid_size(size: int, patch_size: int, stride: int, padding: int) -> int:
@@ -48,7 +53,8 @@ def _rows_per_band(x: torch.Tensor, patch_size: int, stride: int, padding: int, 
 
 
 def patch_match(query, keys, patch_size, stride, padding, precision="highest"):
-    """Exact patch matching (SPEC 3.1) in the dtype of the inputs; ties go to the smallest index."""
+    """Exact patch matching (SPEC 3.1) in the dtype of the inputs; ties (within TIE_ULPS rounding)
+    go to the smallest index."""
     del precision  # plain torch arithmetic in the input dtype is always "highest"
     b = query.shape[0]
     gqh = grid_size(query.shape[-2], patch_size, stride, padding)
@@ -56,20 +62,26 @@ def patch_match(query, keys, patch_size, stride, padding, precision="highest"):
     best = query.new_full((b, gqh * gqw), float("-inf"))
     best_index = torch.zeros((b, gqh * gqw), dtype=torch.long, device=query.device)
     q_norm = query.new_empty((b, gqh * gqw))
+    tol = query.new_empty((b, gqh * gqw))
     q_rows = _rows_per_band(query, patch_size, stride, padding)
     for q0, q in _bands(query, patch_size, stride, padding, q_rows):
         nq = q.shape[-1]
         q_norm[:, q0 : q0 + nq] = q.norm(dim=1)
+        tol[:, q0 : q0 + nq] = q_norm[:, q0 : q0 + nq] * TIE_ULPS * torch.finfo(query.dtype).eps
         qt = q.transpose(1, 2)
         offset = 0
         for key in keys:
             k_rows = _rows_per_band(key, patch_size, stride, padding, other_cells=nq)
             for k0, k in _bands(key, patch_size, stride, padding, k_rows):
                 k = k / k.norm(dim=1, keepdim=True).clamp_min(EPS)
-                tile_max, tile_arg = torch.bmm(qt, k).max(dim=2)  # first maximum on ties
+                tile = torch.bmm(qt, k)
+                tile_max = tile.amax(dim=2, keepdim=True)
+                # First key within `tol` of the maximum: earlier keys keep ties.
+                tile_arg = (tile >= tile_max - tol[:, q0 : q0 + nq, None]).to(torch.uint8).argmax(dim=2)
+                tile_val = tile.gather(2, tile_arg.unsqueeze(2)).squeeze(2)
                 cur = best[:, q0 : q0 + nq]
-                better = tile_max > cur  # strict: earlier keys keep ties
-                cur.copy_(torch.where(better, tile_max, cur))
+                better = tile_val > cur + tol[:, q0 : q0 + nq]  # strict: earlier keys keep ties
+                cur.copy_(torch.where(better, tile_val, cur))
                 idx = best_index[:, q0 : q0 + nq]
                 idx.copy_(torch.where(better, tile_arg + offset + k0, idx))
             offset += grid_size(key.shape[-2], patch_size, stride, padding) * grid_size(
@@ -115,7 +127,8 @@ def patch_match_score_backward(grad_score, query, keys, index, patch_size, strid
 
 
 def coverage_count(n_cells: int, window: int, step: int, pad: int, out: int, device, dtype):
-    """How many of ``n_cells`` windows (top-left ``i*step - pad``, size ``window``) cover each of ``out`` pixels."""
+    """How many of ``n_cells`` windows (top-left ``i*step - pad``, size ``window``) cover each
+    of ``out`` pixels."""
     pos = torch.arange(out, device=device) + pad
     i_hi = torch.div(pos, step, rounding_mode="floor").clamp(max=n_cells - 1)
     i_lo = torch.div(pos - window, step, rounding_mode="floor") + 1
@@ -166,7 +179,7 @@ def feature_swap(values, index, patch_size, stride, padding, scale, out_h, out_w
         [v.shape[-2:] for v in values], index, patch_size, stride, padding, scale, out_h, out_w)
     flat = torch.cat([
         F.pad(v, (pad, wp - pad - v.shape[-1], pad, hp - pad - v.shape[-2])).reshape(b, cv, hp * wp)
-        for v, (hp, wp) in zip(values, padded)], dim=2)
+        for v, (hp, wp) in zip(values, padded, strict=True)], dim=2)
     out = values[0].new_zeros((b, cv, oh, ow))
     for dy in range(win):
         for dx in range(win):
@@ -198,7 +211,7 @@ def feature_swap_backward(grad_out, index, value_sizes, patch_size, stride, padd
             src = (src0 + dy * src_row + dx).unsqueeze(1).expand(-1, cv, -1)
             flat.scatter_add_(2, src, _out_window(g, dy, dx, gqh, gqw, step).reshape(b, cv, -1))
     grads, start = [], 0
-    for (hv, wv), (hp, wp) in zip(shapes, padded):
+    for (hv, wv), (hp, wp) in zip(shapes, padded, strict=True):
         block = flat[:, :, start : start + hp * wp].view(b, cv, hp, wp)
         grads.append(block[:, :, pad : pad + hv, pad : pad + wv].contiguous())
         start += hp * wp

@@ -38,7 +38,8 @@ LEVELS = {"relu3_1": 1, "relu2_1": 2, "relu1_1": 4}
 
 
 class PatchMatch(NamedTuple):
-    """Result of :func:`patch_match`: ``index`` (int64) and ``score`` of the best key patch per query patch."""
+    """Result of :func:`patch_match`: ``index`` (int64) and ``score`` of the best key patch per
+    query patch."""
 
     index: Tensor
     score: Tensor
@@ -75,7 +76,7 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
-def _check_map(name: str, t, *, finite: bool = True) -> Tensor:
+def _check_map(name: str, t) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
@@ -84,11 +85,16 @@ def _check_map(name: str, t, *, finite: bool = True) -> Tensor:
         raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
     if t.numel() == 0:
         raise ValueError(f"{name}: empty tensor of shape {tuple(t.shape)}")
+    return t
+
+
+def _check_finite(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
     # NB: NaN/Inf is an error, not propagated: a NaN descriptor compares false against every
     # running maximum, so the argmax would silently depend on the kernel's loop order.
-    if finite and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: contains NaN or Inf")
-    return t
+    # Checked after the device check, so that a tensor on another device is reported as such.
+    for name, t in zip(names, tensors, strict=True):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN or Inf")
 
 
 def _as_list(name: str, x) -> tuple[list[Tensor], list[str]]:
@@ -107,7 +113,7 @@ def _compute_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 def _same_device(ref_name: str, ref: Tensor, names: Sequence[str], tensors: Sequence[Tensor]) -> None:
-    for name, t in zip(names, tensors):
+    for name, t in zip(names, tensors, strict=True):
         if t.device != ref.device:
             raise ValueError(f"{name}: on device {t.device}, but {ref_name} is on {ref.device}")
 
@@ -158,14 +164,15 @@ def patch_match(
     """
     _check_map("query", query)
     keys, names = _as_list("key", key)
-    for name, k in zip(names, keys):
+    for name, k in zip(names, keys, strict=True):
         _check_map(name, k)
     patch_size = _check_int("patch_size", patch_size, 1)
     stride = _check_int("stride", stride, 1)
     padding = _check_int("padding", padding, 0)
     precision = _check_choice("precision", precision, PRECISIONS)
     _same_device("query", query, names, keys)
-    for name, k in zip(names, keys):
+    _check_finite(["query", *names], [query, *keys])
+    for name, k in zip(names, keys, strict=True):
         if k.shape[0] != query.shape[0]:
             raise ValueError(f"{name}: batch size {k.shape[0]} differs from query's {query.shape[0]}")
         if k.shape[1] != query.shape[1]:
@@ -183,7 +190,7 @@ def patch_match(
 
 def _key_grids(values: Sequence[Tensor], scale, patch_size, stride, padding, names) -> list[int]:
     sizes = []
-    for name, v in zip(names, values):
+    for name, v in zip(names, values, strict=True):
         if v.shape[-2] < scale or v.shape[-1] < scale:
             raise ValueError(f"{name}: a {v.shape[-2]}x{v.shape[-1]} map is smaller than scale={scale}")
         hk, wk = v.shape[-2] // scale, v.shape[-1] // scale
@@ -226,18 +233,20 @@ def feature_swap(
         Reads outside ``values`` are zeros; writes outside the output are dropped.
     """
     value_list, names = _as_list("values", values)
-    for name, v in zip(names, value_list):
+    for name, v in zip(names, value_list, strict=True):
         _check_map(name, v)
     _same_device(names[0], value_list[0], names, value_list)
+    _check_finite(names, value_list)
     if not isinstance(index, Tensor):
         raise TypeError(f"index: expected a torch.Tensor, got {type(index).__name__}")
     if index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"index: expected an integer (int64) tensor, got {index.dtype}")
     if index.dim() != 3 or index.numel() == 0:
-        raise ValueError(f"index: expected a non-empty (B, Gq_h, Gq_w) tensor, got shape {tuple(index.shape)}")
+        raise ValueError(
+            f"index: expected a non-empty (B, Gq_h, Gq_w) tensor, got shape {tuple(index.shape)}")
     _same_device(names[0], value_list[0], ["index"], [index])
     b, cv = value_list[0].shape[:2]
-    for name, v in zip(names, value_list):
+    for name, v in zip(names, value_list, strict=True):
         if v.shape[0] != b or v.shape[1] != cv:
             raise ValueError(f"{name}: shape {tuple(v.shape)} differs in batch or channels from {names[0]}")
     if index.shape[0] != b:
@@ -348,7 +357,7 @@ def texture_swap(
     """
     _check_map("lr", lr)
     ref_list, names = _as_list("refs", refs)
-    for name, r in zip(names, ref_list):
+    for name, r in zip(names, ref_list, strict=True):
         _check_map(name, r)
         if r.shape[1] != 3 or r.shape[0] != lr.shape[0]:
             raise ValueError(f"{name}: expected (B={lr.shape[0]}, 3, H, W), got {tuple(r.shape)}")
@@ -357,6 +366,7 @@ def texture_swap(
     if lr.shape[1] != 3:
         raise ValueError(f"lr: expected 3 channels (RGB), got {lr.shape[1]}")
     _same_device("lr", lr, names, ref_list)
+    _check_finite(["lr", *names], [lr, *ref_list])
     if extractor is None:
         extractor = default_extractor().to(lr.device)
     if lr_up is None:
@@ -374,7 +384,7 @@ def texture_swap(
         layer: feature_swap(values[layer], match.index, scale=s, out_size=(h * s, w * s), backend=backend)
         for layer, s in LEVELS.items()
     }
-    weights = dict(zip(LEVELS, weight_maps(match.score, scales=tuple(LEVELS.values()))))
+    weights = dict(zip(LEVELS, weight_maps(match.score, scales=tuple(LEVELS.values())), strict=True))
     return SwapResult(maps, weights, match.index, match.score)
 
 

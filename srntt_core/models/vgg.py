@@ -113,7 +113,8 @@ class VGG19Features(nn.Module):
             layers = (layers,)
         unknown = [name for name in layers if name not in RELU_INDEX]
         if unknown or not layers:
-            raise ValueError(f"layers: unknown VGG19 layer(s) {unknown or '[]'}; choose from {list(RELU_INDEX)}")
+            raise ValueError(
+                f"layers: unknown VGG19 layer(s) {unknown or '[]'}; choose from {list(RELU_INDEX)}")
         self.layers = tuple(layers)
         depth = max(RELU_INDEX[name] for name in self.layers)
         self.features = _vgg19_layers()[: depth + 1]
@@ -124,7 +125,8 @@ class VGG19Features(nn.Module):
                     f"weights: the bundled VGG19 weights stop at relu3_1; layers {deep} need "
                     f"torchvision's full VGG19 weights (weights='imagenet' or a path)"
                 )
-            self.features.load_state_dict(load_bundled_state())
+            state = load_bundled_state()
+            self.features.load_state_dict({k: v for k, v in state.items() if int(k.split(".")[0]) <= depth})
         elif weights is not None:
             path = find_torchvision_weights() if weights == "imagenet" else Path(weights)
             if path is None or not Path(path).is_file():
