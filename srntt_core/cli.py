@@ -8,10 +8,12 @@ import sys
 
 # command -> (module, add-arguments function, run function, help)
 COMMANDS = {
-    "sr": ("srntt_core.commands", "add_sr_arguments", "run_sr", "x4 Ref-SR of an image with one or more references"),
+    "sr": ("srntt_core.commands", "add_sr_arguments", "run_sr",
+           "x4 Ref-SR of an image with one or more references"),
     "demo": ("srntt_core.commands", "add_demo_arguments", "run_demo",
              "super-resolve the bundled sample with the bundled checkpoint"),
-    "eval": ("srntt_core.commands", "add_eval_arguments", "run_eval", "the SPEC 6 evaluation table on a folder"),
+    "eval": ("srntt_core.commands", "add_eval_arguments", "run_eval",
+             "the SPEC 6 evaluation table on a folder"),
     "train": ("srntt_core.commands", "add_train_arguments", "run_train", "train SRNTT with online swapping"),
     "bench": ("srntt_core.bench", "add_arguments", "run", "quick kernel comparison on this machine"),
     "swap-demo": ("srntt_core.swap_demo", "add_arguments", "run_cli",

@@ -143,7 +143,8 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = os.environ.get("SRNTT_BACKEND", "auto") or "auto"
         if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"SRNTT_BACKEND: unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
+            raise ValueError(
+                f"SRNTT_BACKEND: unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
     if backend == "auto":
         for name in PRIORITY.get(device.type, ("triton", "torch")):
             if not _REGISTRY[name].not_supported_reasons(device):

@@ -65,7 +65,8 @@ def _patch_match_setup(ctx, inputs, output):
 
 def _patch_match_backward(ctx, grad_score, grad_index):
     query, index, *keys = ctx.saved_tensors
-    grad_query, grad_keys = reference.patch_match_score_backward(grad_score, query, keys, index, *ctx.geometry)
+    grad_query, grad_keys = reference.patch_match_score_backward(
+        grad_score, query, keys, index, *ctx.geometry)
     return grad_query, grad_keys, None, None, None, None, None
 
 
@@ -96,7 +97,8 @@ feature_swap_backward.register_fake(lambda *args: _feature_swap_backward_fake(*a
 
 def _feature_swap_setup(ctx, inputs, output):
     values, index, patch_size, stride, padding, scale, _, _, reduce, backend = inputs
-    ctx.args = ([s for v in values for s in v.shape[-2:]], patch_size, stride, padding, scale, reduce, backend)
+    sizes = [s for v in values for s in v.shape[-2:]]
+    ctx.args = (sizes, patch_size, stride, padding, scale, reduce, backend)
     ctx.save_for_backward(index)
 
 

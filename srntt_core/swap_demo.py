@@ -20,7 +20,9 @@ from .dispatch import available
 SAMPLE = Path(__file__).parent / "assets" / "zebra.png"
 
 
-def correspondence_image(index: torch.Tensor, key_grid: tuple[int, int], size: tuple[int, int]) -> Image.Image:
+def correspondence_image(
+    index: torch.Tensor, key_grid: tuple[int, int], size: tuple[int, int]
+) -> Image.Image:
     """Colour-codes each query cell by the position of its matched key cell (red: row, green: column)."""
     gh, gw = key_grid
     u = (index // gw).float() / max(gh - 1, 1)
@@ -63,7 +65,8 @@ def run(out: str | Path = "out/swap_demo.png", backend: str = "auto", sample: st
         total = time.perf_counter() - t0
         query = extractor(lr_up)["relu3_1"]
         key = extractor(swap._bicubic(swap._bicubic(ref, 0.25), 4))["relu3_1"]
-        print(f"sample {Path(sample).name}: target {tuple(target.shape[-2:])}, reference {tuple(ref.shape[-2:])}, "
+        print(f"sample {Path(sample).name}: target {tuple(target.shape[-2:])}, "
+              f"reference {tuple(ref.shape[-2:])}, "
               f"relu3_1 maps {tuple(query.shape[-2:])} vs {tuple(key.shape[-2:])}, "
               f"{query.shape[-2] * query.shape[-1]} x {key.shape[-2] * key.shape[-1]} patches x 2304 dims")
         print(f"texture_swap (VGG + match + 3-level swap), backend={backend}: {total * 1e3:.0f} ms")
@@ -72,7 +75,8 @@ def run(out: str | Path = "out/swap_demo.png", backend: str = "auto", sample: st
                 continue
             m, t_match = _timed(lambda n=name: swap.patch_match(query, key, backend=n))
             _, t_swap = _timed(lambda n=name, m=m: swap.feature_swap(ref, m.index, scale=4, backend=n))
-            print(f"  backend {name:6s}: patch_match {t_match * 1e3:8.1f} ms   feature_swap (RGB x4) {t_swap * 1e3:7.1f} ms")
+            print(f"  backend {name:6s}: patch_match {t_match * 1e3:8.1f} ms   "
+                  f"feature_swap (RGB x4) {t_swap * 1e3:7.1f} ms")
         swapped_rgb = swap.feature_swap(ref, result.index, scale=4, out_size=tuple(target.shape[-2:]))
     size = (target.shape[-1], target.shape[-2])
     key_grid = (key.shape[-2] - 2, key.shape[-1] - 2)
