@@ -17,10 +17,12 @@ query patches of one batch item and streams over the key patches in BLOCK_N tile
 running max/argmax in registers; nothing N_query x N_key is ever written. Several keys are handled
 by a host loop that carries the running state in (B, Nq) buffers.
 
-Precision. ``"highest"`` (and every float64 input) scores with fp32/fp64 arithmetic (tl.dot with
-``input_precision="ieee"``; float64 uses multiply-and-sum because tl.dot has no fp64 path). ``"high"``
-(TF32) and ``"medium"`` (bf16 inputs) find candidates on tensor cores and then re-score them in
-fp32, which keeps the contract provable (see ``_candidate_margin``):
+Precision. float64 inputs score with fp64 multiply-and-sum (tl.dot has no fp64 path). For float32,
+every precision finds candidates on tensor cores — TF32 for ``"highest"`` and ``"high"``, bf16 inputs
+for ``"medium"`` — and then re-scores them in fp32, which keeps the contract provable (see
+``_candidate_margin``), so even ``"highest"`` runs at tensor-core speed (issue 4's design). The
+exact fp32 scan (tl.dot with ``input_precision="ieee"``) remains for the re-scan of step 4 and for
+``SRNTT_TRITON_EXACT_FP32=1``, which scores everything with it:
 
 1. approximate pass: m~ = max over keys of the approximate score s~;
 2. collect pass: every key with s~ >= m~ - 2 * delta is appended to the query's candidate list
@@ -42,6 +44,8 @@ from torch.library import triton_op, wrap_triton
 
 EPS = 1e-12
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Score float32 "highest" with exact fp32 dots everywhere instead of TF32 candidates + fp32 re-scoring.
+EXACT_FP32 = os.environ.get("SRNTT_TRITON_EXACT_FP32") == "1"
 # Candidates kept per query for fp32 re-scoring; queries with more fall back to an fp32 scan.
 _MAX_CANDIDATES = 8 if INTERPRET else 32
 _RESCORE_BLOCK_M = 64 if INTERPRET else 32
@@ -126,7 +130,7 @@ def _candidate_margin(k_total: int, precision: str) -> float:
     4x to cover tensor-core adders that truncate instead of rounding. The two norm scalings add
     a few ulps. TF32 is taken as truncating (u = 2^-10), bf16 rounds to nearest (u = 2^-8).
     """
-    u = {"high": 2.0**-10, "medium": 2.0**-8}[precision]
+    u = {"highest": 2.0**-10, "high": 2.0**-10, "medium": 2.0**-8}[precision]
     ulp = 2.0**-24
     return 2 * u + u * u + 4 * k_total * ulp * (1 + u) ** 2 + 8 * ulp
 
@@ -524,7 +528,7 @@ def patch_match(
     query: torch.Tensor, keys: list[torch.Tensor], patch_size: int, stride: int, padding: int, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best key patch per query patch: (index int64 (B, Gq_h, Gq_w), score (B, Gq_h, Gq_w))."""
-    fast = precision in ("high", "medium") and query.dtype == torch.float32
+    fast = query.dtype == torch.float32 and not EXACT_FP32
     q = _Map(query, patch_size, stride, padding, query.dtype)
     ks = [_Map(k, patch_size, stride, padding, query.dtype) for k in keys]
     offsets = [0]

@@ -248,3 +248,18 @@ def test_opcheck():
 def test_not_supported_reasons():
     assert kernels.not_supported_reasons(DEVICE) == []
     assert kernels.not_supported_reasons("meta")
+
+
+def test_patch_match_exact_fp32_switch(monkeypatch):
+    """SRNTT_TRITON_EXACT_FP32=1 scores float32 "highest" with exact fp32 dots only (no tensor-core
+    candidates); both routes answer within the "highest" contract on the same near-tie problem."""
+    import importlib
+
+    module = importlib.import_module("kernels.patch_match")
+    key = rand(1, 6, 8, 9, seed=3)
+    query = key[:, :, 1:7, 2:9] + 1e-3 * rand(1, 6, 6, 7, seed=4)
+    sim = similarity_ref(query, [key], 3, 1, 1)
+    for exact in (False, True):
+        monkeypatch.setattr(module, "EXACT_FP32", exact)
+        index, score = kernels.patch_match(query, [key], 3, 1, 1, "highest")
+        check_match(index, score, sim, PRECISION_TOL["highest"])

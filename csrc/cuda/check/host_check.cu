@@ -359,7 +359,8 @@ void check_patch_match_plan() {
   PatchMatchPlan plan = plan_patch_match(a);
   expect(plan.ok && plan.D == 63 && plan.gqh == 13 && plan.gqw == 11 && plan.nq == 143 && plan.q_tiles == 3,
          "patch_match plan shape");
-  expect(plan.max_nk == 600 && plan.splits == 10 && !plan.tensor_cores, "patch_match plan splits");  // 10 key tiles
+  // 10 key tiles; float "highest" runs on tensor cores (TF32 candidates + fp32 re-scoring) on sm_80+
+  expect(plan.max_nk == 600 && plan.splits == 10 && plan.tensor_cores, "patch_match plan splits");
   expect(plan.workspace_bytes > 0 && plan.workspace_bytes < (1u << 20), "patch_match plan workspace");
   a.precision = MatchPrecision::kMedium;
   expect(plan_patch_match(a).tensor_cores, "tensor cores for medium");
@@ -374,6 +375,9 @@ void check_patch_match_plan() {
   expect(candidate_margin(MatchPrecision::kMedium, 2304) > candidate_margin(MatchPrecision::kHigh, 2304) &&
              candidate_margin(MatchPrecision::kHigh, 2304) > 0,
          "candidate margins");
+  // "highest" re-scores a wider band than "high" (its tolerance is 1e-5, not 1e-3).
+  expect(candidate_margin(MatchPrecision::kHighest, 2304) > candidate_margin(MatchPrecision::kHigh, 2304),
+         "candidate margin highest");
   std::printf("patch_match plan: sizes, splits, tensor-core choice\n");
 }
 
