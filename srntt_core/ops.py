@@ -41,9 +41,20 @@ def _feature_swap_backward_fake(grad, index, value_sizes, *rest):
             for i in range(len(value_sizes) // 2)]
 
 
-@torch.library.custom_op("srntt::patch_match", mutates_args=())
-def patch_match(query: Tensor, keys: list[Tensor], patch_size: int, stride: int, padding: int,
-                backend: str, precision: str) -> tuple[Tensor, Tensor]:
+# NB: declared with torch.library.define/impl rather than @torch.library.custom_op: custom_op wraps
+# every kernel in torch._disable_dynamo, whose first call imports torch._dynamo (3-11 s here), a
+# cost every CLI run and every first swap would pay. The low-level API registers the same schema,
+# fake kernel and autograd formula without it; opcheck covers the registrations (tests/test_opcheck.py).
+torch.library.define(
+    "srntt::patch_match",
+    "(Tensor query, Tensor[] keys, int patch_size, int stride, int padding, str backend, str precision)"
+    " -> (Tensor, Tensor)",
+)
+
+
+@torch.library.impl("srntt::patch_match", "CompositeExplicitAutograd")
+def _patch_match_impl(query: Tensor, keys: list[Tensor], patch_size: int, stride: int, padding: int,
+                      backend: str, precision: str) -> tuple[Tensor, Tensor]:
     """Cosine score and index (over the concatenated key grids) of the best key patch per query patch.
 
     NB: the op returns (score, index), score first: opcheck's autograd harness sums the outputs
@@ -53,7 +64,8 @@ def patch_match(query: Tensor, keys: list[Tensor], patch_size: int, stride: int,
     return score, index
 
 
-patch_match.register_fake(_patch_match_op_fake)
+torch.library.register_fake("srntt::patch_match")(_patch_match_op_fake)
+patch_match = torch.ops.srntt.patch_match.default
 
 
 def _patch_match_setup(ctx, inputs, output):
@@ -70,29 +82,45 @@ def _patch_match_backward(ctx, grad_score, grad_index):
     return grad_query, grad_keys, None, None, None, None, None
 
 
-patch_match.register_autograd(_patch_match_backward, setup_context=_patch_match_setup)
+torch.library.register_autograd("srntt::patch_match", _patch_match_backward, setup_context=_patch_match_setup)
 
 
-@torch.library.custom_op("srntt::feature_swap", mutates_args=())
-def feature_swap(values: list[Tensor], index: Tensor, patch_size: int, stride: int, padding: int,
-                 scale: int, out_h: int, out_w: int, reduce: str, backend: str) -> Tensor:
+torch.library.define(
+    "srntt::feature_swap",
+    "(Tensor[] values, Tensor index, int patch_size, int stride, int padding, int scale, int out_h,"
+    " int out_w, str reduce, str backend) -> Tensor",
+)
+
+
+@torch.library.impl("srntt::feature_swap", "CompositeExplicitAutograd")
+def _feature_swap_impl(values: list[Tensor], index: Tensor, patch_size: int, stride: int, padding: int,
+                       scale: int, out_h: int, out_w: int, reduce: str, backend: str) -> Tensor:
     """Swap ``values`` windows into the query layout along ``index`` (SPEC 3.2)."""
     return dispatch.get(backend).feature_swap(values, index, patch_size, stride, padding, scale,
                                               out_h, out_w, reduce)
 
 
-feature_swap.register_fake(lambda *args: _feature_swap_fake(*args))
+torch.library.register_fake("srntt::feature_swap")(_feature_swap_fake)
+feature_swap = torch.ops.srntt.feature_swap.default
+
+torch.library.define(
+    "srntt::feature_swap_backward",
+    "(Tensor grad_out, Tensor index, int[] value_sizes, int patch_size, int stride, int padding,"
+    " int scale, str reduce, str backend) -> Tensor[]",
+)
 
 
-@torch.library.custom_op("srntt::feature_swap_backward", mutates_args=())
-def feature_swap_backward(grad_out: Tensor, index: Tensor, value_sizes: list[int], patch_size: int,
-                          stride: int, padding: int, scale: int, reduce: str, backend: str) -> list[Tensor]:
+@torch.library.impl("srntt::feature_swap_backward", "CompositeExplicitAutograd")
+def _feature_swap_backward_impl(grad_out: Tensor, index: Tensor, value_sizes: list[int], patch_size: int,
+                                stride: int, padding: int, scale: int, reduce: str,
+                                backend: str) -> list[Tensor]:
     """Gradient of :func:`feature_swap` with respect to each values tensor; deterministic."""
     return dispatch.get(backend).feature_swap_backward(grad_out.contiguous(), index, value_sizes, patch_size,
                                                        stride, padding, scale, reduce)
 
 
-feature_swap_backward.register_fake(lambda *args: _feature_swap_backward_fake(*args))
+torch.library.register_fake("srntt::feature_swap_backward")(_feature_swap_backward_fake)
+feature_swap_backward = torch.ops.srntt.feature_swap_backward.default
 
 
 def _feature_swap_setup(ctx, inputs, output):
@@ -110,7 +138,8 @@ def _feature_swap_backward_rule(ctx, grad_out):
     return grads, None, None, None, None, None, None, None, None, None
 
 
-feature_swap.register_autograd(_feature_swap_backward_rule, setup_context=_feature_swap_setup)
+torch.library.register_autograd("srntt::feature_swap", _feature_swap_backward_rule,
+                                setup_context=_feature_swap_setup)
 
 
 if _ext.LOADED:

@@ -113,3 +113,21 @@ def test_ops_compile_fullgraph(backend):
     torch._dynamo.reset()
     compiled = torch.compile(swap, backend="aot_eager", fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(query, keys, values), swap(query, keys, values), atol=0, rtol=0)
+
+
+def test_first_call_does_not_import_dynamo():
+    """The public ops are registered without torch._disable_dynamo wrappers, so a first swap does
+    not pay torch._dynamo's import (seconds) — the CLI and first calls stay fast."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, srntt_core.swap as sw\n"
+        "q = torch.rand(1, 4, 6, 6, requires_grad=True)\n"
+        "m = sw.patch_match(q, q.detach(), backend='torch')\n"
+        "sw.feature_swap(q, m.index, backend='torch').sum().backward()\n"
+        "m.score.sum().backward()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
