@@ -11,7 +11,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace srntt {
 namespace {
@@ -90,12 +95,6 @@ inline void add_run(scalar_t* __restrict dst, const scalar_t* __restrict src, in
   for (int64_t t = 0; t < n; ++t) dst[t] += src[t];
 }
 
-// A horizontal run of `len` pixels: values[ref] plane offset `src`, output row offset `dst`.
-struct Segment {
-  int32_t ref;
-  int64_t src, dst, len;
-};
-
 // float16 / bfloat16 are swapped in float32 and rounded once at the end (sums of up to
 // patch_size^2 terms would otherwise round at every step).
 bool is_reduced_float(const at::Tensor& t) {
@@ -106,6 +105,392 @@ void check_reduce(c10::string_view reduce) {
   TORCH_CHECK(reduce == "sum" || reduce == "mean",
               "_feature_swap_fused: reduce must be 'sum' or 'mean', got '", std::string(reduce),
               "'");
+}
+
+
+#ifdef __linux__
+// Large outputs: ask for transparent huge pages before the first touch. On this kind of VM a 4 KiB
+// page fault costs ~1 GB/s of zeroing, so a fresh 42 MB output took ~40 ms to fault in; with 2 MiB
+// pages it takes ~10 ms. Only the 2 MiB-aligned interior of the buffer is advised; a failure (THP
+// off, old kernel) just leaves the default.
+void advise_huge_pages(void* ptr, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+}
+#else
+void advise_huge_pages(void*, size_t) {}
+#endif
+
+// An uninitialized output that the kernel overwrites completely.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  advise_huge_pages(t.data_ptr(), t.nbytes());
+  return t;
+}
+
+// N values of T in one SIMD register (GCC / Clang vector extension), loaded and stored unaligned.
+template <typename T, int N>
+struct VecType {
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+};
+template <typename T, int N>
+using Vec = typename VecType<T, N>::type;
+
+template <typename V, typename T>
+inline V load_vec(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store_vec(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Everything a forward task needs, shared by all (batch, channel group) tasks.
+//
+// Output pixels are grouped in blocks of step x step (block (I, J) starts at output pixel
+// (I*step - off, J*step - off)). When step divides the window (win = K*step: stride divides
+// patch_size), block (I, J) is covered by the cells (I-a, J-e), a, e in [0, K), that exist, and
+// each of them adds a contiguous step x step piece of its values window, at window offset
+// (a*step, e*step). A block inside the output whose cells all read inside their values maps is a
+// "fast" block: it is summed from per-piece source pointers with fixed-size vector row pieces.
+// Every other pixel (cropped borders, reads in the zero padding, other geometries) takes the
+// general per-pixel rule. Both add the contributions of a pixel in the same order (cell row i
+// descending, then cell column j descending), so a pixel's value does not depend on its path.
+template <typename T>
+struct Forward {
+  int64_t B, Cv, gqh, gqw, win, step, off, out_h, out_w, K, nbh, nbw;
+  std::vector<const T*> vptr;     // per values map
+  std::vector<int64_t> H, W;      // per values map
+  const Windows* w;               // per cell: ref, top, left
+  std::vector<int64_t> cell_off;  // per cell: top * W + left in its values plane
+  std::vector<uint8_t> fast;      // per (b, I, J) block
+  std::vector<T> rcp;             // rows of 1 / (count_h * count_w(x)); one row of ones for "sum"
+  std::vector<int64_t> rcp_row;   // per output row y: offset of its row in rcp
+  T* out;
+};
+
+// The sums (before the mean's division) of output pixel (y, x), channels [c0, c0 + CB), by the
+// general rule.
+template <typename T, int CB>
+void slow_pixel(const Forward<T>& f, int64_t b, int64_t c0, int64_t y, int64_t x, T* acc) {
+  const int64_t yy = y + f.off, xx = x + f.off;
+  const int64_t i_hi = std::min<int64_t>(f.gqh - 1, yy / f.step);
+  const int64_t i_lo = std::max<int64_t>(0, floor_div(yy - f.win, f.step) + 1);
+  const int64_t j_hi = std::min<int64_t>(f.gqw - 1, xx / f.step);
+  const int64_t j_lo = std::max<int64_t>(0, floor_div(xx - f.win, f.step) + 1);
+  for (int c = 0; c < CB; ++c) acc[c] = T(0);
+  for (int64_t i = i_hi; i >= i_lo; --i) {
+    const int64_t dy = yy - i * f.step;
+    for (int64_t j = j_hi; j >= j_lo; --j) {
+      const int64_t cell = (b * f.gqh + i) * f.gqw + j;
+      const int32_t r = f.w->ref[cell];
+      const int64_t sy = f.w->top[cell] + dy, sx = f.w->left[cell] + xx - j * f.step;
+      if (sy < 0 || sy >= f.H[r] || sx < 0 || sx >= f.W[r]) continue;
+      const int64_t hw = f.H[r] * f.W[r];
+      const T* p = f.vptr[r] + (b * f.Cv + c0) * hw + sy * f.W[r] + sx;
+      for (int c = 0; c < CB; ++c) acc[c] += p[c * hw];
+    }
+  }
+}
+
+// The pieces of fast block (I, J), in summation order: values map and offset (in pixels) in its
+// plane. Returns their number (at most K*K).
+struct Piece {
+  int32_t r;
+  int64_t off;
+};
+
+template <typename T>
+inline int block_pieces(const Forward<T>& f, int64_t b, int64_t I, int64_t J, Piece* out) {
+  int n = 0;
+  for (int64_t a = 0; a < f.K; ++a) {
+    const int64_t i = I - a;
+    if (i < 0 || i >= f.gqh) continue;
+    for (int64_t e = 0; e < f.K; ++e) {
+      const int64_t j = J - e;
+      if (j < 0 || j >= f.gqw) continue;
+      const int64_t cell = (b * f.gqh + i) * f.gqw + j;
+      const int32_t r = f.w->ref[cell];
+      out[n++] = {r, f.cell_off[cell] + a * f.step * f.W[r] + e * f.step};
+    }
+  }
+  return n;
+}
+
+constexpr int kMaxK = 8;
+
+// The pieces are read in the order of the index (random for a random index), which the hardware
+// prefetcher cannot follow: pull the planes into L2 with one sequential pass first.
+inline void prefetch_l2(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+}
+
+// Source pointers of fast block (I, J)'s pieces, in summation order, into the planes base[r]
+// whose pixels are `unit` values wide (1: the (B, C, H, W) planes; CB: interleaved channels), with
+// each piece's row stride and plane stride in values. Returns their number (at most K*K).
+template <typename T>
+inline int block_sources(const Forward<T>& f, int64_t b, int64_t I, int64_t J,
+                         const T* const* base, int64_t unit, const T** src, int64_t* src_w,
+                         int64_t* src_hw) {
+  const int64_t S = f.step;
+  if (f.vptr.size() == 1 && f.K == 3 && I >= 2 && I < f.gqh && J >= 2 && J < f.gqw) {
+    // Interior block, one values map: the 9 pieces straight from the cell offsets.
+    const int64_t* cc = f.cell_off.data() + (b * f.gqh + I) * f.gqw + J;
+    const int64_t W0 = f.W[0], hw0 = f.H[0] * f.W[0];
+    for (int a = 0; a < 3; ++a) {
+      for (int e = 0; e < 3; ++e) {
+        src[a * 3 + e] = base[0] + (cc[-a * f.gqw - e] + a * S * W0 + e * S) * unit;
+        src_w[a * 3 + e] = W0 * unit;
+        src_hw[a * 3 + e] = hw0 * unit;
+      }
+    }
+    return 9;
+  }
+  Piece pc[kMaxK * kMaxK];
+  const int n = block_pieces(f, b, I, J, pc);
+  for (int k = 0; k < n; ++k) {
+    const int32_t r = pc[k].r;
+    src[k] = base[r] + pc[k].off * unit;
+    src_w[k] = f.W[r] * unit;
+    src_hw[k] = f.H[r] * f.W[r] * unit;
+  }
+  return n;
+}
+
+// Channels [c0, c0 + CB) of batch b on the (B, C, H, W) planes. S_: the step at compile time
+// (row pieces of S_ values are one vector), or 0: the step at run time, scalar code.
+template <typename T, int S_, int CB>
+void forward_task_planes(const Forward<T>& f, int64_t b, int64_t c0) {
+  const int64_t S = S_ ? S_ : f.step;
+  const int64_t ohw = f.out_h * f.out_w;
+  T* dst = f.out + (b * f.Cv + c0) * ohw;
+  const uint8_t* fast = f.fast.data() + b * f.nbh * f.nbw;
+  std::vector<const T*> base(f.vptr.size());
+  for (size_t r = 0; r < base.size(); ++r) {
+    base[r] = f.vptr[r] + (b * f.Cv + c0) * f.H[r] * f.W[r];
+    prefetch_l2(base[r], CB * f.H[r] * f.W[r] * sizeof(T));
+  }
+  const T* src[kMaxK * kMaxK];
+  int64_t src_hw[kMaxK * kMaxK], src_w[kMaxK * kMaxK];
+  T tmp[CB];
+  for (int64_t I = 0; I < f.nbh; ++I) {
+    const int64_t y0 = I * S - f.off;
+    const int64_t u_lo = std::max<int64_t>(0, -y0), u_hi = std::min<int64_t>(S, f.out_h - y0);
+    for (int64_t J = 0; J < f.nbw; ++J) {
+      const int64_t x0 = J * S - f.off;
+      if (!fast[I * f.nbw + J]) {
+        const int64_t x_lo = std::max<int64_t>(0, x0), x_hi = std::min<int64_t>(f.out_w, x0 + S);
+        for (int64_t y = y0 + u_lo; y < y0 + u_hi; ++y) {
+          const T* rrow = f.rcp.data() + f.rcp_row[y];
+          for (int64_t x = x_lo; x < x_hi; ++x) {
+            slow_pixel<T, CB>(f, b, c0, y, x, tmp);
+            for (int c = 0; c < CB; ++c) dst[c * ohw + y * f.out_w + x] = tmp[c] * rrow[x];
+          }
+        }
+        continue;
+      }
+      const int n = block_sources(f, b, I, J, base.data(), 1, src, src_w, src_hw);
+      if constexpr (S_ > 0) {
+        // All S rows x CB channels of the block at once: S * CB independent vector sums.
+        using V = Vec<T, S_>;
+        V acc[S_][CB] = {};
+        for (int k = 0; k < n; ++k) {
+          for (int u = 0; u < S_; ++u) {
+            for (int c = 0; c < CB; ++c) {
+              acc[u][c] += load_vec<V>(src[k] + c * src_hw[k] + u * src_w[k]);
+            }
+          }
+        }
+        for (int u = 0; u < S_; ++u) {
+          const V rcp = load_vec<V>(f.rcp.data() + f.rcp_row[y0 + u] + x0);
+          T* drow = dst + (y0 + u) * f.out_w + x0;
+          for (int c = 0; c < CB; ++c) store_vec(drow + c * ohw, acc[u][c] * rcp);
+        }
+      } else {
+        for (int64_t u = 0; u < S; ++u) {
+          const T* rrow = f.rcp.data() + f.rcp_row[y0 + u] + x0;
+          T* drow = dst + (y0 + u) * f.out_w + x0;
+          for (int c = 0; c < CB; ++c) {
+            for (int64_t v = 0; v < S; ++v) {
+              T acc = T(0);
+              for (int k = 0; k < n; ++k) acc += src[k][c * src_hw[k] + u * src_w[k] + v];
+              drow[c * ohw + v] = acc * rrow[v];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// step S = 1 or 2 (relu3_1- and relu2_1-like levels), channels [c0, c0 + 8/S) of batch b: the
+// values planes are first interleaved (pixel-major, CB = 8/S channels a pixel) so that a piece's
+// row (S pixels x CB channels) is one 8-wide vector; each block row is summed into S interleaved
+// row buffers and then written back to the CB output planes.
+// pack: CB * sum(H*W) values; rows: S * CB * nbw * S values.
+template <typename T, int S>
+void forward_task_packed(const Forward<T>& f, int64_t b, int64_t c0, T* pack, T* rows) {
+  constexpr int CB = 8 / S;
+  using V = Vec<T, 8>;
+  const int64_t ohw = f.out_h * f.out_w, row_len = f.nbw * S * CB;
+  T* dst = f.out + (b * f.Cv + c0) * ohw;
+  const uint8_t* fast = f.fast.data() + b * f.nbh * f.nbw;
+  std::vector<const T*> packed(f.vptr.size());
+  T* p = pack;
+  for (size_t r = 0; r < f.vptr.size(); ++r) {
+    const int64_t hw = f.H[r] * f.W[r];
+    const T* plane = f.vptr[r] + (b * f.Cv + c0) * hw;
+    for (int64_t q = 0; q < hw; ++q) {
+      for (int c = 0; c < CB; ++c) p[q * CB + c] = plane[c * hw + q];
+    }
+    packed[r] = p;
+    p += hw * CB;
+  }
+  const T* src[kMaxK * kMaxK];
+  int64_t src_w[kMaxK * kMaxK], src_hw[kMaxK * kMaxK];
+  T tmp[CB];
+  for (int64_t I = 0; I < f.nbh; ++I) {
+    const int64_t y0 = I * S - f.off;
+    const int64_t u_lo = std::max<int64_t>(0, -y0), u_hi = std::min<int64_t>(S, f.out_h - y0);
+    // rows[u][(x + off) * CB + c]: block J's pixels start at J * S * CB.
+    for (int64_t J = 0; J < f.nbw; ++J) {
+      const int64_t x0 = J * S - f.off;
+      T* out_block = rows + J * S * CB;
+      if (!fast[I * f.nbw + J]) {
+        for (int64_t u = u_lo; u < u_hi; ++u) {
+          for (int64_t v = 0; v < S; ++v) {
+            if (x0 + v < 0 || x0 + v >= f.out_w) continue;
+            slow_pixel<T, CB>(f, b, c0, y0 + u, x0 + v, tmp);
+            for (int c = 0; c < CB; ++c) out_block[u * row_len + v * CB + c] = tmp[c];
+          }
+        }
+        continue;
+      }
+      const int n = block_sources(f, b, I, J, packed.data(), CB, src, src_w, src_hw);
+      V acc[S] = {};
+      for (int k = 0; k < n; ++k) {
+        for (int u = 0; u < S; ++u) acc[u] += load_vec<V>(src[k] + u * src_w[k]);
+      }
+      for (int u = 0; u < S; ++u) store_vec(out_block + u * row_len, acc[u]);
+    }
+    for (int64_t u = u_lo; u < u_hi; ++u) {
+      const int64_t y = y0 + u;
+      const T* rrow = f.rcp.data() + f.rcp_row[y];
+      const T* row = rows + u * row_len + f.off * CB;  // output pixel x at (x + off) * CB
+      for (int c = 0; c < CB; ++c) {
+        T* drow = dst + c * ohw + y * f.out_w;
+        for (int64_t x = 0; x < f.out_w; ++x) drow[x] = row[x * CB + c] * rrow[x];
+      }
+    }
+  }
+}
+
+template <typename T, int S_>
+void forward_group(const Forward<T>& f, int64_t b, int64_t c0, int64_t cb) {
+  switch (cb) {
+    case 8: return forward_task_planes<T, S_, 8>(f, b, c0);
+    case 4: return forward_task_planes<T, S_, 4>(f, b, c0);
+    case 2: return forward_task_planes<T, S_, 2>(f, b, c0);
+    default:
+      for (int64_t c = 0; c < cb; ++c) forward_task_planes<T, S_, 1>(f, b, c0 + c);
+  }
+}
+
+template <typename T>
+void run_forward(Forward<T>& f, const ValueGrids& g, const Windows& w, bool mean) {
+  const int64_t n_cells = f.B * f.gqh * f.gqw;
+  f.w = &w;
+  f.cell_off.resize(n_cells);
+  std::vector<uint8_t> inside(n_cells);
+  for (int64_t c = 0; c < n_cells; ++c) {
+    const int32_t r = w.ref[c];
+    f.cell_off[c] = w.top[c] * g.W[r] + w.left[c];
+    inside[c] = w.top[c] >= 0 && w.top[c] + f.win <= g.H[r] && w.left[c] >= 0 &&
+                w.left[c] + f.win <= g.W[r];
+  }
+  // Fast blocks: the window is K whole blocks, the block lies inside the output and every cell
+  // covering it reads inside its values map.
+  f.nbh = (f.out_h - 1 + f.off) / f.step + 1;
+  f.nbw = (f.out_w - 1 + f.off) / f.step + 1;
+  f.fast.assign(f.B * f.nbh * f.nbw, 0);
+  for (int64_t b = 0; f.K > 0 && b < f.B; ++b) {
+    for (int64_t I = 0; I < f.nbh; ++I) {
+      const int64_t y0 = I * f.step - f.off;
+      if (y0 < 0 || y0 + f.step > f.out_h) continue;
+      for (int64_t J = 0; J < f.nbw; ++J) {
+        const int64_t x0 = J * f.step - f.off;
+        if (x0 < 0 || x0 + f.step > f.out_w) continue;
+        bool ok = true;
+        for (int64_t i = std::max<int64_t>(0, I - f.K + 1); i <= std::min(I, f.gqh - 1); ++i) {
+          for (int64_t j = std::max<int64_t>(0, J - f.K + 1); j <= std::min(J, f.gqw - 1); ++j) {
+            ok = ok && inside[(b * f.gqh + i) * f.gqw + j];
+          }
+        }
+        f.fast[(b * f.nbh + I) * f.nbw + J] = ok;
+      }
+    }
+  }
+  // 1 / count(y, x) = 1 / (count_h(y) * count_w(x)): one row of reciprocals per count_h value.
+  const std::vector<int64_t> count_h = coverage(f.out_h, f.gqh, f.step, f.off, f.win);
+  const std::vector<int64_t> count_w = coverage(f.out_w, f.gqw, f.step, f.off, f.win);
+  const int64_t rows = mean ? *std::max_element(count_h.begin(), count_h.end()) + 1 : 1;
+  f.rcp.assign(rows * f.out_w, T(1));
+  for (int64_t ch = 1; mean && ch < rows; ++ch) {
+    for (int64_t x = 0; x < f.out_w; ++x) {
+      if (count_w[x] > 0) f.rcp[ch * f.out_w + x] = T(1) / T(ch * count_w[x]);
+    }
+  }
+  f.rcp_row.resize(f.out_h);
+  for (int64_t y = 0; y < f.out_h; ++y) f.rcp_row[y] = mean ? count_h[y] * f.out_w : 0;
+
+  int64_t plane_size = 0;  // values per channel, all maps
+  for (size_t r = 0; r < f.H.size(); ++r) plane_size += f.H[r] * f.W[r];
+  if (f.K > 0 && (f.step == 1 || f.step == 2) && f.Cv >= 8 / f.step) {
+    // Groups of 8 / step channels (interleaved), the last channels one by one.
+    const int64_t cb = 8 / f.step, groups = f.Cv / cb, rest = f.Cv % cb;
+    at::parallel_for(0, f.B * (groups + rest), 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> pack, rows;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / (groups + rest), t = task % (groups + rest);
+        if (t < groups) {
+          pack.resize(cb * plane_size);
+          rows.resize(f.step * f.nbw * f.step * cb + 8);
+          if (f.step == 1) {
+            forward_task_packed<T, 1>(f, b, t * cb, pack.data(), rows.data());
+          } else {
+            forward_task_packed<T, 2>(f, b, t * cb, pack.data(), rows.data());
+          }
+        } else {
+          forward_task_planes<T, 0, 1>(f, b, groups * cb + (t - groups));
+        }
+      }
+    });
+    return;
+  }
+  // Channel groups: as many channels as keep their values planes (~384 KiB) in L2, at most 8.
+  int64_t cb = 8;
+  while (cb > 1 && cb * plane_size * int64_t(sizeof(T)) > (int64_t(384) << 10)) cb /= 2;
+  const int64_t groups = (f.Cv + cb - 1) / cb;
+  at::parallel_for(0, f.B * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / groups, c0 = (task % groups) * cb;
+      const int64_t n = std::min(cb, f.Cv - c0);
+      if (f.K > 0 && f.step == 2) {
+        forward_group<T, 2>(f, b, c0, n);
+      } else if (f.K > 0 && f.step == 4) {
+        forward_group<T, 4>(f, b, c0, n);
+      } else {
+        forward_group<T, 0>(f, b, c0, n);
+      }
+    }
+  });
 }
 
 at::Tensor feature_swap_fused_cpu(at::TensorList values_in, const at::Tensor& index_in,
@@ -140,75 +525,32 @@ at::Tensor feature_swap_fused_cpu(at::TensorList values_in, const at::Tensor& in
     sizes.push_back(v.size(3));
   }
   const int64_t Cv = values[0].size(1);
-  at::Tensor out = at::zeros({B, Cv, out_h, out_w}, values[0].options());
-  if (out.numel() == 0 || index.numel() == 0) return out;
+  if (B * Cv * out_h * out_w == 0 || index.numel() == 0) {
+    return at::zeros({B, Cv, out_h, out_w}, values[0].options());
+  }
+  at::Tensor out = empty_output({B, Cv, out_h, out_w}, values[0].options());
 
   const ValueGrids g = value_grids(sizes, patch_size, stride, padding, scale);
   const Windows w = decode_index(index, g, stride, padding, scale);
-  const int64_t win = patch_size * scale, step = stride * scale, off = padding * scale;
-  const bool mean = reduce == "mean";
-  const std::vector<int64_t> count_h = coverage(out_h, gqh, step, off, win);
-  const std::vector<int64_t> count_w = coverage(out_w, gqw, step, off, win);
-
-  // Segments of every (batch, output row), built once and replayed for every channel.
-  std::vector<std::vector<Segment>> rows(B * out_h);
-  at::parallel_for(0, B * out_h, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / out_h, y = task % out_h;
-      std::vector<Segment>& segs = rows[task];
-      // Query rows i whose output window [i*step - off, i*step - off + win) holds y.
-      const int64_t i_lo = floor_div(y + off - win, step) + 1;
-      for (int64_t i = std::max<int64_t>(0, i_lo); i < gqh; ++i) {
-        const int64_t top = i * step - off;
-        if (top > y) break;
-        const int64_t dy = y - top;
-        for (int64_t j = 0; j < gqw; ++j) {
-          const int64_t cell = (b * gqh + i) * gqw + j;
-          const int32_t r = w.ref[cell];
-          const int64_t sy = w.top[cell] + dy;
-          if (sy < 0 || sy >= g.H[r]) continue;
-          const int64_t left = j * step - off, sx = w.left[cell];
-          const int64_t lo = std::max<int64_t>({0, -left, -sx});
-          const int64_t hi = std::min<int64_t>({win, out_w - left, g.W[r] - sx});
-          if (lo >= hi) continue;
-          segs.push_back({r, sy * g.W[r] + sx + lo, left + lo, hi - lo});
-        }
-      }
-    }
-  });
-
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "_feature_swap_fused_cpu", [&] {
-    std::vector<const scalar_t*> vptr;
-    for (const at::Tensor& v : values) vptr.push_back(v.data_ptr<scalar_t>());
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    std::vector<scalar_t> divisor;
-    if (mean) {
-      divisor.resize(out_h * out_w);
-      for (int64_t y = 0; y < out_h; ++y) {
-        for (int64_t x = 0; x < out_w; ++x) {
-          const int64_t n = count_h[y] * count_w[x];  // uncovered pixels stay 0
-          divisor[y * out_w + x] = n > 0 ? scalar_t(n) : scalar_t(1);
-        }
-      }
+    Forward<scalar_t> f;
+    f.B = B;
+    f.Cv = Cv;
+    f.gqh = gqh;
+    f.gqw = gqw;
+    f.win = patch_size * scale;
+    f.step = stride * scale;
+    f.off = padding * scale;
+    f.out_h = out_h;
+    f.out_w = out_w;
+    f.K = (patch_size % stride == 0 && patch_size / stride <= kMaxK) ? patch_size / stride : 0;
+    for (size_t r = 0; r < values.size(); ++r) {
+      f.vptr.push_back(values[r].data_ptr<scalar_t>());
+      f.H.push_back(g.H[r]);
+      f.W.push_back(g.W[r]);
     }
-    // One (batch, channel) plane per task: its values planes and output plane stay in cache.
-    at::parallel_for(0, B * Cv, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / Cv;
-        std::vector<const scalar_t*> src_plane(vptr.size());
-        for (size_t r = 0; r < vptr.size(); ++r) src_plane[r] = vptr[r] + task * g.H[r] * g.W[r];
-        scalar_t* dst_plane = out_ptr + task * out_h * out_w;
-        for (int64_t y = 0; y < out_h; ++y) {
-          scalar_t* dst = dst_plane + y * out_w;
-          for (const Segment& seg : rows[b * out_h + y]) {
-            add_run(dst + seg.dst, src_plane[seg.ref] + seg.src, seg.len);
-          }
-        }
-        if (mean) {
-          for (int64_t i = 0; i < out_h * out_w; ++i) dst_plane[i] /= divisor[i];
-        }
-      }
-    });
+    f.out = out.data_ptr<scalar_t>();
+    run_forward(f, g, w, reduce == "mean");
   });
   return out;
 }
