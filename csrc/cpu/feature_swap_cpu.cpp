@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -403,6 +404,20 @@ void forward_group(const Forward<T>& f, int64_t b, int64_t c0, int64_t cb) {
   }
 }
 
+// Runs fn(task) for every task in [0, n) on torch's threads, each thread taking the next task when
+// it is done with one (the machine is often shared: an even static split waits for the slowest
+// thread). Every task writes its own outputs, so the result does not depend on the schedule.
+template <typename Fn>
+void for_each_task(int64_t n, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t wk = begin; wk < end; ++wk) {
+      for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t);
+    }
+  });
+}
+
 template <typename T>
 void run_forward(Forward<T>& f, const ValueGrids& g, const Windows& w, bool mean) {
   const int64_t n_cells = f.B * f.gqh * f.gqw;
@@ -455,21 +470,19 @@ void run_forward(Forward<T>& f, const ValueGrids& g, const Windows& w, bool mean
   if (f.K > 0 && (f.step == 1 || f.step == 2) && f.Cv >= 8 / f.step) {
     // Groups of 8 / step channels (interleaved), the last channels one by one.
     const int64_t cb = 8 / f.step, groups = f.Cv / cb, rest = f.Cv % cb;
-    at::parallel_for(0, f.B * (groups + rest), 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> pack, rows;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / (groups + rest), t = task % (groups + rest);
-        if (t < groups) {
-          pack.resize(cb * plane_size);
-          rows.resize(f.step * f.nbw * f.step * cb + 8);
-          if (f.step == 1) {
-            forward_task_packed<T, 1>(f, b, t * cb, pack.data(), rows.data());
-          } else {
-            forward_task_packed<T, 2>(f, b, t * cb, pack.data(), rows.data());
-          }
+    for_each_task(f.B * (groups + rest), [&](int64_t task) {
+      thread_local std::vector<T> pack, rows;
+      const int64_t b = task / (groups + rest), t = task % (groups + rest);
+      if (t < groups) {
+        pack.resize(cb * plane_size);
+        rows.resize(f.step * f.nbw * f.step * cb + 8);
+        if (f.step == 1) {
+          forward_task_packed<T, 1>(f, b, t * cb, pack.data(), rows.data());
         } else {
-          forward_task_planes<T, 0, 1>(f, b, groups * cb + (t - groups));
+          forward_task_packed<T, 2>(f, b, t * cb, pack.data(), rows.data());
         }
+      } else {
+        forward_task_planes<T, 0, 1>(f, b, groups * cb + (t - groups));
       }
     });
     return;
@@ -478,17 +491,15 @@ void run_forward(Forward<T>& f, const ValueGrids& g, const Windows& w, bool mean
   int64_t cb = 8;
   while (cb > 1 && cb * plane_size * int64_t(sizeof(T)) > (int64_t(384) << 10)) cb /= 2;
   const int64_t groups = (f.Cv + cb - 1) / cb;
-  at::parallel_for(0, f.B * groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / groups, c0 = (task % groups) * cb;
-      const int64_t n = std::min(cb, f.Cv - c0);
-      if (f.K > 0 && f.step == 2) {
-        forward_group<T, 2>(f, b, c0, n);
-      } else if (f.K > 0 && f.step == 4) {
-        forward_group<T, 4>(f, b, c0, n);
-      } else {
-        forward_group<T, 0>(f, b, c0, n);
-      }
+  for_each_task(f.B * groups, [&](int64_t task) {
+    const int64_t b = task / groups, c0 = (task % groups) * cb;
+    const int64_t n = std::min(cb, f.Cv - c0);
+    if (f.K > 0 && f.step == 2) {
+      forward_group<T, 2>(f, b, c0, n);
+    } else if (f.K > 0 && f.step == 4) {
+      forward_group<T, 4>(f, b, c0, n);
+    } else {
+      forward_group<T, 0>(f, b, c0, n);
     }
   });
 }
