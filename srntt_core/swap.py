@@ -230,13 +230,16 @@ def feature_swap(
 
     Returns:
         (B, Cv, H, W) in the dtype of ``values``, differentiable with respect to ``values``.
-        Reads outside ``values`` are zeros; writes outside the output are dropped.
+        Reads outside ``values`` are zeros; writes outside the output are dropped. NaN/Inf in
+        ``values`` are not an error: they propagate to the output pixels whose windows read them.
     """
     value_list, names = _as_list("values", values)
     for name, v in zip(names, value_list, strict=True):
         _check_map(name, v)
     _same_device(names[0], value_list[0], names, value_list)
-    _check_finite(names, value_list)
+    # NB: no NaN/Inf check here (unlike patch_match): the swap is a linear copy, so a non-finite
+    # value propagates exactly to the windows that read it, and checking would cost a full pass
+    # over the values, more than the swap itself.
     if not isinstance(index, Tensor):
         raise TypeError(f"index: expected a torch.Tensor, got {type(index).__name__}")
     if index.dtype not in (torch.int64, torch.int32):
