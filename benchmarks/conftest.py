@@ -101,8 +101,9 @@ def pytest_generate_tests(metafunc):
 
 def pytest_configure(config):
     # make bench writes to benchmarks/results/<machine>/bench.json; the folder may not exist yet.
+    # NB: some pytest-benchmark versions hand over an already opened file (argparse.FileType).
     path = config.getoption("benchmark_json", None)
-    if path:
+    if isinstance(path, (str, os.PathLike)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     config._srntt_skipped = []
     config._srntt_load_start = os.getloadavg()
