@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from srntt_core import cli
+from srntt_core.checkpoint import export_model
 from srntt_core.infer import BUNDLED_CHECKPOINT
 from srntt_core.models.srntt import SRNTT
-from srntt_core.train import export_model
 
 
 def _img(path, h, w, seed=0):
