@@ -48,10 +48,9 @@ def _add_common(p: argparse.ArgumentParser, tile: bool = True) -> None:
 
 
 def _check_tiling(args) -> None:
-    if args.tile and args.tile < 12:
-        raise ValueError(f"--tile: must be 0 (no tiling) or >= 12 LR pixels, got {args.tile}")
-    if args.tile and not 0 <= args.overlap < args.tile // 2:
-        raise ValueError(f"--overlap: must be in [0, tile/2), got {args.overlap} for tile {args.tile}")
+    from .infer import check_tiling
+
+    check_tiling(args.tile or None, args.overlap)
 
 
 def _progress_bar(desc: str):

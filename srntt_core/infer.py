@@ -23,8 +23,8 @@ from torch import nn
 from .checkpoint import CheckpointError, load_generator
 from .models.srntt import SRNTT
 
-__all__ = ["CheckpointError", "ReferenceBank", "load_model", "no_reference", "prepare_reference",
-           "resolve_device", "super_resolve"]
+__all__ = ["CheckpointError", "ReferenceBank", "check_tiling", "load_model", "no_reference",
+           "prepare_reference", "resolve_device", "super_resolve"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 BUNDLED_CHECKPOINT = CHECKPOINT_DIR / "srntt_l2.pt"
@@ -160,6 +160,14 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
+def check_tiling(tile: int | None, overlap: int) -> None:
+    """``tile``: None (whole image) or >= 12 LR pixels; ``overlap`` in [0, tile/2)."""
+    if tile is not None and tile < 12:
+        raise ValueError(f"tile: must be >= 12 LR pixels (or none), got {tile}")
+    if tile is not None and not 0 <= overlap < tile // 2:
+        raise ValueError(f"overlap: must be in [0, tile/2), got {overlap} for tile {tile}")
+
+
 @torch.no_grad()
 def super_resolve(
     model: SRNTT,
@@ -188,10 +196,7 @@ def super_resolve(
         refs = [refs] if refs.dim() == 3 else list(refs)
     if not refs:
         raise ValueError("refs: give at least one reference image (or the LR upsampled, for no reference)")
-    if tile is not None and tile < 12:
-        raise ValueError(f"tile: must be >= 12 LR pixels, got {tile}")
-    if tile is not None and not 0 <= overlap < tile // 2:
-        raise ValueError(f"overlap: must be in [0, tile/2), got {overlap} for tile {tile}")
+    check_tiling(tile, overlap)
     device = next(model.parameters()).device
     lr = lr.to(device, torch.float32)
     if extractor is None:

@@ -183,6 +183,14 @@ def test_unknown_device_before_the_work(tmp_path, tiny_ckpt, capsys, no_work, de
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("flags,words", [(["--tile", "5"], ["tile", ">= 12"]),
+                                         (["--tile", "16", "--overlap", "8"], ["overlap"])])
+def test_bad_tiling_before_the_work(tmp_path, tiny_ckpt, capsys, no_work, flags, words):
+    lr = _img(tmp_path / "lr.png", 12, 12)
+    assert cli.main(["sr", lr, "-o", str(tmp_path / "o.png"), "--checkpoint", tiny_ckpt, *flags]) == 2
+    _one_line_error(capsys, *words)
+
+
 def test_missing_output_folder_is_created(tmp_path, tiny_ckpt):
     lr = _img(tmp_path / "lr.png", 12, 12)
     out = tmp_path / "new" / "deeper" / "sr.jpg"
