@@ -42,7 +42,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
         return 0
     module, _, run, _ = COMMANDS[args.command]
-    return int(getattr(importlib.import_module(module), run)(args) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), run)(args) or 0)
+    except (OSError, ValueError) as e:
+        # user errors (bad files, paths, devices, checkpoints, arguments): one line, no traceback
+        print(f"srntt {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.strerror}: {e.filename}"
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Subcommands ``sr``, ``demo``, ``eval`` and ``train`` of the ``srntt`` CLI.
 
 Each has ``add_<cmd>_arguments(parser)`` and ``run_<cmd>(args) -> int`` (exit status);
-``srntt_core.cli`` dispatches to them. User errors (missing or corrupt files, a checkpoint
-that does not fit) are printed as one line and give exit status 2.
+``srntt_core.cli`` dispatches to them and turns user errors (OSError, ValueError: missing,
+corrupt or too large files, a refused checkpoint, a bad output path or device) into one line
+on stderr and exit status 2. Arguments, output paths and the device are checked before any
+work starts. The rules are documented in docs/CLI.md.
 """
 
 from __future__ import annotations
@@ -15,29 +17,40 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_SAMPLE = ASSETS / "zebra.png"
+DEMO_FILES = ("lr", "reference", "bicubic", "srntt", "hr", "comparison")
 
 
-def _user_error(e: Exception) -> int:
-    print(f"srntt: error: {e}", file=sys.stderr)
-    return 2
-
-
-def _device(name: str):
-    from .train import resolve_device
-
-    return resolve_device(name)
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
 
 
 def _add_common(p: argparse.ArgumentParser, tile: bool = True) -> None:
+    from .data import DEFAULT_MAX_PIXELS
+
     p.add_argument("--checkpoint", default="bundled",
                    help="SRNTT checkpoint (default: the bundled SRNTT-l2 model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "triton", "torch"],
                    help="patch-matching / swapping backend (default auto)")
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images (and, for sr, outputs) above this many pixels "
+                        f"(default {DEFAULT_MAX_PIXELS:_})")
     if tile:
         p.add_argument("--tile", type=int, default=128,
                        help="LR tile size for large inputs (0: no tiling; default 128)")
         p.add_argument("--overlap", type=int, default=16, help="tile overlap in LR pixels (default 16)")
+
+
+def _check_tiling(args) -> None:
+    from .infer import check_tiling
+
+    check_tiling(args.tile or None, args.overlap)
 
 
 def _progress_bar(desc: str):
@@ -64,38 +77,41 @@ def add_sr_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="low-resolution image (any size)")
     p.add_argument("--ref", action="append", default=[], metavar="REF",
                    help="reference image (repeat for several); none: the LR upsampled (no-reference mode)")
-    p.add_argument("-o", "--out", required=True, help="output image (x4)")
+    p.add_argument("-o", "--out", required=True, help="output image (x4); its extension gives the format")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file, even one of the inputs")
     _add_common(p)
 
 
 def run_sr(args) -> int:
     import torch
 
-    from .data import ImageReadError, load_image, save_image
-    from .infer import CheckpointError, load_model, no_reference, super_resolve
+    from .data import ImageTooLargeError, check_output_path, image_size, load_image, save_image
+    from .infer import load_model, no_reference, resolve_device, super_resolve
 
-    try:
-        device = _device(args.device)
-        lr = load_image(args.input)
-        refs = [load_image(r) for r in args.ref]
-        model = load_model(args.checkpoint, device)
-    except (FileNotFoundError, IsADirectoryError, ImageReadError, CheckpointError, ValueError) as e:
-        return _user_error(e)
+    device = resolve_device(args.device)
+    _check_tiling(args)
+    out = check_output_path(args.out, inputs=[args.input, *args.ref], overwrite=args.overwrite)
+    w, h = image_size(args.input, args.max_pixels)
+    if 16 * w * h > args.max_pixels:
+        raise ImageTooLargeError(
+            f"{args.input}: the x4 output would be {4 * w}x{4 * h} = {16 * w * h:,} pixels, "
+            f"above the limit of {args.max_pixels:,} (--max-pixels raises it)"
+        )
+    lr = load_image(args.input, args.max_pixels)
+    refs = [load_image(r, args.max_pixels) for r in args.ref]
+    model = load_model(args.checkpoint, device)
     if not refs:
         print("srntt sr: no --ref given; using the LR upsampled as reference (no-reference mode)",
               file=sys.stderr)
         refs = [no_reference(lr)]
     t0 = time.perf_counter()
-    try:
-        sr = super_resolve(model, lr, refs, backend=args.backend, tile=args.tile or None,
-                           overlap=args.overlap,
-                           progress=_progress_bar("sr"))
-    except ValueError as e:
-        return _user_error(e)
+    sr = super_resolve(model, lr, refs, backend=args.backend, tile=args.tile or None,
+                       overlap=args.overlap, progress=_progress_bar("sr"))
     if device.type == "cuda":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
-    out = save_image(sr.cpu(), args.out)
+    save_image(sr.cpu(), out)
     h, w = lr.shape[-2:]
     print(f"{args.input} ({w}x{h}) -> {out} ({4 * w}x{4 * h}), {len(refs)} reference(s), "
           f"{secs:.2f} s on {device}")
@@ -136,27 +152,32 @@ def side_by_side(panels: list[tuple[str, object]], ref: tuple[str, object] | Non
 def run_demo(args) -> int:
     import torch
 
+    from .checkpoint import atomic_write
     from .data import (
-        ImageReadError,
         bicubic_down,
         bicubic_up,
+        check_output_path,
         load_image,
         quantize,
         save_image,
         split_image,
         tensor_to_pil,
     )
-    from .infer import CheckpointError, load_model, super_resolve
+    from .infer import load_model, resolve_device, super_resolve
     from .metrics import psnr_y, ssim_y
 
-    try:
-        device = _device(args.device)
-        t0 = time.perf_counter()
-        model = load_model(args.checkpoint, device)
-        t_load = time.perf_counter() - t0
-        target, ref = split_image(load_image(args.image))
-    except (FileNotFoundError, IsADirectoryError, ImageReadError, CheckpointError, ValueError) as e:
-        return _user_error(e)
+    device = resolve_device(args.device)
+    _check_tiling(args)
+    out = Path(args.out)
+    for name in DEMO_FILES:
+        # the demo's own file names in its folder are replaced on every run, never the input
+        check_output_path(out / f"{name}.png", what="-o/--out", overwrite=True)
+        if Path(args.image).resolve() == (out / f"{name}.png").resolve():
+            raise ValueError(f"-o/--out: {out / name}.png would overwrite the input --image")
+    target, ref = split_image(load_image(args.image, args.max_pixels))
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint, device)
+    t_load = time.perf_counter() - t0
     lr = bicubic_down(target)
     t0 = time.perf_counter()
     bic = bicubic_up(lr)
@@ -167,13 +188,12 @@ def run_demo(args) -> int:
         torch.cuda.synchronize()
     t_sr = time.perf_counter() - t0
     sr = quantize(sr.cpu())
-    out = Path(args.out)
     for name, img in (("lr", lr), ("reference", ref), ("bicubic", bic), ("srntt", sr), ("hr", target)):
         save_image(img, out / f"{name}.png")
     panels = [("Bicubic", tensor_to_pil(bic)), ("SRNTT", tensor_to_pil(sr)), ("HR", tensor_to_pil(target))]
     pic = side_by_side(panels,
                        ("Reference (other half of the image)", tensor_to_pil(ref)))
-    pic.save(out / "comparison.png")
+    atomic_write(out / "comparison.png", lambda f: pic.save(f, format="PNG"))
     res = {
         "bicubic": (psnr_y(bic, target), ssim_y(bic, target)),
         "srntt": (psnr_y(sr, target), ssim_y(sr, target)),
@@ -201,22 +221,28 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", default="bicubic,srntt_ref,srntt_noref,srntt_oracle",
                    help="comma-separated rows: bicubic, srntt_ref, srntt_noref, srntt_oracle")
     p.add_argument("--csv", default=None, help="also write per-image results to this CSV")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     _add_common(p)
 
 
 def run_eval(args) -> int:
-    from .data import ImageReadError
-    from .evaluate import evaluate_folder
-    from .infer import CheckpointError, load_model
+    from .data import check_output_path
+    from .evaluate import ROWS, evaluate_folder
+    from .infer import load_model, resolve_device
 
-    try:
-        device = _device(args.device)
-        model = load_model(args.checkpoint, device)
-        result = evaluate_folder(model, args.dataset_dir, layout=args.layout, limit=args.limit,
-                                 rows=[r.strip() for r in args.rows.split(",") if r.strip()],
-                                 backend=args.backend, tile=args.tile or None)
-    except (FileNotFoundError, IsADirectoryError, ImageReadError, CheckpointError, ValueError) as e:
-        return _user_error(e)
+    device = resolve_device(args.device)
+    _check_tiling(args)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: must be >= 1, got {args.limit}")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        raise ValueError(f"--rows: unknown or empty {unknown or rows}; choose from {', '.join(ROWS)}")
+    if args.csv:
+        check_output_path(args.csv, overwrite=args.overwrite, extensions=(".csv",), what="--csv")
+    model = load_model(args.checkpoint, device)
+    result = evaluate_folder(model, args.dataset_dir, layout=args.layout, limit=args.limit, rows=rows,
+                             backend=args.backend, tile=args.tile or None, max_pixels=args.max_pixels)
     print(result.table())
     print(f"\n({result.seconds:.1f} s on {device})")
     if args.csv:
@@ -260,7 +286,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from .data import ImageReadError
     from .train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -277,8 +302,6 @@ def run_train(args) -> int:
         summary = train(cfg)
     except KeyboardInterrupt:
         return 130
-    except (FileNotFoundError, ImageReadError, ValueError) as e:
-        return _user_error(e)
     print(json.dumps(summary))
     return 0
 

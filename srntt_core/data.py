@@ -1,21 +1,27 @@
 """Images and datasets: Pillow IO, mod-crop, PIL bicubic LR, split-image and CUFED5-layout pairs.
 
-Tensors are float32 (3, H, W) (or batched (B, 3, H, W)) RGB in [0, 1]. Greyscale and RGBA
-files are converted to RGB. LR images are made the way SPEC 6 says: HR mod-cropped to a
-multiple of 4, then PIL bicubic x1/4 on 8-bit pixels.
+Tensors are float32 (3, H, W) (or batched (B, 3, H, W)) RGB in [0, 1]; every file is read by
+:func:`load_image` (image rules below: EXIF orientation, 16-bit, transparency, pixel limit).
+LR images are made the way SPEC 6 says: HR mod-cropped to a multiple of 4, then PIL bicubic
+x1/4 on 8-bit pixels.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
+import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .checkpoint import atomic_write, temp_name_prefix
 
 SCALE = 4
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -23,25 +29,93 @@ CUFED5_TARGET = re.compile(r"^(?P<stem>.+)_0\.(?:png|jpe?g|bmp)$", re.IGNORECASE
 
 
 class ImageReadError(ValueError):
-    """An image file exists but cannot be decoded."""
+    """An image file exists but cannot be decoded, or is refused (too many pixels)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image whose header declares more pixels than the limit (checked before decoding)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # IO
+#
+# Image rules (one loader for every command): the file's EXIF orientation is applied; greyscale
+# and palette images are expanded to RGB; 16-bit greyscale (PNG mode I;16 / I) is scaled from
+# [0, 65535], float images (mode F) are clipped to [0, 1]; images with transparency are
+# composited on white; images above ``max_pixels`` are refused from their header, before any
+# pixel is decoded.
 
-def load_pil(path: str | os.PathLike) -> Image.Image:
-    """Open an image as 8-bit RGB, with a clear error for missing or corrupt files."""
-    path = Path(path)
+DEFAULT_MAX_PIXELS = 64_000_000
+WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF", ".webp": "WEBP"}
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"image not found: {path}")
     if path.is_dir():
         raise IsADirectoryError(f"expected an image file, got a directory: {path}")
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and refuse images above ``max_pixels``."""
+    _check_file(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning is replaced by the max_pixels check below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"image {path} refused: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"cannot read image {path}: not a valid image file or corrupt ({e})") from e
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageTooLargeError(
+            f"image {path} is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
+            "(max_pixels; the CLI's --max-pixels raises it)"
+        )
+    return im
+
+
+def image_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header, as :func:`load_image` would return it (EXIF rotation)."""
+    with _open(Path(path), max_pixels) as im:
+        w, h = im.size
+        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (h, w) if rotated else (w, h)
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] following the image rules above."""
+    if im.mode in _SIXTEEN_BIT:
+        grey = np.asarray(im, dtype=np.float32).clip(0, 65535) / 65535
+        return np.repeat(grey[..., None], 3, axis=2)
+    if im.mode == "F":
+        grey = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0).clip(0, 1)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if im.mode in _ALPHA or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255
+        alpha = rgba[..., 3:]
+        return rgba[..., :3] * alpha + (1 - alpha)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """(3, H, W) float32 RGB in [0, 1] (see the image rules above); clear errors for bad files."""
+    path = Path(path)
+    im = _open(path, max_pixels)
+    try:
+        with im:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            arr = _to_rgb_array(upright)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"cannot read image {path}: not a valid image file or corrupt ({e})") from e
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
 
 
 def pil_to_tensor(im: Image.Image) -> torch.Tensor:
@@ -61,16 +135,46 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """(3, H, W) float32 RGB in [0, 1]."""
-    return pil_to_tensor(load_pil(path))
+def check_output_path(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (),
+                      overwrite: bool = False, extensions: Sequence[str] = tuple(WRITE_FORMATS),
+                      what: str = "output") -> Path:
+    """Check an output file before any work: known extension, not a folder, not one of ``inputs``
+    (unless ``overwrite``), not an existing file (unless ``overwrite``), and a folder that exists
+    (or can be created) and can be written to. Creates missing parent folders."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what}: {path} is a folder; give a file name")
+    if path.suffix.lower() not in extensions:
+        raise ValueError(f"{what}: unknown file extension {path.suffix or '(none)'!r} in {path}; "
+                         f"use one of {', '.join(extensions)}")
+    if not overwrite:
+        for i in inputs:
+            if path.exists() and Path(i).exists() and os.path.samefile(path, i):
+                raise ValueError(f"{what}: {path} is also an input ({i}); refusing to overwrite an input "
+                                 "(pass --overwrite to allow it)")
+        if path.exists():
+            raise FileExistsError(f"{what}: {path} exists; pass --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=temp_name_prefix(path))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write to folder {path.parent} ({e.strerror or e})") from e
+    return path
 
 
 def save_image(x: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write 8-bit RGB atomically (temporary file in the same folder, then ``os.replace``);
+    the format follows the extension (:data:`WRITE_FORMATS`)."""
     path = Path(path)
+    fmt = WRITE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"path: unknown image extension {path.suffix or '(none)'!r} in {path}; "
+                         f"use one of {', '.join(WRITE_FORMATS)}")
+    im = tensor_to_pil(x)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensor_to_pil(x).save(path)
-    return path
+    return atomic_write(path, lambda f: im.save(f, format=fmt))
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -175,11 +279,14 @@ def cufed5_groups(folder: str | os.PathLike) -> list[tuple[str, Path, list[Path]
 
 
 def load_pairs(
-    folder: str | os.PathLike, layout: str = "auto", ref_levels: Sequence[int] | None = None
+    folder: str | os.PathLike, layout: str = "auto", ref_levels: Sequence[int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[Pair]:
     """Evaluation pairs from a folder: ``layout`` "split" (any HR images, SPEC 6 split-image
     protocol), "cufed5" (``NNN_0`` target, ``NNN_1..5`` references) or "auto" (cufed5 when
-    ``*_0.*`` files are present). ``ref_levels`` picks CUFED5 references (1-based; default all)."""
+    ``*_0.*`` files are present). ``ref_levels`` picks CUFED5 references (1-based; default all).
+    An unusable image stops the loading with an error naming it (a table over a silently
+    smaller set would not be comparable)."""
     if layout not in ("auto", "split", "cufed5"):
         raise ValueError(f"layout: expected 'auto', 'split' or 'cufed5', got {layout!r}")
     files = list_images(folder)
@@ -190,13 +297,24 @@ def load_pairs(
     pairs = []
     if layout == "split":
         for p in files:
-            target, ref = split_image(load_image(p))
+            target, ref = _named(p, lambda p=p: split_image(load_image(p, max_pixels)))
             pairs.append(Pair(p.stem, target, [ref]))
         return pairs
     for stem, target, refs in cufed5_groups(folder):
         chosen = refs if ref_levels is None else [refs[i - 1] for i in ref_levels if 0 < i <= len(refs)]
-        pairs.append(Pair(stem, mod_crop(load_image(target)), [mod_crop(load_image(r)) for r in chosen]))
+        pairs.append(Pair(stem, _named(target, lambda t=target: mod_crop(load_image(t, max_pixels))),
+                          [_named(r, lambda r=r: mod_crop(load_image(r, max_pixels))) for r in chosen]))
     return pairs
+
+
+def _named(path: Path, make):
+    """``make()``, with ValueErrors (unreadable / too small images) naming ``path``."""
+    try:
+        return make()
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,8 +326,10 @@ class TrainCrops:
     Sources: folders of HR images (split-image pairs: the crop comes from one half of the
     image and the reference crop from the other half, sides chosen at random) or CUFED5-layout
     folders (target ``NNN_0``, reference ``NNN_1``..). Images are decoded once and kept as
-    uint8. Sampling is driven by an explicit ``torch.Generator`` so that a resumed run
-    draws the same batches as an uninterrupted one.
+    uint8. An image that cannot be used (unreadable, too small to split, above the pixel limit)
+    is skipped with a warning naming it; no usable image at all is an error. Sampling is driven
+    by an explicit ``torch.Generator`` so that a resumed run draws the same batches as an
+    uninterrupted one.
 
     Args:
         folders: image folders (layout detected per folder).
@@ -224,18 +344,35 @@ class TrainCrops:
             raise ValueError(f"crop/ref_crop: need multiples of {SCALE} and >= 16, got {crop}/{ref_crop}")
         self.crop, self.ref_crop, self.augment = crop, ref_crop, augment
         self.items: list[tuple[str, torch.Tensor, list[torch.Tensor]]] = []
+        self.skipped: list[str] = []
         for folder in folders:
             if is_cufed5_folder(folder):
                 for stem, target, refs in cufed5_groups(folder):
-                    self.items.append((stem, _u8(load_image(target)), [_u8(load_image(r)) for r in refs]))
+                    group = self._usable(
+                        lambda t=target, rs=refs: (_cropped_u8(t), [_cropped_u8(r) for r in rs]))
+                    if group is not None:
+                        self.items.append((stem, *group))
             else:
                 for p in list_images(folder):
-                    a, b = split_image(load_image(p))
+                    halves = self._usable(lambda p=p: _named(p, lambda: split_image(load_image(p))))
+                    if halves is None:
+                        continue
+                    a, b = halves
                     # split pairs work both ways round: either half may be the target.
                     self.items.append((p.stem, _u8(a), [_u8(b)]))
                     self.items.append((p.stem + "@b", _u8(b), [_u8(a)]))
         if not self.items:
-            raise ValueError(f"no training images in {list(map(str, folders))}")
+            why = f" (skipped: {'; '.join(self.skipped[:3])})" if self.skipped else ""
+            raise ValueError(f"no usable training images in {list(map(str, folders))}{why}")
+
+    def _usable(self, make):
+        """``make()``, or None with a warning naming the file when it is unreadable or too small."""
+        try:
+            return make()
+        except ValueError as e:
+            self.skipped.append(str(e))
+            print(f"srntt: warning: skipping a training image: {e}", file=sys.stderr)
+            return None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -267,6 +404,10 @@ class TrainCrops:
             lrs.append(bicubic_down(hr))
             refs.append(rc)
         return torch.stack(lrs), torch.stack(hrs), torch.stack(refs)
+
+
+def _cropped_u8(path: Path) -> torch.Tensor:
+    return _u8(_named(path, lambda: mod_crop(load_image(path))))
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ rounded to 8 bits, then PSNR/SSIM are measured on Y (BT.601) with a 4-pixel shav
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
 import time
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import Pair, bicubic_down, bicubic_up, load_pairs, quantize
+from .checkpoint import atomic_write
+from .data import DEFAULT_MAX_PIXELS, Pair, bicubic_down, bicubic_up, load_pairs, quantize
 from .infer import super_resolve
 from .metrics import psnr_y, ssim_y
 
@@ -57,12 +59,12 @@ class EvalResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = ["name"] + [f"{r}_{m}" for r in self.rows() for m in ("psnr", "ssim")]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, keys, extrasaction="ignore")
-            w.writeheader()
-            for row in self.per_image:
-                w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-        return path
+        text = io.StringIO()
+        w = csv.DictWriter(text, keys, extrasaction="ignore")
+        w.writeheader()
+        for row in self.per_image:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        return atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def evaluate_pairs(model, pairs: Sequence[Pair], *, rows: Sequence[str] = ROWS, backend: str = "auto",
@@ -97,11 +99,11 @@ def evaluate_pairs(model, pairs: Sequence[Pair], *, rows: Sequence[str] = ROWS, 
 
 
 def evaluate_folder(model, folder: str | os.PathLike, *, layout: str = "auto", limit: int | None = None,
-                    **kwargs) -> EvalResult:
+                    max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs) -> EvalResult:
     from .data import is_cufed5_folder
 
     resolved = layout if layout != "auto" else ("cufed5" if is_cufed5_folder(folder) else "split")
-    pairs = load_pairs(folder, resolved)
+    pairs = load_pairs(folder, resolved, max_pixels=max_pixels)
     if limit:
         pairs = pairs[:limit]
     return evaluate_pairs(model, pairs, dataset=Path(folder).name, layout=resolved, **kwargs)

@@ -6,8 +6,8 @@
 - Large inputs are cut into overlapping LR tiles; outputs are blended with linear ramps in
   the overlaps, so memory is bounded by the tile size (plus the reference features, which
   are computed once).
-- Errors: missing / corrupt images raise from :mod:`srntt_core.data`; a checkpoint that does
-  not fit the network raises :class:`CheckpointError` naming the offending keys.
+- Errors: missing / corrupt images raise from :mod:`srntt_core.data`; a checkpoint that is
+  refused or does not fit the network raises :class:`srntt_core.checkpoint.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CheckpointError, load_generator
 from .models.srntt import SRNTT
+
+__all__ = ["CheckpointError", "ReferenceBank", "check_tiling", "load_model", "no_reference",
+           "prepare_reference", "resolve_device", "super_resolve"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 BUNDLED_CHECKPOINT = CHECKPOINT_DIR / "srntt_l2.pt"
@@ -28,62 +32,40 @@ LEVELS = {"relu3_1": 1, "relu2_1": 2, "relu1_1": 4}
 MIN_LR = 3  # one 3x3 relu3_1 patch
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the SRNTT generator."""
-
-
 # ---------------------------------------------------------------------------------------------
-# checkpoints
-
-def _state_and_config(obj, path) -> tuple[dict, dict]:
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
-    if obj.get("kind") == "srntt-generator":
-        return obj["state_dict"], obj.get("config", {})
-    if obj.get("kind") == "srntt-train-state":
-        return obj["model"], obj.get("model_config", {})
-    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        return obj["state_dict"], obj.get("config", {})
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        # a bare state dict: guess the residual mode from nothing; default network
-        return obj, {}
-    raise CheckpointError(f"{path}: not an SRNTT checkpoint (keys: {sorted(obj)[:8]})")
-
+# checkpoints and devices
 
 def load_model(path: str | os.PathLike = "bundled", device: str | torch.device = "cpu") -> SRNTT:
-    """Load an SRNTT generator (fp16 checkpoints are cast to float32) in eval mode."""
+    """Load an SRNTT generator (fp16 checkpoints are cast to float32) in eval mode.
+
+    The file is read and checked by :mod:`srntt_core.checkpoint` (``weights_only`` loading,
+    configuration, key / shape / finiteness checks) before the network is built.
+    """
     path = BUNDLED_CHECKPOINT if str(path) == "bundled" else Path(path)
     if not path.is_file():
         bundled = path == BUNDLED_CHECKPOINT
         hint = " (the bundled checkpoint is missing: reinstall srntt-core)" if bundled else ""
         raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
+    return load_generator(path).to(device).eval()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ValueError otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: not a torch checkpoint or corrupt ({e})"
-        ) from e
-    state, config = _state_and_config(obj, path)
-    try:
-        model = SRNTT(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()})
-    except TypeError as e:
-        raise CheckpointError(f"{path}: unknown network configuration {config} ({e})") from e
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:2]}")
-        raise CheckpointError(f"checkpoint {path} does not fit SRNTT({config}): " + "; ".join(parts))
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return model.to(device).eval()
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r} is not supported; expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} requested but only {torch.cuda.device_count()} "
+                             "CUDA device(s) are present")
+    return dev
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +160,14 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
+def check_tiling(tile: int | None, overlap: int) -> None:
+    """``tile``: None (whole image) or >= 12 LR pixels; ``overlap`` in [0, tile/2)."""
+    if tile is not None and tile < 12:
+        raise ValueError(f"tile: must be >= 12 LR pixels (or none), got {tile}")
+    if tile is not None and not 0 <= overlap < tile // 2:
+        raise ValueError(f"overlap: must be in [0, tile/2), got {overlap} for tile {tile}")
+
+
 @torch.no_grad()
 def super_resolve(
     model: SRNTT,
@@ -206,10 +196,7 @@ def super_resolve(
         refs = [refs] if refs.dim() == 3 else list(refs)
     if not refs:
         raise ValueError("refs: give at least one reference image (or the LR upsampled, for no reference)")
-    if tile is not None and tile < 12:
-        raise ValueError(f"tile: must be >= 12 LR pixels, got {tile}")
-    if tile is not None and not 0 <= overlap < tile // 2:
-        raise ValueError(f"overlap: must be in [0, tile/2), got {overlap} for tile {tile}")
+    check_tiling(tile, overlap)
     device = next(model.parameters()).device
     lr = lr.to(device, torch.float32)
     if extractor is None:

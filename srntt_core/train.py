@@ -10,11 +10,14 @@ no gradient) and updates the generator:
 - ``train_with_truth``: a second update per batch with the swapped maps replaced by the VGG
   features of the HR crop (as the original code does); ``truth_every=k`` does it every k-th step.
 
-Runs are resumable: ``<out>/last.pt`` (generator, critic, optimizers, step, elapsed time) is
-written atomically every ``save_every`` steps, at the end, on a time budget, and on
-Ctrl-C / SIGTERM; batches are drawn from a generator seeded by (seed, step), so a resumed run
-continues exactly where an uninterrupted one would be. ``<out>/loss.csv`` and ``loss.png``
-log the losses.
+Runs are resumable: ``<out>/last.pt`` (generator, critic, optimizers, step, elapsed time,
+torch RNG state) is written atomically (:mod:`srntt_core.checkpoint`) every ``save_every``
+steps, at the end, on a time budget, and on Ctrl-C / SIGTERM; batches are drawn from a
+generator seeded by (seed, step), so a resumed run continues exactly where an uninterrupted
+one would be. A resume reads ``last.pt`` with ``weights_only=True`` and checks it before use.
+``<out>/loss.csv`` and ``loss.png`` log the losses; on every start the log is cut back
+(atomically) to the steps of the checkpoint the run starts from, and temporary files an
+interrupted save left behind are removed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import io
 import json
 import math
 import os
@@ -35,11 +39,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import (
+    CKPT_FORMAT,
+    TRAIN_STATE_KIND,
+    CheckpointError,
+    atomic_save,
+    atomic_write,
+    check_optimizer_state,
+    check_state_dict,
+    export_model,
+    remove_partials,
+    safe_load,
+    validate_train_state,
+)
+from .infer import resolve_device
 from .models import losses as L
 from .models.discriminator import Discriminator
-from .models.srntt import SRNTT
+from .models.srntt import SRNTT, validate_config
 
-CKPT_FORMAT = "srntt-core/1"
 LOG_FIELDS = ["step", "elapsed_s", "lr", "loss", "rec", "per", "adv", "tex", "d_loss", "gp", "truth_rec"]
 
 
@@ -79,43 +96,44 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
-
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save to ``path.tmp`` then ``os.replace``: a crash never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def model_checkpoint(model: SRNTT, *, fp16: bool = False, meta: dict | None = None) -> dict:
-    state = {k: (v.half() if fp16 and v.is_floating_point() else v).detach().cpu().clone()
-             for k, v in model.state_dict().items()}
-    return {"format": CKPT_FORMAT, "kind": "srntt-generator", "config": dict(model.config),
-            "state_dict": state, "meta": meta or {}}
-
-
-def export_model(model: SRNTT, path: str | os.PathLike, *, fp16: bool = True,
-                 meta: dict | None = None) -> Path:
-    return atomic_save(model_checkpoint(model, fp16=fp16, meta=meta), path)
-
-
-# ---------------------------------------------------------------------------------------------
 # helpers
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available")
-    return dev
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Types and ranges of the numeric settings, before anything is loaded or built."""
+    def integer(name: str, lo: int, hi: int, optional: bool = False) -> None:
+        v = getattr(cfg, name)
+        if v is None and optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected an integer, got {type(v).__name__} {v!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"{name}: must be in [{lo}, {hi}], got {v}")
+
+    integer("steps", 0, 10**9)
+    integer("batch", 1, 4096)
+    integer("crop", 16, 4096)
+    integer("ref_crop", 16, 4096)
+    integer("pretrain_steps", 0, 10**9)
+    integer("truth_every", 1, 10**9)
+    integer("save_every", 1, 10**9)
+    integer("bn_recalibrate", 0, 10**6)
+    integer("num_threads", 1, 4096, optional=True)
+    integer("seed", 0, 2**31 - 1)
+    for name in ("lr", "lr_floor"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    if cfg.time_budget is not None and not (math.isfinite(cfg.time_budget) and cfg.time_budget >= 0):
+        raise ValueError(f"time_budget: expected seconds >= 0, got {cfg.time_budget!r}")
+    if cfg.losses not in ("l2", "full"):
+        raise ValueError(f"losses: expected 'l2' or 'full', got {cfg.losses!r}")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    if not cfg.data:
+        raise ValueError("data: give at least one training folder")
+    if not isinstance(cfg.model, dict):
+        raise TypeError(f"model: expected a dict of SRNTT arguments, got {type(cfg.model).__name__}")
+    validate_config({**cfg.model, "residual": cfg.residual})
 
 
 def _deadline(cfg: TrainConfig, now: float) -> float | None:
@@ -150,15 +168,31 @@ def _lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows past ``step`` (written after the checkpoint a resumed run starts from)."""
+    """Keep the log rows up to ``step`` (the checkpoint a run starts from), atomically.
+
+    Rows past it were written after that checkpoint by a run that was killed; rows that do
+    not parse (a line cut by the kill) go too. The file is rewritten to a temporary file and
+    renamed, so a kill during the rewrite leaves the old log.
+    """
     if not path.exists():
         return
+    kept = []
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, LOG_FIELDS)
+        for r in csv.DictReader(f):
+            try:
+                if int(r.get("step") or "") <= step:
+                    kept.append({k: r.get(k, "") for k in LOG_FIELDS})
+            except ValueError:
+                continue
+
+    def write(f):
+        text = io.StringIO()
+        w = csv.DictWriter(text, LOG_FIELDS)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(kept)
+        f.write(text.getvalue().encode())
+
+    atomic_write(path, write)
 
 
 def plot_log(csv_path: str | os.PathLike, png_path: str | os.PathLike, width: int = 800,
@@ -194,11 +228,7 @@ def plot_log(csv_path: str | os.PathLike, png_path: str | os.PathLike, width: in
         d.text((pad, height - pad + 5), str(s0), fill="black")
         d.text((width - 60, height - pad + 5), str(s1), fill="black")
     d.text((pad + 10, height - 20), "training loss (log scale; red: running mean) vs step", fill="black")
-    png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, png_path)
-    return png_path
+    return atomic_write(png_path, lambda f: img.save(f, format="PNG"))
 
 
 def vgg_to_maps(extractor: nn.Module, hr: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -248,16 +278,24 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     from .data import TrainCrops
     from .models.vgg import VGG19Features
 
-    if cfg.losses not in ("l2", "full"):
-        raise ValueError(f"losses: expected 'l2' or 'full', got {cfg.losses!r}")
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    validate_train_config(cfg)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out: {out} exists and is not a folder")
+    if cfg.export is not None and Path(cfg.export).is_dir():
+        raise IsADirectoryError(f"export: {cfg.export} is a folder; give a file name")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "last.pt", out / "loss.csv"
+    for p in (ckpt_path, log_path, out / "config.json", out / "loss.png"):
+        remove_partials(p)
     use_amp = cfg.amp and device.type == "cuda"
 
+    state = None
+    if ckpt_path.exists():
+        state = _load_train_state(ckpt_path, cfg)
     torch.manual_seed(cfg.seed)
     model = SRNTT(residual=cfg.residual, **cfg.model).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
@@ -272,37 +310,24 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
             "extractor": extractor}
 
     step, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        saved_cfg = state.get("train_config", {})
-        defaults = dataclasses.asdict(TrainConfig(data=[], out=""))
-        for key in ("residual", "losses", "crop", "model"):
-            if saved_cfg.get(key, defaults[key]) != getattr(cfg, key):
-                raise ValueError(
-                    f"{ckpt_path}: cannot resume, it was trained with {key}={saved_cfg.get(key)!r} but "
-                    f"this run asks for {getattr(cfg, key)!r}; use another --out or the same settings"
-                )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if critic is not None and state.get("critic") is not None:
-            critic.load_state_dict(state["critic"])
-            d_opt.load_state_dict(state["d_opt"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        _truncate_log(log_path, step)
+    if state is not None:
+        _restore(state, ckpt_path, model, opt, critic, d_opt, scaler)
+        step, elapsed = state["step"], float(state["elapsed"])
         print(f"resuming {ckpt_path} at step {step} ({elapsed / 60:.1f} min trained)", file=sys.stderr)
-    with open(out / "config.json", "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    # the log holds exactly the steps of the checkpoint this run starts from (none for a new run)
+    _truncate_log(log_path, step)
+    config_text = json.dumps(dataclasses.asdict(cfg), indent=1).encode()
+    atomic_write(out / "config.json", lambda f: f.write(config_text))
 
     def save():
         atomic_save({
-            "format": CKPT_FORMAT, "kind": "srntt-train-state", "step": step, "elapsed": elapsed,
+            "format": CKPT_FORMAT, "kind": TRAIN_STATE_KIND, "step": step, "elapsed": elapsed,
             "train_config": dataclasses.asdict(cfg), "model_config": model.config,
             "model": model.state_dict(), "opt": opt.state_dict(),
             "critic": critic.state_dict() if critic is not None else None,
             "d_opt": d_opt.state_dict() if d_opt is not None else None,
             "scaler": scaler.state_dict() if use_amp else None,
+            "rng": torch.get_rng_state(),
         }, ckpt_path)
         if log_path.exists():
             plot_log(log_path, out / "loss.png")
@@ -419,6 +444,42 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
         summary["export"] = cfg.export
     print(json.dumps(summary), file=sys.stderr)
     return summary
+
+
+def _load_train_state(path: Path, cfg: TrainConfig) -> dict:
+    """Read ``last.pt`` safely and check that it can resume the run ``cfg`` describes."""
+    state = safe_load(path)
+    validate_train_state(state, path)
+    saved_cfg = state["train_config"]
+    defaults = dataclasses.asdict(TrainConfig(data=[], out=""))
+    for key in ("residual", "losses", "crop", "model"):
+        if saved_cfg.get(key, defaults[key]) != getattr(cfg, key):
+            raise ValueError(
+                f"{path}: cannot resume, it was trained with {key}={saved_cfg.get(key)!r} but "
+                f"this run asks for {getattr(cfg, key)!r}; use another --out or the same settings"
+            )
+    return state
+
+
+def _restore(state: dict, path: Path, model, opt, critic, d_opt, scaler) -> None:
+    """Load a validated training state into freshly built networks, optimizers and RNG."""
+    check_state_dict(state["model"], model, path, "the generator")
+    check_optimizer_state(state["opt"], list(model.parameters()), path, "generator optimizer")
+    if critic is not None and state.get("critic") is not None:
+        check_state_dict(state["critic"], critic, path, "the critic")
+        check_optimizer_state(state["d_opt"], list(critic.parameters()), path, "critic optimizer")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if critic is not None and state.get("critic") is not None:
+            critic.load_state_dict(state["critic"])
+            d_opt.load_state_dict(state["d_opt"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a valid training state: {e}") from e
+    if state.get("rng") is not None:
+        torch.set_rng_state(state["rng"])
 
 
 def _generator_step(nets: dict, cfg: TrainConfig, lr_in, hr_in, maps, weights, full: bool, use_amp: bool):

@@ -31,6 +31,35 @@ def test_load_save_roundtrip_and_modes(tmp_path):
     assert D.load_image(tmp_path / "rgba.png").shape == (3, 3, 4)
 
 
+def test_sixteen_bit_png_is_scaled_not_white(tmp_path):
+    grey = np.array([[0, 30000, 65535]], dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    x = D.load_image(tmp_path / "g16.png")
+    torch.testing.assert_close(x, torch.tensor(grey / 65535, dtype=torch.float32).expand(3, 1, 3))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((4, 6, 3), dtype=np.uint8)
+    arr[0, 0] = (255, 0, 0)  # top-left red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored image is to be rotated 90 degrees clockwise for display
+    Image.fromarray(arr).save(tmp_path / "r.png", exif=exif)
+    x = D.load_image(tmp_path / "r.png")
+    assert x.shape == (3, 6, 4) and D.image_size(tmp_path / "r.png") == (4, 6)
+    assert x[0, 0, -1] == 1 and x[0, 0, 0] == 0  # the top-left pixel is now top-right
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    rgba = np.array([[[10, 20, 30, 0], [10, 20, 30, 255], [0, 0, 0, 128]]], dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    x = D.load_image(tmp_path / "a.png")
+    want = torch.tensor([[1, 1, 1], [10 / 255, 20 / 255, 30 / 255], [127 / 255] * 3]).T[:, None, :]
+    torch.testing.assert_close(x, want.float(), atol=1e-6, rtol=0)
+    Image.fromarray(np.zeros((1, 2), np.uint8), "L").save(tmp_path / "la.png", transparency=0)
+    assert torch.equal(D.load_image(tmp_path / "la.png"), torch.ones(3, 1, 2))
+
+
 def test_clear_errors_for_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="image not found"):
         D.load_image(tmp_path / "missing.png")

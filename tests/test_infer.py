@@ -7,8 +7,8 @@ from torch import nn
 
 from srntt_core import infer as I
 from srntt_core import swap
+from srntt_core.checkpoint import export_model
 from srntt_core.models.srntt import SRNTT
-from srntt_core.train import export_model
 
 TINY = dict(ch=8, content_blocks=1, transfer_blocks=(1, 1, 1))
 

@@ -23,6 +23,49 @@ from torch import nn
 SWAP_LEVELS = ("relu3_1", "relu2_1", "relu1_1")
 SWAP_CHANNELS = {"relu3_1": 256, "relu2_1": 128, "relu1_1": 64}
 RESIDUAL_MODES = (None, "bicubic")
+# Bounds on the configuration (the paper's network: ch 64, blocks 16 / (16, 8, 4)). They keep a
+# configuration read from a file from asking for an absurd network: at the bounds, ~150 M parameters.
+MAX_CH = 256
+MAX_BLOCKS = 32
+
+
+def _bounded_int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def validate_config(config) -> dict:
+    """Check an SRNTT configuration (a dict of ``SRNTT(...)`` arguments) and return the arguments.
+
+    Types and ranges are checked before anything is built: ``ch`` in [2, MAX_CH],
+    ``content_blocks`` in [0, MAX_BLOCKS], ``transfer_blocks`` three integers in [0, MAX_BLOCKS],
+    ``residual`` one of RESIDUAL_MODES. Raises TypeError / ValueError naming the field.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"config: expected a dict of SRNTT arguments, got {type(config).__name__}")
+    known = ("ch", "content_blocks", "transfer_blocks", "residual")
+    unknown = sorted(str(k) for k in config if k not in known)
+    if unknown:
+        raise ValueError(f"config: unknown field(s) {unknown}; known: {list(known)}")
+    out = {}
+    if "ch" in config:
+        out["ch"] = _bounded_int("ch", config["ch"], 2, MAX_CH)
+    if "content_blocks" in config:
+        out["content_blocks"] = _bounded_int("content_blocks", config["content_blocks"], 0, MAX_BLOCKS)
+    if "transfer_blocks" in config:
+        tb = config["transfer_blocks"]
+        if not isinstance(tb, (list, tuple)) or len(tb) != 3:
+            raise ValueError(f"transfer_blocks: expected three integers, got {tb!r}")
+        out["transfer_blocks"] = tuple(_bounded_int(f"transfer_blocks[{i}]", v, 0, MAX_BLOCKS)
+                                       for i, v in enumerate(tb))
+    if "residual" in config:
+        if config["residual"] not in RESIDUAL_MODES:
+            raise ValueError(f"residual: expected one of {RESIDUAL_MODES}, got {config['residual']!r}")
+        out["residual"] = config["residual"]
+    return out
 
 
 def conv3x3(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
@@ -139,8 +182,8 @@ class SRNTT(nn.Module):
         residual: str | None = None,
     ):
         super().__init__()
-        if residual not in RESIDUAL_MODES:
-            raise ValueError(f"residual: expected one of {RESIDUAL_MODES}, got {residual!r}")
+        validate_config({"ch": ch, "content_blocks": content_blocks, "transfer_blocks": transfer_blocks,
+                         "residual": residual})
         self.config = {
             "ch": ch, "content_blocks": content_blocks,
             "transfer_blocks": list(transfer_blocks), "residual": residual,
