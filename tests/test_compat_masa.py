@@ -333,3 +333,10 @@ def test_bad_input_is_an_error():
         search(fea_lr[:, None, :, :8, :8], fea_reflr, dilations=(1, 5))
     with pytest.raises(ValueError, match="ks, pd, stride"):
         transfer(fea_reflr, torch.zeros(1, 4, 4, dtype=torch.long), torch.ones(1, 1, 4, 4), 6, 1, 2)
+
+
+def test_registered_like_the_other_compat_modules():
+    from srntt_core.compat import registry
+
+    assert registry.MODULES["SRNTTCoreMASAWarp"] is MASAWarp
+    assert list(MASAWarp().parameters()) == []  # MASA checkpoints load unchanged
