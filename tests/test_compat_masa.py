@@ -340,3 +340,24 @@ def test_registered_like_the_other_compat_modules():
 
     assert registry.MODULES["SRNTTCoreMASAWarp"] is MASAWarp
     assert list(MASAWarp().parameters()) == []  # MASA checkpoints load unchanged
+
+
+def test_search_and_transfer_gradients_match_masa():
+    g = torch.Generator().manual_seed(10)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    blocks, reflr = r(1, 3, 4, 10, 10), r(1, 4, 9, 8)
+    score, index, margin = search_original(blocks, reflr, (1, 2, 3))
+    assert bool((margin > MARGIN).all())
+    corr, ind = search(blocks, reflr, dilations=(1, 2, 3))
+    assert torch.equal(ind[..., 0], index)
+    theirs = torch.autograd.grad(score.sum(), (blocks, reflr))
+    for a, b in zip(torch.autograd.grad(corr.sum(), (blocks, reflr)), theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    fea, soft_att = r(2, 3, 14, 12), r(2, 1, 6, 5)
+    index = torch.randint(0, 5 * 4, (2, 6, 5), generator=g)
+    theirs = transfer_original(fea, index, soft_att, 6, 2, 2)
+    ours = transfer(fea, index, soft_att, 6, 2, 2)
+    weight = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+    expected = torch.autograd.grad((theirs * weight).sum(), (fea, soft_att))
+    for a, b in zip(torch.autograd.grad((ours * weight).sum(), (fea, soft_att)), expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
