@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from srntt_core.compat import _memory
 from srntt_core.compat.masa import MASAMethods, MASAWarp, masa_warp, search, search_org, transfer
 
 ASSET = Path(__file__).resolve().parents[1] / "srntt_core" / "assets" / "zebra.png"
@@ -110,7 +111,8 @@ def warp_original(fea_lr, fea_reflr, fea_ref, block=8, ratio=1.5, dilations=(1, 
     return maps, (arg, score_g, margin_g), (index, score, margin_l), flat_blocks
 
 
-def check_warp(fea_lr, fea_reflr, fea_ref, block=8, ratio=1.5, dilations=(1, 2, 3), atol=1e-5, min_clear=0.9):
+def check_warp(fea_lr, fea_reflr, fea_ref, block=8, ratio=1.5, dilations=(1, 2, 3), atol=1e-5, min_clear=0.9,
+               backend="auto"):
     """Our warp against the rendering: indices where clear, maps everywhere (with our choices where
     the runner-up is within MARGIN: search / search_org on the same blocks and windows, which is
     what masa_warp runs)."""
@@ -125,12 +127,13 @@ def check_warp(fea_lr, fea_reflr, fea_ref, block=8, ratio=1.5, dilations=(1, 2, 
     clear_l = margin_l > MARGIN
     assert clear_l.float().mean() >= min_clear
     if not bool(clear_l.all()):
-        _, ours_l = search_org(blocks, windows_original(fea_lr, fea_reflr, centre, block, ratio))
+        windows = windows_original(fea_lr, fea_reflr, centre, block, ratio)
+        _, ours_l = search_org(blocks, windows, backend=backend)
         assert torch.equal(ours_l[..., 0][clear_l], index[clear_l])
         maps, *_ = warp_original(fea_lr, fea_reflr, fea_ref, centre=centre,
                                  local=torch.where(clear_l, index, ours_l[..., 0]), **geometry)
     ours = masa_warp(fea_lr, fea_reflr, fea_ref, lr_block_size=block, ref_down_block_size=ratio,
-                     dilations=dilations)
+                     dilations=dilations, backend=backend)
     for a, b in zip(ours, maps, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
@@ -210,11 +213,11 @@ def test_methods_mixin_reads_num_nbr():
 # ---------------------------------------------------------------------------------------------
 # the whole stage: blocks, windows, local search, transfer
 
-def test_random_features_match_masa():
+def test_random_features_match_masa(backend):
     fea_lr, fea_reflr, fea_ref = random_case()
-    ours = check_warp(fea_lr, fea_reflr, fea_ref)
+    ours = check_warp(fea_lr, fea_reflr, fea_ref, backend=backend.name)
     assert [t.shape for t in ours] == [(2, 5, 64, 96), (2, 6, 32, 48), (2, 7, 16, 24)]
-    module = MASAWarp()(fea_lr, fea_reflr, fea_ref)
+    module = MASAWarp(backend=backend.name)(fea_lr, fea_reflr, fea_ref)
     for a, b in zip(module, ours, strict=True):
         assert torch.equal(a, b)
 
@@ -252,19 +255,19 @@ def real_features():
                 [feats["relu1_1"], feats["relu2_1"], feats["relu3_1"]])
 
 
-def test_real_image_features_match_masa(real_features):
+def test_real_image_features_match_masa(real_features, backend):
     fea_lr, fea_reflr, fea_ref = real_features
     assert fea_lr.shape[-2:] == (32, 32) and fea_reflr.shape[-2:] == (40, 32)
-    check_warp(fea_lr, fea_reflr, fea_ref)
+    check_warp(fea_lr, fea_reflr, fea_ref, backend=backend.name)
 
 
-def test_exact_mode_is_one_block_with_the_whole_reference(real_features):
+def test_exact_mode_is_one_block_with_the_whole_reference(real_features, backend):
     fea_lr, fea_reflr, fea_ref = real_features
-    ours = masa_warp(fea_lr, fea_reflr, fea_ref, exact=True)
+    ours = masa_warp(fea_lr, fea_reflr, fea_ref, exact=True, backend=backend.name)
     score, index, margin = search_org_original(F.pad(fea_lr, (1, 1, 1, 1), mode="replicate"), fea_reflr)
     clear = margin > MARGIN
     assert clear.float().mean() > 0.9
-    _, ours_index = search_org(F.pad(fea_lr, (1, 1, 1, 1), mode="replicate"), fea_reflr)
+    _, ours_index = search_org(F.pad(fea_lr, (1, 1, 1, 1), mode="replicate"), fea_reflr, backend=backend.name)
     assert torch.equal(ours_index[..., 0][clear], index[clear])
     score, index, _ = search_org_original(F.pad(fea_lr, (1, 1, 1, 1), mode="replicate"), fea_reflr,
                                           pick=torch.where(clear, index, ours_index[..., 0]))
@@ -361,3 +364,20 @@ def test_search_and_transfer_gradients_match_masa():
     expected = torch.autograd.grad((theirs * weight).sum(), (fea, soft_att))
     for a, b in zip(torch.autograd.grad((ours * weight).sum(), (fea, soft_att)), expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: MASA unfolds every block's x4 window (C x 144 values per window cell); the drop-in never does.
+
+@pytest.mark.skipif(not _memory.supported(), reason="needs Linux, glibc and /proc/self/clear_refs")
+@pytest.mark.skipif(not _memory.kernels_available(), reason=_memory.KERNELS_REASON)
+def test_memory_is_far_below_the_unfolded_windows():
+    fea_lr, fea_reflr, fea_ref = random_case(n=1, c=32, h=48, w=48, hr=48, wr=48, seed=11,
+                                             channels=(32, 32, 32))
+    with torch.no_grad():
+        masa_warp(fea_lr[..., :8, :8], fea_reflr, fea_ref)  # first call: loads the custom ops
+        ours = _memory.peak_bytes(lambda: masa_warp(fea_lr, fea_reflr, fea_ref))
+        original = _memory.peak_bytes(lambda: warp_original(fea_lr, fea_reflr, fea_ref))
+    unfolded = 36 * 32 * 144 * 13 * 13 * 4  # 36 blocks, 13 x 13 window cells (window of 15)
+    assert original >= unfolded
+    assert ours < unfolded / 3
