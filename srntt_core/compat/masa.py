@@ -199,7 +199,7 @@ def _window_start(pos: Tensor, diameter: int, size: int) -> Tensor:
     """First row (column) of the window of ``diameter + 2`` around ``pos``, shifted inside [0, size)."""
     start = (pos - diameter // 2 - 1).clamp_min(0)
     # NB: a window wider than the map starts below 0; MASA's gather then wraps around (Python
-    # indexing), which the crop reproduces with a modulo.
+    # indexing), which _crop reproduces with a modulo and _blocks_swap with circular padding.
     return start.clamp_max(size - 2 - diameter)
 
 
