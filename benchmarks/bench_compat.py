@@ -11,6 +11,12 @@ reference as values):
 - ``srntt``: SRNTT's conditional multi-layer swap with weights (conv2d argmax, the weight matmul,
   Python paste loops with overlap counts at three levels).
 
+- ``masa``: MASA-SR's coarse-to-fine search and transfer, three providers: ``original`` (the
+  rendering in ``tests/test_compat_masa.py``: bmm searches, unfolded windows, fold / overlap count),
+  ``srntt_core`` (the drop-in, same blocks and windows) and ``srntt_core-exact`` (full search). MASA
+  works on 64-channel encoder features; here the first 64 channels of the same VGG maps stand in
+  (relu3_1 of LR↑ cropped to whole 8x8 blocks and of Ref↓↑; Ref relu1_1 / 2_1 / 3_1 as x4 / x2 / x1).
+
 ``extra_info`` adds ``index_agreement`` (share of the original's indices that srntt_core reproduces)
 and ``peak_mem_mb_isolated``: the peak measured again in a separate process with
 ``srntt_core.compat._memory`` and ``fix_allocator()`` (glibc told to map and unmap every block of
@@ -22,6 +28,7 @@ the other benchmarks' timings, untouched. The 1080p shape is skipped: the origin
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from pathlib import Path
 
@@ -31,12 +38,15 @@ import torch.nn.functional as F
 
 from srntt_core.compat import _memory
 from srntt_core.compat.c2matching import correspondence_match
+from srntt_core.compat.masa import masa_warp, search_org
 from srntt_core.compat.srntt import srntt_swap
 from srntt_core.compat.ttsr import SearchTransfer, search_transfer
 
 ROUNDS = {"train": 3, "cufed5": 1}
 MODULES = ("ttsr", "c2matching", "srntt")
 PROVIDERS = ("srntt_core", "original")
+MASA_PROVIDERS = ("srntt_core", "srntt_core-exact", "original")
+MASA_CHANNELS = 64  # MASA's nf
 HERE = Path(__file__).resolve().parent
 
 
@@ -125,8 +135,57 @@ def _our_index(module, query, key):
             srntt_swap(query, key, key).index
 
 
-def measure_peaks(shape: str) -> None:
-    """In a fresh process: peak bytes of every (module, provider) at ``shape``, printed as JSON."""
+@functools.cache
+def masa_rendering():
+    """MASA's published algorithm as the tests write it out (the one rendering of it)."""
+    path = HERE.parent / "tests" / "test_compat_masa.py"
+    spec = importlib.util.spec_from_file_location("masa_rendering", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _masa_inputs(data, shape):
+    query, key = data.match_inputs(shape, "real")
+    values = data.swap_values(shape, "real")
+    h, w = query.shape[-2:]
+    c = MASA_CHANNELS
+    fea_lr = query[:, :c, : h // 8 * 8, : w // 8 * 8].contiguous()
+    fea_ref = [values[layer][:, :c].contiguous() for layer in ("relu1_1", "relu2_1", "relu3_1")]
+    return fea_lr, key[:, :c].contiguous(), fea_ref
+
+
+def _masa_runner(provider, fea_lr, fea_reflr, fea_ref):
+    if provider == "original":
+        return lambda: masa_rendering().warp_original(fea_lr, fea_reflr, fea_ref)
+    return lambda: masa_warp(fea_lr, fea_reflr, fea_ref, exact=provider == "srntt_core-exact")
+
+
+def _masa_agreement(fea_lr, fea_reflr, fea_ref, original) -> dict:
+    """How the drop-in and the exact mode compare with the original's output ``original``."""
+    maps, _, (_, windowed, _), _ = original
+    n, _, h, w = fea_lr.shape
+    windowed = windowed.view(n, h // 8, w // 8, 8, 8).permute(0, 1, 3, 2, 4).reshape(n, h, w)
+    with torch.no_grad():
+        ours = masa_warp(fea_lr, fea_reflr, fea_ref)
+        exact, _ = search_org(F.pad(fea_lr, (1, 1, 1, 1), mode="replicate"), fea_reflr)
+    close = torch.ones(n, h, w, dtype=torch.bool)
+    for a, b in zip(ours, maps, strict=True):
+        s = a.shape[-1] // w
+        diff = (a - b).abs().amax(dim=1)
+        close &= F.max_pool2d(diff[:, None], s)[:, 0] <= 1e-4
+    gain = exact[..., 0] - windowed
+    return {
+        "dropin_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(ours, maps, strict=True)),
+        "dropin_pixel_agreement": round(close.double().mean().item(), 5),
+        "exact_better_match_share": round((gain > 1e-5).double().mean().item(), 5),
+        "exact_mean_cosine_gain": round(gain.double().mean().item(), 5),
+    }
+
+
+def measure_peaks(shape: str, family: str) -> None:
+    """In a fresh process: peak bytes of every (module, provider) of ``family`` ("masa" or "others")
+    at ``shape``, printed as JSON."""
     import types
 
     import conftest
@@ -139,19 +198,24 @@ def measure_peaks(shape: str) -> None:
         inputs = (query, key, lv3, lv2, lv1)
         crops = [t[..., : 8 * s, : 8 * s] for t, s in zip(inputs, (1, 1, 1, 2, 4), strict=True)]
         _runner("ttsr", "srntt_core", *crops)[0]()  # warm-up: the first custom-op call imports torch._dynamo
-        for module in MODULES:
-            for provider in PROVIDERS:
-                fn = _runner(module, provider, query, key, lv3, lv2, lv1)[0]
-                peaks[f"{module}/{provider}"] = _memory.peak_bytes(fn)
+        if family == "masa":
+            masa = _masa_inputs(data, shape)
+            for provider in MASA_PROVIDERS:
+                peaks[f"masa/{provider}"] = _memory.peak_bytes(_masa_runner(provider, *masa))
+        else:
+            for module in MODULES:
+                for provider in PROVIDERS:
+                    fn = _runner(module, provider, query, key, lv3, lv2, lv1)[0]
+                    peaks[f"{module}/{provider}"] = _memory.peak_bytes(fn)
     print(json.dumps(peaks))
 
 
 @functools.cache
-def isolated_peaks(shape: str) -> dict:
+def isolated_peaks(shape: str, family: str = "others") -> dict:
     if not _memory.supported():
         return {}
     code = f"import sys; sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]; import bench_compat as b; " \
-           f"b.measure_peaks({shape!r})"
+           f"b.measure_peaks({shape!r}, {family!r})"
     return _memory.run_child(code, cwd=str(HERE.parent))
 
 
@@ -177,3 +241,21 @@ def test_compat(bench, data, shape, module, provider):
         theirs = index_of(out).reshape(-1).cpu()
         ours = _our_index(module, query, key).reshape(-1).cpu()
         bench.benchmark.extra_info["index_agreement"] = round((ours == theirs).double().mean().item(), 5)
+
+
+@pytest.mark.parametrize("provider", MASA_PROVIDERS)
+def test_compat_masa(bench, data, shape, provider):
+    if shape == data.LARGE_SHAPE:
+        pytest.skip("1080p: the original's unfolded x4 windows need ~20 GB")
+    if data.DEVICE.type != "cpu":
+        pytest.skip("the originals are written for CPU tensors here")
+    fea_lr, fea_reflr, fea_ref = _masa_inputs(data, shape)
+    n_query = fea_lr.shape[-2] * fea_lr.shape[-1]
+    n_key = (fea_reflr.shape[-2] - 2) * (fea_reflr.shape[-1] - 2)
+    out = bench.run(_masa_runner(provider, fea_lr, fea_reflr, fea_ref), group=f"compat masa {shape}",
+                    provider=provider, shape=shape, features="real", n_query=n_query, n_key=n_key,
+                    rounds=ROUNDS[shape], warmup=int(provider != "original"))
+    peak = isolated_peaks(shape, "masa").get(f"masa/{provider}")
+    bench.benchmark.extra_info["peak_mem_mb_isolated"] = None if peak is None else round(peak / 2**20, 1)
+    if provider == "original":
+        bench.benchmark.extra_info.update(_masa_agreement(fea_lr, fea_reflr, fea_ref, out))

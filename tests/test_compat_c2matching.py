@@ -201,3 +201,40 @@ def test_memory_is_far_below_the_correlation():
     nxn = (64 * 64) ** 2 * 4
     assert original >= nxn
     assert ours < nxn / 8
+
+
+def test_half_precision_returns_the_input_dtype():
+    # Their conv2d correlation is in the inputs' dtype; ours is computed in float32, then cast.
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.rand(1, 8, 10, 10, generator=g).half(), torch.rand(1, 8, 9, 11, generator=g).half()
+    ours = correspondence_match(a, b)
+    assert ours.value.dtype == torch.float16
+    full = correspondence_match(a.float(), b.float())
+    assert torch.equal(ours.index, full.index) and torch.equal(ours.value, full.value.half())
+    assert feature_match_index(a[0], b[0])[1].dtype == torch.float16
+
+
+def tensor_shift_original(x, shift):
+    """Their tensor_shift: (B, H, W, 2) moved down / right by ``shift``, zero-filled."""
+    new = torch.zeros_like(x)
+    h, w = x.shape[1] - shift[0], x.shape[2] - shift[1]
+    new[:, shift[0]:, shift[1]:] = x[:, :h, :w]
+    return new
+
+
+def test_offset_and_flow_maps_match_their_correspondence_generation():
+    from srntt_core.compat.c2matching import flow_maps, offset_maps
+
+    g = torch.Generator().manual_seed(8)
+    index = torch.randint(0, 7 * 6, (2, 7, 6), generator=g)
+    flows, offsets = flow_maps(index), offset_maps(index)
+    # Their per-sample loop: index_to_flow, then repeat_interleave x s and * s, then 9 shifts.
+    for b in range(2):
+        relu3 = index_to_flow(index[b:b + 1])
+        for layer, s in (("relu3_1", 1), ("relu2_1", 2), ("relu1_1", 4)):
+            flow = relu3.repeat_interleave(s, 1).repeat_interleave(s, 2) * s
+            assert torch.equal(flows[layer][b:b + 1], flow)
+            shifted = torch.cat([tensor_shift_original(flow, (i * s, j * s))
+                                 for i in range(3) for j in range(3)])
+            assert torch.equal(offsets[layer][b], shifted)
+    assert offsets["relu1_1"].shape == (2, 9, 36, 32, 2)

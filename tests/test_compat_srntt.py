@@ -229,3 +229,38 @@ def _matching_original(content, style, condition):
     max_idx = (cond_n.t() @ query).argmax(dim=0)
     weights = ((query / query.norm(dim=0, keepdim=True)).t() @ cond_n).max(dim=1).values
     return max_idx, weights
+
+
+def test_swapper_accepts_reference_sides_of_2_mod_4():
+    # A 42-pixel reference: relu3_1 10, relu2_1 21, relu1_1 42. srntt-pytorch's windows (6 at stride 2,
+    # 12 at stride 4) then form the same 8x8 grid as relu3_1's patches; the extra rows are never read.
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    map_in = {"relu3_1": r(1, 8, 10, 10), "relu2_1": r(1, 4, 20, 20), "relu1_1": r(1, 2, 40, 40)}
+    map_ref = {"relu3_1": r(1, 8, 10, 10), "relu2_1": r(1, 4, 21, 21), "relu1_1": r(1, 2, 42, 42)}
+    map_blur = {"relu3_1": r(1, 8, 10, 10)}
+    maps, weights, max_idx = Swapper()(map_in, map_ref, map_blur)
+    theirs, their_weights, their_idx, margin = swap_original(
+        map_in["relu3_1"][0], [map_ref["relu3_1"][0]], [map_blur["relu3_1"][0]],
+        [[map_ref["relu2_1"][0]], [map_ref["relu1_1"][0]]], norm_eps=1e-5)
+    assert bool((margin > MARGIN).all())
+    np.testing.assert_array_equal(max_idx, their_idx.numpy())
+    for layer, t in zip(("relu3_1", "relu2_1", "relu1_1"), theirs, strict=True):
+        np.testing.assert_allclose(maps[layer], t.numpy(), atol=1e-5, rtol=1e-5)
+    # Without the per-layer ratios the scale is ambiguous; the error says what srntt-pytorch does.
+    with pytest.raises(ValueError, match=r"ratios=\(2, 4\)"):
+        srntt_swap(map_in["relu3_1"], map_ref["relu3_1"], map_blur["relu3_1"], [map_ref["relu2_1"]])
+    with pytest.raises(ValueError, match="would not line up"):
+        srntt_swap(map_in["relu3_1"], map_ref["relu3_1"], map_blur["relu3_1"], [map_ref["relu2_1"][..., :19]],
+                   ratios=[2])
+
+
+def test_half_precision_weights_are_in_the_input_dtype():
+    # srntt-pytorch's weights come out of its matmul in the inputs' dtype.
+    content, styles, conditions, _ = random_levels(b=1, seed=4)
+    half = srntt_swap(content.half(), [s.half() for s in styles], [c.half() for c in conditions],
+                      is_weight=True, norm_eps=1e-5)
+    assert half.weights.dtype == torch.float16 and half.maps[0].dtype == torch.float16
+    full = srntt_swap(content.half().float(), [s.half().float() for s in styles],
+                      [c.half().float() for c in conditions], is_weight=True, norm_eps=1e-5)
+    assert torch.equal(half.weights, full.weights.half())

@@ -247,3 +247,15 @@ def test_non_contiguous_inputs():
     outputs = SearchTransfer()(*flipped)
     for ours, theirs in zip(outputs, SearchTransfer()(lr, key, lv1, lv2, lv3), strict=True):
         torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_returns_the_input_dtype(dtype):
+    # TTSR's S comes out of its bmm in the inputs' dtype; ours is computed in float32, then cast.
+    inputs = [x.to(dtype) for x in random_inputs(b=1, c=8, seed=8)]
+    s, *t = SearchTransfer()(*inputs)
+    assert s.dtype == dtype and all(x.dtype == dtype for x in t)
+    s32, *_ = SearchTransfer()(*[x.float() for x in inputs])
+    assert torch.equal(s, s32.to(dtype))
+    mm_s, _ = SearchTransformer()(inputs[0], inputs[1], (inputs[4], inputs[3], inputs[2]))
+    assert mm_s.dtype == dtype

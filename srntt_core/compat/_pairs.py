@@ -17,6 +17,15 @@ from torch import Tensor
 from ..reference import EPS
 
 
+def result_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the originals return scores in: their inputs' (promoted) dtype. srntt-core scores
+    half-precision inputs in float32 (exactly, then cast), where the originals compute in half."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def patch_norms(x: Tensor, patch_size: int, stride: int) -> Tensor:
     """L2 norm of every ``patch_size`` x ``patch_size`` x C patch on the valid grid: (B, Gh, Gw)."""
     sq = F.avg_pool2d(x.pow(2).sum(1, keepdim=True), patch_size, stride, divisor_override=1).squeeze(1)

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..swap import PatchMatch, patch_match
-from ._pairs import chosen_key_norms, patch_norms, renormalized
+from ..swap import LEVELS, PatchMatch, patch_match
+from ._pairs import chosen_key_norms, patch_norms, renormalized, result_dtype
 
 __all__ = [
     "Correspondence", "CorrespondenceMatcher", "correspondence_match", "feature_match_index",
-    "index_to_flow", "similarity_maps", "NORM_EPS",
+    "index_to_flow", "flow_maps", "offset_maps", "similarity_maps", "NORM_EPS",
 ]
 
 NORM_EPS = 1e-5  # C2-Matching's addend on patch norms
@@ -87,11 +87,11 @@ def _strided_match(query: Tensor, key: Tensor, patch_size: int, input_stride: in
 def _match(query: Tensor, key: Tensor, patch_size: int, input_stride: int, ref_stride: int,
            norm_input: bool, backend: str, precision: str) -> Correspondence:
     match = _strided_match(query, key, patch_size, input_stride, ref_stride, backend, precision)
-    q_norm = patch_norms(query, patch_size, input_stride)
-    k_norm = chosen_key_norms([key], match.index, patch_size, ref_stride)
-    value = renormalized(match.score, q_norm.to(match.score.dtype), k_norm.to(match.score.dtype),
-                         NORM_EPS if norm_input else None, NORM_EPS)
-    return Correspondence(match.index, value)
+    dtype = match.score.dtype  # float32 for half-precision inputs: the norms are computed in it too
+    q_norm = patch_norms(query.to(dtype), patch_size, input_stride)
+    k_norm = chosen_key_norms([key.to(dtype)], match.index, patch_size, ref_stride)
+    value = renormalized(match.score, q_norm, k_norm, NORM_EPS if norm_input else None, NORM_EPS)
+    return Correspondence(match.index, value.to(result_dtype(query, key)))
 
 
 def feature_match_index(
@@ -150,9 +150,12 @@ def correspondence_match(
     with ``is_norm=True, norm_input=True`` for every batch element. Returns ``Correspondence(index,
     value)``, each (B, H - 2, W - 2) for 3x3 patches: their ``_max_idx`` and ``_max_val``.
     """
-    feat_in = F.normalize(feat_in, dim=1)
-    feat_ref = F.normalize(feat_ref, dim=1)
-    return _match(feat_in, feat_ref, patch_size, stride, stride, True, backend, precision)
+    dtype = result_dtype(feat_in, feat_ref)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    feat_in = F.normalize(feat_in.to(compute), dim=1)
+    feat_ref = F.normalize(feat_ref.to(compute), dim=1)
+    index, value = _match(feat_in, feat_ref, patch_size, stride, stride, True, backend, precision)
+    return Correspondence(index, value.to(dtype))
 
 
 class CorrespondenceMatcher(nn.Module):
@@ -186,6 +189,36 @@ def index_to_flow(index: Tensor, ref_width: int | None = None) -> Tensor:
     row_of = torch.div(index, width, rounding_mode="floor")
     flow = torch.stack(((index % width) - cols, row_of - rows), dim=-1)
     return F.pad(flow.float(), (0, 0, 0, 2, 0, 2))
+
+
+def flow_maps(index: Tensor, ref_width: int | None = None) -> dict[str, Tensor]:
+    """DATSR's ``pre_flow``: per layer, (B, H s, W s, 2) for s = 1, 2, 4 (relu3_1, relu2_1, relu1_1).
+
+    :func:`index_to_flow` at relu3_1, each cell repeated s x s times and its (x, y) offset
+    multiplied by s, as C2-Matching and DATSR build their relu2_1 / relu1_1 flows.
+    """
+    flow = index_to_flow(index, ref_width)
+    return {layer: flow if s == 1 else
+            flow.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2) * s for layer, s in LEVELS.items()}
+
+
+def offset_maps(index: Tensor, ref_width: int | None = None) -> dict[str, Tensor]:
+    """C2-Matching's / DATSR's ``pre_offset``: per layer, (B, 9, H s, W s, 2).
+
+    Entry ``3 i + j`` is the layer's :func:`flow_maps` shifted down by ``i s`` and right by
+    ``j s`` pixels, zero-filled (their ``tensor_shift``), for i, j in 0, 1, 2: the offsets of the
+    nine taps of the deformable convolutions that consume them.
+    """
+    out = {}
+    for layer, flow in flow_maps(index, ref_width).items():
+        s = LEVELS[layer]
+        b, h, w, _ = flow.shape
+        shifted = flow.new_zeros((b, 9, h, w, 2))
+        for i in range(3):
+            for j in range(3):
+                shifted[:, 3 * i + j, i * s:, j * s:] = flow[:, :max(h - i * s, 0), :max(w - j * s, 0)]
+        out[layer] = shifted
+    return out
 
 
 def similarity_maps(value: Tensor) -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from .c2matching import CorrespondenceMatcher
+from .masa import MASAWarp
 from .ttsr import SearchTransfer, SearchTransformer
 
 __all__ = ["MODULES", "register_basicsr", "register_mmagic"]
@@ -18,6 +19,7 @@ MODULES: dict[str, type[nn.Module]] = {
     "SRNTTCoreSearchTransfer": SearchTransfer,
     "SRNTTCoreSearchTransformer": SearchTransformer,
     "SRNTTCoreCorrespondenceMatcher": CorrespondenceMatcher,
+    "SRNTTCoreMASAWarp": MASAWarp,
 }
 
 

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..swap import feature_swap, patch_match
-from ._pairs import chosen_key_norms, patch_norms, renormalized
+from ..swap import LEVELS, feature_swap, patch_match
+from ._pairs import chosen_key_norms, patch_norms, renormalized, result_dtype
 
 __all__ = ["SRNTTSwap", "Swap", "Swapper", "srntt_swap", "srntt_weight_maps", "tf_resize_bicubic"]
 
-LAYERS = ("relu3_1", "relu2_1", "relu1_1")
+LAYERS = tuple(LEVELS)  # relu3_1, relu2_1, relu1_1
 
 
 class SRNTTSwap(NamedTuple):
@@ -63,6 +63,7 @@ def srntt_swap(
     stride: int = 1,
     is_weight: bool = False,
     norm_eps: float | None = None,
+    ratios: Sequence[int] | None = None,
     backend: str = "auto",
     precision: str = "highest",
 ) -> SRNTTSwap:
@@ -78,6 +79,10 @@ def srntt_swap(
         is_weight: also return the best cosine (SRNTT's ``weights``).
         norm_eps: ``None`` for SRNTT (patch norms used as they are), ``1e-5`` for srntt-pytorch
             (both patches divided by their norm + 1e-5 in the weights).
+        ratios: the scale of each of ``other_styles`` relative to ``style``. ``None`` (SRNTT):
+            inferred, and the heights must be exact multiples (SRNTT asserts it). Given
+            (srntt-pytorch's fixed 2, 4): a map may have up to ``ratio - 1`` extra rows and columns
+            (a 42-pixel reference: relu3_1 10, relu2_1 21, relu1_1 42), which are never read.
 
     Returns:
         :class:`SRNTTSwap` ``(maps, weights, index)``; ``maps[0]`` has content's size, ``maps[1 + l]``
@@ -100,24 +105,49 @@ def srntt_swap(
     h, w = content.shape[-2:]
     maps = [feature_swap(styles, match.index, patch_size=patch_size, out_size=(h, w), reduce="mean",
                          backend=backend)]
-    for layer, level in enumerate(other_styles or ()):
+    other_styles = list(other_styles or ())
+    if ratios is not None and len(ratios) != len(other_styles):
+        raise ValueError(f"ratios: {len(ratios)} ratios for {len(other_styles)} other_styles levels")
+    for layer, level in enumerate(other_styles):
         level = _as_list(f"other_styles[{layer}]", level)
         if len(level) != len(styles):
             raise ValueError(f"other_styles[{layer}]: {len(level)} maps for {len(styles)} references")
-        ratio = level[0].shape[-2] // styles[0].shape[-2]
-        if ratio < 1 or level[0].shape[-2] != ratio * styles[0].shape[-2]:
-            raise ValueError(f"other_styles[{layer}]: height {level[0].shape[-2]} is not an integer multiple "
-                             f"of style's {styles[0].shape[-2]}")
+        ratio = _level_ratio(f"other_styles[{layer}]", level, styles,
+                             None if ratios is None else ratios[layer])
         maps.append(feature_swap(level, match.index, patch_size=patch_size, scale=ratio,
                                  out_size=(h * ratio, w * ratio), reduce="mean", backend=backend))
     weights = None
     if is_weight:
         weights = match.score
         if norm_eps is not None:
-            q_norm = patch_norms(content, patch_size, 1).to(weights.dtype)
-            k_norm = chosen_key_norms(conditions, match.index, patch_size, 1).to(weights.dtype)
+            q_norm = patch_norms(content.to(weights.dtype), patch_size, 1)
+            k_norm = chosen_key_norms([c.to(weights.dtype) for c in conditions], match.index, patch_size, 1)
             weights = renormalized(weights, q_norm, k_norm, norm_eps, norm_eps)
+        weights = weights.to(result_dtype(content, *conditions))
     return SRNTTSwap(maps, weights, match.index)
+
+
+def _level_ratio(name: str, level: Sequence[Tensor], styles: Sequence[Tensor], ratio: int | None) -> int:
+    """The scale of ``level`` relative to ``styles``, checked against every reference's sizes."""
+    h0 = styles[0].shape[-2]
+    if ratio is None:
+        ratio = level[0].shape[-2] // h0
+        if ratio < 1 or level[0].shape[-2] != ratio * h0:
+            raise ValueError(
+                f"{name}: height {level[0].shape[-2]} is not an integer multiple of style's {h0} (SRNTT's "
+                f"Swap asserts this too); srntt-pytorch's Swapper, whose ratios are fixed per layer, "
+                f"accepts up to ratio - 1 extra rows and columns: pass ratios=(2, 4) for relu2_1, relu1_1")
+    elif isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"ratios: expected positive ints, got {ratio!r}")
+    for i, (v, s) in enumerate(zip(level, styles, strict=True)):
+        # NB: the 3r x 3r windows at stride r of the level must form the same grid as the 3x3 patches
+        # of the style: (H_l - 3r) // r + 1 == H - 2, i.e. H_l // r == H (and the same for widths).
+        if v.shape[-2] // ratio != s.shape[-2] or v.shape[-1] // ratio != s.shape[-1]:
+            raise ValueError(
+                f"{name}[{i}]: a {tuple(v.shape[-2:])} map is not {ratio} times style[{i}]'s "
+                f"{tuple(s.shape[-2:])} (up to {ratio - 1} extra rows and columns); its windows would not "
+                f"line up with the matched patches")
+    return ratio
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +274,7 @@ class Swapper:
                 map_in["relu3_1"], map_ref["relu3_1"], map_ref_blur["relu3_1"],
                 [map_ref[layer] for layer in LAYERS[1:]],
                 patch_size=self.patch_size, stride=self.stride, is_weight=is_weight, norm_eps=1e-5,
-                backend=self.backend,
+                ratios=[LEVELS[layer] for layer in LAYERS[1:]], backend=self.backend,
             )
         maps = {layer: m[0].cpu().numpy() for layer, m in zip(LAYERS, result.maps, strict=True)}
         weights = None if result.weights is None else result.weights[0].cpu().numpy()

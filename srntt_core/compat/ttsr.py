@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..swap import feature_swap, patch_match
+from ._pairs import result_dtype
 
 __all__ = ["SearchTransfer", "SearchTransformer", "search_transfer"]
 
@@ -65,7 +66,8 @@ def search_transfer(
             (``[ref_lv3, ref_lv2, ref_lv1]``; any number of levels, as in mmagic).
 
     Returns:
-        ``(S, textures, index)``: ``S`` (B, 1, H, W) the best cosine similarity, ``textures[i]``
+        ``(S, textures, index)``: ``S`` (B, 1, H, W) the best cosine similarity (computed in float32
+        for half-precision inputs, returned in the inputs' dtype like TTSR's), ``textures[i]``
         (B, C_i, H * 2**i, W * 2**i) the transferred maps (window sum / 9), ``index`` (B, H, W) the
         flat position of the chosen reference patch (TTSR's ``R_lv3_star_arg``).
     """
@@ -82,7 +84,7 @@ def search_transfer(
             textures.append(summed / _WINDOWS_PER_PIXEL)
         else:
             textures.append(summed.div_(_WINDOWS_PER_PIXEL))
-    return match.score.unsqueeze(1), textures, match.index
+    return match.score.to(result_dtype(query, key)).unsqueeze(1), textures, match.index
 
 
 class SearchTransfer(nn.Module):
