@@ -136,6 +136,9 @@ def available(device: torch.device | str) -> list[str]:
     return [n for n in BACKENDS if not _REGISTRY[n].not_supported_reasons(device)]
 
 
+# NB: under torch.compile the answer is taken as a constant of the traced call (which backends can
+# run does not change while a process runs) instead of tracing into the extension's registry.
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device) -> str:
     """A concrete backend name for ``backend`` ("auto" or a name) on ``device``."""
     if not isinstance(backend, str):
