@@ -60,12 +60,15 @@ class FusedBackend(Backend):
 
     def __init__(self, name: str, device_type: str, dispatch_key: str):
         self.name, self.device_type, self.dispatch_key = name, device_type, dispatch_key
+        # NB: asked once: the registry does not change while a process runs, and torch.compile
+        # can then trace resolve() (it cannot trace the registry query, which returns a bool).
+        self.has_kernels = _ext.has_kernel("_patch_match_fused", dispatch_key)
 
     def not_supported_reasons(self, device):
         reasons = []
         if not _ext.LOADED:
             reasons.append(f"extension srntt_core._C failed to load ({_ext.LOAD_ERROR})")
-        elif not _ext.has_kernel("_patch_match_fused", self.dispatch_key):
+        elif not self.has_kernels:
             reasons.append(f"extension built without {self.dispatch_key} kernels")
         if device.type != self.device_type:
             reasons.append(f"needs {self.device_type} tensors, got {device.type}")
@@ -136,9 +139,6 @@ def available(device: torch.device | str) -> list[str]:
     return [n for n in BACKENDS if not _REGISTRY[n].not_supported_reasons(device)]
 
 
-# NB: under torch.compile the answer is taken as a constant of the traced call (which backends can
-# run does not change while a process runs) instead of tracing into the extension's registry.
-@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device) -> str:
     """A concrete backend name for ``backend`` ("auto" or a name) on ``device``."""
     if not isinstance(backend, str):
