@@ -7,7 +7,7 @@ STAMP := $(VENV)/.srntt-installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 EXT_SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: setup demo test bench lint cuda-check clean
+.PHONY: setup demo test bench lint cuda-check asan-test clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,27 @@ lint: $(STAMP)
 
 cuda-check:
 	bash scripts/cuda_check.sh
+
+# The C++-backend tests under AddressSanitizer + UBSan (not part of `make test`; `DEBUG=1 make
+# asan-test` builds at -O0 -g). The sanitized srntt_core._C is built into a copy of the package
+# under build/asan, which PYTHONPATH puts first; the Python host needs libasan preloaded (and
+# libstdc++, for ASan's C++-exception interceptor). Reports: build/asan/report.<pid>.
+ASAN_DIR := build/asan
+ASAN_TESTS ?= tests/test_cpu_kernels.py tests/test_bounds.py tests/test_hardening_props.py \
+	tests/test_bad_input.py tests/test_opcheck.py tests/test_feature_swap.py tests/test_patch_match.py
+asan-test: $(STAMP)
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/lib
+	cp -r srntt_core $(ASAN_DIR)/lib/ && rm -f $(ASAN_DIR)/lib/srntt_core/_C*.so
+	CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
+	LDFLAGS="-fsanitize=address,undefined" SRNTT_NO_CUDA=1 \
+		$(PY) setup.py -q build_ext --build-lib $(ASAN_DIR)/lib --build-temp $(ASAN_DIR)/tmp
+	export PYTHONPATH=$(ASAN_DIR)/lib SRNTT_BACKEND=cpu \
+		LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0:log_path=$(CURDIR)/$(ASAN_DIR)/report \
+		UBSAN_OPTIONS=print_stacktrace=1:log_path=$(CURDIR)/$(ASAN_DIR)/report && \
+	$(PY) -P -c "import srntt_core._C as c; assert '$(ASAN_DIR)' in c.__file__, c.__file__" && \
+	$(VENV)/bin/pytest -q -p no:cacheprovider -x $(ASAN_TESTS) -k "not torch and not compile and not first_call" \
+		|| { cat $(ASAN_DIR)/report.* 2>/dev/null; exit 1; }
 
 clean:
 	rm -rf build *.egg-info srntt_core/_C*.so

@@ -60,12 +60,15 @@ class FusedBackend(Backend):
 
     def __init__(self, name: str, device_type: str, dispatch_key: str):
         self.name, self.device_type, self.dispatch_key = name, device_type, dispatch_key
+        # NB: asked once: the registry does not change while a process runs, and torch.compile
+        # can then trace resolve() (it cannot trace the registry query, which returns a bool).
+        self.has_kernels = _ext.has_kernel("_patch_match_fused", dispatch_key)
 
     def not_supported_reasons(self, device):
         reasons = []
         if not _ext.LOADED:
             reasons.append(f"extension srntt_core._C failed to load ({_ext.LOAD_ERROR})")
-        elif not _ext.has_kernel("_patch_match_fused", self.dispatch_key):
+        elif not self.has_kernels:
             reasons.append(f"extension built without {self.dispatch_key} kernels")
         if device.type != self.device_type:
             reasons.append(f"needs {self.device_type} tensors, got {device.type}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-12
+from .geometry import EPS, grid_size
+
 # Bytes allowed for one band of unfolded descriptors and for one score tile.
 BAND_BYTES = 64 << 20
 TILE_BYTES = 64 << 20
@@ -20,10 +21,6 @@ TILE_BYTES = 64 << 20
 # within TIE_ULPS ulps of |q| (the largest possible unnormalized score) count as ties, which go to
 # the smallest index. That is ~1e-6 relative in float32, far inside the 1e-5 "highest" contract.
 TIE_ULPS = 16
-
-
-def grid_size(size: int, patch_size: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - patch_size) // stride + 1
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,8 +96,12 @@ def patch_match_score_backward(grad_score, query, keys, index, patch_size, strid
     """Gradient of the chosen pairs' cosine similarity w.r.t. query and keys (O(N) memory).
 
     With s = <q, k> / (max(|q|, eps) max(|k|, eps)):
-      ds/dq = k / (|q|' |k|') - s q / |q|'^2   (second term only where |q| > eps)
+      ds/dq = k / (|q| |k|') - s q / |q|^2   where |q| > eps, and 0 where |q| <= eps
     and symmetrically for k; patch gradients are folded back onto the feature maps.
+
+    NB: a zero patch (|q| <= eps) scores 0 against every key, and its gradient is 0. The literal
+    derivative of the clamped formula there is k / (eps |k|), ~1e12 per unit of grad_score: one
+    flat (all-zero ReLU) region would swamp a training step, and overflow float16 to inf.
     """
     b, c, hq, wq = query.shape
     dtype = query.dtype
@@ -112,8 +113,8 @@ def patch_match_score_backward(grad_score, query, keys, index, patch_size, strid
     nq, nk = q.norm(dim=1, keepdim=True), k.norm(dim=1, keepdim=True)
     nq_c, nk_c = nq.clamp_min(EPS), nk.clamp_min(EPS)
     s = (q * k).sum(dim=1, keepdim=True) / (nq_c * nk_c)
-    gq = g * (k / (nq_c * nk_c) - torch.where(nq > EPS, s / nq_c**2, 0.0) * q)
-    gk = g * (q / (nq_c * nk_c) - torch.where(nk > EPS, s / nk_c**2, 0.0) * k)
+    gq = torch.where(nq > EPS, g * (k / (nq_c * nk_c) - s / nq_c**2 * q), 0.0)
+    gk = torch.where(nk > EPS, g * (q / (nq_c * nk_c) - s / nk_c**2 * k), 0.0)
     grad_query = F.fold(gq, (hq, wq), patch_size, padding=padding, stride=stride)
     gk_all = torch.zeros_like(k_all).scatter_add_(2, flat_index, gk)
     grad_keys, start = [], 0

@@ -14,7 +14,6 @@ Semantics are SPEC 3.1-3.3 (see docs/DESIGN.md); every op runs on the backend ch
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -22,17 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dispatch, ops
+from . import dispatch, geometry, ops
 from .dispatch import BackendUnavailableError, available
-from .reference import grid_size
+from .geometry import check_patch, check_scale, check_side
+from .ops import PRECISIONS, REDUCTIONS
 
 __all__ = [
     "PatchMatch", "SwapResult", "patch_match", "feature_swap", "weight_maps", "texture_swap",
     "TextureSwapper", "BackendUnavailableError", "available", "LEVELS",
 ]
 
-PRECISIONS = ("highest", "high", "medium")
-REDUCTIONS = ("mean", "sum")
 # SRNTT's swap levels: VGG layer -> scale relative to relu3_1.
 LEVELS = {"relu3_1": 1, "relu2_1": 2, "relu1_1": 4}
 
@@ -60,20 +58,9 @@ class SwapResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# validation (SPEC 3.5)
+# validation (SPEC 3.5; bounds: docs/DESIGN.md, "Bounds and bad input")
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
-    return value
+_check_choice = ops.check_choice
 
 
 def _check_map(name: str, t) -> Tensor:
@@ -86,15 +73,6 @@ def _check_map(name: str, t) -> Tensor:
     if t.numel() == 0:
         raise ValueError(f"{name}: empty tensor of shape {tuple(t.shape)}")
     return t
-
-
-def _check_finite(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
-    # NB: NaN/Inf is an error, not propagated: a NaN descriptor compares false against every
-    # running maximum, so the argmax would silently depend on the kernel's loop order.
-    # Checked after the device check, so that a tensor on another device is reported as such.
-    for name, t in zip(names, tensors, strict=True):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: contains NaN or Inf")
 
 
 def _as_list(name: str, x) -> tuple[list[Tensor], list[str]]:
@@ -116,17 +94,6 @@ def _same_device(ref_name: str, ref: Tensor, names: Sequence[str], tensors: Sequ
     for name, t in zip(names, tensors, strict=True):
         if t.device != ref.device:
             raise ValueError(f"{name}: on device {t.device}, but {ref_name} is on {ref.device}")
-
-
-def _check_grid(name: str, t: Tensor, patch_size: int, stride: int, padding: int) -> tuple[int, int]:
-    gh = grid_size(t.shape[-2], patch_size, stride, padding)
-    gw = grid_size(t.shape[-1], patch_size, stride, padding)
-    if gh < 1 or gw < 1:
-        raise ValueError(
-            f"{name}: a {t.shape[-2]}x{t.shape[-1]} map is smaller than one patch "
-            f"(patch_size={patch_size}, padding={padding})"
-        )
-    return gh, gw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,25 +127,24 @@ def patch_match(
         differentiable with respect to ``query`` and ``key``. Zero patches score 0.
 
     Memory: O(N_query + N_key) descriptors plus bounded tiles, never N_query x N_key.
-    Raises ``ValueError``/``TypeError`` naming the argument on bad input, including NaN/Inf.
+    Raises ``ValueError``/``TypeError`` naming the argument on bad input, including NaN/Inf
+    (checked inside the op, so the function compiles with ``fullgraph=True``) and integers out
+    of their bounds (patch_size and stride in [1, 64], padding in [0, 64]).
     """
     _check_map("query", query)
     keys, names = _as_list("key", key)
     for name, k in zip(names, keys, strict=True):
         _check_map(name, k)
-    patch_size = _check_int("patch_size", patch_size, 1)
-    stride = _check_int("stride", stride, 1)
-    padding = _check_int("padding", padding, 0)
+    patch_size, stride, padding = check_patch(patch_size, stride, padding)
     precision = _check_choice("precision", precision, PRECISIONS)
     _same_device("query", query, names, keys)
-    _check_finite(["query", *names], [query, *keys])
     for name, k in zip(names, keys, strict=True):
         if k.shape[0] != query.shape[0]:
             raise ValueError(f"{name}: batch size {k.shape[0]} differs from query's {query.shape[0]}")
         if k.shape[1] != query.shape[1]:
             raise ValueError(f"{name}: has {k.shape[1]} channels, but query has {query.shape[1]}")
-        _check_grid(name, k, patch_size, stride, padding)
-    _check_grid("query", query, patch_size, stride, padding)
+        geometry.map_grid(name, k.shape[-2], k.shape[-1], patch_size, stride, padding)
+    geometry.map_grid("query", query.shape[-2], query.shape[-1], patch_size, stride, padding)
     name = dispatch.resolve(backend, query.device)
     dtype = _compute_dtype([query, *keys])
     score, index = ops.patch_match(
@@ -186,22 +152,6 @@ def patch_match(
         patch_size, stride, padding, name, precision,
     )
     return PatchMatch(index, score)
-
-
-def _key_grids(values: Sequence[Tensor], scale, patch_size, stride, padding, names) -> list[int]:
-    sizes = []
-    for name, v in zip(names, values, strict=True):
-        if v.shape[-2] < scale or v.shape[-1] < scale:
-            raise ValueError(f"{name}: a {v.shape[-2]}x{v.shape[-1]} map is smaller than scale={scale}")
-        hk, wk = v.shape[-2] // scale, v.shape[-1] // scale
-        gh, gw = grid_size(hk, patch_size, stride, padding), grid_size(wk, patch_size, stride, padding)
-        if gh < 1 or gw < 1:
-            raise ValueError(
-                f"{name}: its key map ({hk}x{wk} = size // scale) is smaller than one patch "
-                f"(patch_size={patch_size}, padding={padding})"
-            )
-        sizes.append(gh * gw)
-    return sizes
 
 
 def feature_swap(
@@ -232,6 +182,14 @@ def feature_swap(
         (B, Cv, H, W) in the dtype of ``values``, differentiable with respect to ``values``.
         Reads outside ``values`` are zeros; writes outside the output are dropped. NaN/Inf in
         ``values`` are not an error: they propagate to the output pixels whose windows read them.
+
+    Raises ``ValueError``/``TypeError`` naming the argument on bad input: integers out of their
+    bounds (patch_size and stride in [1, 64], padding in [0, 64], scale in [1, 16],
+    out_size in [1, 65536] per side, at most 2**31 - 1 output elements, at most 2**25 index
+    cells), and index values outside the key grids of ``values`` (checked inside the op: an index
+    made on a larger grid, e.g. with padding=1 for a swap with padding=0, usually trips it). The
+    index's shape is the query grid, which ``out_size`` may crop or extend freely, so it is not
+    checked against anything.
     """
     value_list, names = _as_list("values", values)
     for name, v in zip(names, value_list, strict=True):
@@ -254,28 +212,26 @@ def feature_swap(
             raise ValueError(f"{name}: shape {tuple(v.shape)} differs in batch or channels from {names[0]}")
     if index.shape[0] != b:
         raise ValueError(f"index: batch size {index.shape[0]} differs from values' {b}")
-    patch_size = _check_int("patch_size", patch_size, 1)
-    stride = _check_int("stride", stride, 1)
-    padding = _check_int("padding", padding, 0)
-    scale = _check_int("scale", scale, 1)
+    patch_size, stride, padding = check_patch(patch_size, stride, padding)
+    scale = check_scale("scale", scale)
     reduce = _check_choice("reduce", reduce, REDUCTIONS)
-    n_cells = sum(_key_grids(value_list, scale, patch_size, stride, padding, names))
-    lo, hi = int(index.min()), int(index.max())
-    if lo < 0 or hi >= n_cells:
-        raise ValueError(
-            f"index: values must be in [0, {n_cells}) (the key grid of values with patch_size={patch_size}, "
-            f"stride={stride}, padding={padding}, scale={scale}), got range [{lo}, {hi}]"
-        )
+    geometry.check_cells("index", index.numel())
+    for name, v in zip(names, value_list, strict=True):
+        geometry.value_grid(name, v.shape[-2], v.shape[-1], scale, patch_size, stride, padding)
     gqh, gqw = index.shape[-2:]
     if out_size is None:
         out_h = ((gqh - 1) * stride + patch_size - 2 * padding) * scale
         out_w = ((gqw - 1) * stride + patch_size - 2 * padding) * scale
+        if not (1 <= out_h <= geometry.SIDE_MAX and 1 <= out_w <= geometry.SIDE_MAX):
+            raise ValueError(
+                f"out_size: the default output size ((Gq - 1)*stride + patch_size - 2*padding)*scale = "
+                f"{out_h}x{out_w} (patch_size={patch_size}, stride={stride}, padding={padding}, "
+                f"scale={scale}) is not in [1, {geometry.SIDE_MAX}] per side; pass out_size")
     else:
         if not (isinstance(out_size, (tuple, list)) and len(out_size) == 2):
             raise TypeError(f"out_size: expected (H, W), got {out_size!r}")
-        out_h, out_w = (_check_int("out_size", s, 1) for s in out_size)
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"out_size: the default output size {out_h}x{out_w} is empty; pass out_size")
+        out_h, out_w = (check_side("out_size", s) for s in out_size)
+    geometry.check_elements("out_size", (b, cv, out_h, out_w), value_list[0].element_size())
     name = dispatch.resolve(backend, value_list[0].device)
     return ops.feature_swap(
         [v.contiguous() for v in value_list], index.to(torch.int64).contiguous(),
@@ -296,20 +252,30 @@ def weight_maps(
     A valid-grid ``score`` (B, Gh, Gw) is padded by ``(patch_size - 1)//2 - padding`` cells with edge
     replication (SRNTT: 1 cell, giving the relu3_1 map size), optionally resized to ``out_size``, then
     bicubic-upsampled by each of ``scales``. Returns a list of (B, 1, H*s, W*s) tensors.
+    Bounds: patch_size in [1, 64], padding in [0, 64], scales in [1, 16], out_size in
+    [1, 65536] per side, at most 2**31 - 1 elements per map.
     """
     if not isinstance(score, Tensor) or not score.is_floating_point():
         raise TypeError("score: expected a floating-point tensor")
     if score.dim() != 3 or score.numel() == 0:
         raise ValueError(f"score: expected a non-empty (B, Gh, Gw) tensor, got shape {tuple(score.shape)}")
-    patch_size = _check_int("patch_size", patch_size, 1)
-    padding = _check_int("padding", padding, 0)
-    scales = [_check_int("scales", s, 1) for s in scales]
+    patch_size, _, padding = check_patch(patch_size, 1, padding)
+    if not isinstance(scales, (tuple, list)):
+        raise TypeError(f"scales: expected a sequence of ints, got {type(scales).__name__}")
+    scales = [check_scale("scales", s) for s in scales]
     base = score.unsqueeze(1)
     pad = (patch_size - 1) // 2 - padding
     if pad > 0:
         base = F.pad(base, (pad,) * 4, mode="replicate")
-    if out_size is not None and tuple(base.shape[-2:]) != tuple(out_size):
-        base = F.interpolate(base, size=tuple(out_size), mode="bicubic", align_corners=False)
+    if out_size is not None:
+        if not (isinstance(out_size, (tuple, list)) and len(out_size) == 2):
+            raise TypeError(f"out_size: expected (H, W), got {out_size!r}")
+        out_size = tuple(check_side("out_size", s) for s in out_size)
+    h, w = out_size or base.shape[-2:]
+    for s in scales:
+        geometry.check_elements("scales", (base.shape[0], 1, h * s, w * s), score.element_size())
+    if out_size is not None and tuple(base.shape[-2:]) != out_size:
+        base = F.interpolate(base, size=out_size, mode="bicubic", align_corners=False)
     return [base if s == 1 else F.interpolate(base, scale_factor=s, mode="bicubic", align_corners=False)
             for s in scales]
 
@@ -369,7 +335,7 @@ def texture_swap(
     if lr.shape[1] != 3:
         raise ValueError(f"lr: expected 3 channels (RGB), got {lr.shape[1]}")
     _same_device("lr", lr, names, ref_list)
-    _check_finite(["lr", *names], [lr, *ref_list])
+    ops.check_finite(["lr", *names], [lr, *ref_list])
     if extractor is None:
         extractor = default_extractor().to(lr.device)
     if lr_up is None:

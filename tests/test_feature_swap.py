@@ -182,6 +182,35 @@ def test_gradcheck_values_stride2_valid(backend, reduce):
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_gradgradcheck(backend, reduce):
+    """The swap is linear: its backward is linear in grad_out, and the double backward (with
+    respect to grad_out) is the swap again; gradgradcheck checks both in float64."""
+    dev = backend.device
+    values = [features(1, 2, 6, 4, seed=1, dtype=torch.float64, device=dev).requires_grad_(),
+              features(1, 2, 4, 6, seed=2, dtype=torch.float64, device=dev).requires_grad_()]
+    index = random_index(values, (3, 4), padding=1, scale=2, seed=3)
+
+    def swap(v0, v1):
+        return sw.feature_swap([v0, v1], index, padding=1, scale=2, reduce=reduce, backend=backend.name)
+
+    assert torch.autograd.gradgradcheck(swap, tuple(values))
+
+
+def test_double_backward_is_the_swap(backend):
+    """d/d(grad_out) <backward(grad_out), w> = swap(w), exactly (no warning, no None)."""
+    dev = backend.device
+    values = features(1, 3, 10, 12, seed=4, dtype=torch.float64, device=dev).requires_grad_()
+    index = random_index(values, (5, 6), padding=1, scale=2, seed=5)
+    out = sw.feature_swap(values, index, padding=1, scale=2, backend=backend.name)
+    grad_out = torch.zeros_like(out).requires_grad_()
+    grad_values, = torch.autograd.grad(out, values, grad_out, create_graph=True)
+    w = features(*values.shape, seed=6, dtype=torch.float64, device=dev)
+    second, = torch.autograd.grad((grad_values * w).sum(), grad_out)
+    expected = sw.feature_swap(w, index, padding=1, scale=2, backend="torch")
+    torch.testing.assert_close(second, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
 def test_backward_is_the_adjoint(backend, reduce):
     """<swap(v), g> = <v, swap^T(g)> in float64, on a larger case than gradcheck can afford."""
     dev = backend.device

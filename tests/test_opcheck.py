@@ -115,6 +115,29 @@ def test_ops_compile_fullgraph(backend):
     torch.testing.assert_close(compiled(query, keys, values), swap(query, keys, values), atol=0, rtol=0)
 
 
+def test_public_api_compiles_fullgraph(backend):
+    """sw.patch_match then sw.feature_swap compile without graph breaks: the data checks (NaN/Inf,
+    index range) run inside the ops, and still raise in the compiled function."""
+    import srntt_core.swap as sw
+
+    dev = backend.device
+    query, key = features(1, 4, 9, 8, seed=1, device=dev), features(1, 4, 7, 9, seed=2, device=dev)
+    values = features(1, 2, 14, 18, seed=4, device=dev)
+
+    def swap(query, key, values):
+        m = sw.patch_match(query, key, padding=1, backend=backend.name)
+        out = sw.feature_swap(values, m.index, padding=1, scale=2, out_size=(18, 16), backend=backend.name)
+        return out * m.score.mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(swap, backend="aot_eager", fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(query, key, values), swap(query, key, values), atol=0, rtol=0)
+    bad = query.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="query: contains NaN or Inf"):
+        compiled(bad, key, values)
+
+
 def test_first_call_does_not_import_dynamo():
     """The public ops are registered without torch._disable_dynamo wrappers, so a first swap does
     not pay torch._dynamo's import (seconds) — the CLI and first calls stay fast."""

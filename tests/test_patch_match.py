@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TOL, assert_match, exact_match, features, grid
+from conftest import EPS, TOL, assert_match, exact_match, features, grid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -291,7 +291,7 @@ def test_score_gradcheck(backend, padding):
 @pytest.mark.parametrize("stride, padding", [(1, 0), (2, 1)])
 def test_score_gradient_equals_direct_cosine(backend, stride, padding):
     """Backward through the selected pair equals autograd of a direct float64 cosine at the chosen
-    pairs, including a zero query patch (its gradient has no normalization term)."""
+    pairs; a zero query patch scores 0 whatever the key, so no gradient flows through its pair."""
     dev = backend.device
     q0 = features(2, 3, 9, 8, seed=21, dtype=torch.float64, device=dev)
     q0[:, :, :4, :4] = 0
@@ -309,11 +309,33 @@ def test_score_gradient_equals_direct_cosine(backend, stride, padding):
     kd = torch.cat([unfold(k, 3, padding=padding, stride=stride) for k in k_ref], dim=2)
     idx = result.index.reshape(2, 1, -1).expand(-1, qd.shape[1], -1)
     kc = kd.gather(2, idx)
-    cos = (qd * kc).sum(1) / (qd.norm(dim=1).clamp_min(1e-12) * kc.norm(dim=1).clamp_min(1e-12))
+    nq, nk = qd.norm(dim=1), kc.norm(dim=1)
+    cos = (qd * kc).sum(1) / (nq.clamp_min(EPS) * nk.clamp_min(EPS))
+    cos = torch.where((nq > EPS) & (nk > EPS), cos, cos.detach())
     (cos.view_as(weights) * weights).sum().backward()
     torch.testing.assert_close(query.grad, q_ref.grad, atol=1e-10, rtol=1e-8)
     for k, kr in zip(keys, k_ref, strict=True):
         torch.testing.assert_close(k.grad, kr.grad, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_zero_query_patch_gradient_is_zero_and_finite(backend, dtype):
+    """An all-zero query patch scores 0 against every key; its gradient is 0 (the literal
+    derivative of the eps-clamped cosine there is k / (eps |k|), ~1e12: inf in float16), and the
+    gradient of the whole query stays bounded by that of its non-zero patches."""
+    dev = backend.device
+    q0 = features(1, 3, 8, 8, seed=31, dtype=torch.float64).clamp_min(0.1)
+    q0[:, :, 2:5, 2:5] = 0  # one all-zero 3x3 patch, cell (2, 2) of the valid grid
+    query = q0.to(dtype).to(dev).requires_grad_()
+    key = features(1, 3, 7, 6, seed=32, device=dev)
+    result = sw.patch_match(query, key, backend=backend.name)
+    assert result.score[0, 2, 2].item() == 0
+    grad_zero_patch, = torch.autograd.grad(result.score[0, 2, 2], query, retain_graph=True)
+    assert torch.count_nonzero(grad_zero_patch) == 0
+    grad, = torch.autograd.grad(result.score.sum(), query)
+    assert torch.isfinite(grad).all()
+    # |d cos / dq| <= 2 / |q| per patch; the smallest non-zero patch here has |q| > 0.1.
+    assert grad.abs().max().item() < 2 / 0.1 * 9
 
 
 def test_index_is_not_differentiable(backend):

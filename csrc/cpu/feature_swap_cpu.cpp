@@ -19,6 +19,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "srntt_limits.h"
+
 namespace srntt {
 namespace {
 
@@ -36,19 +38,22 @@ struct ValueGrids {
 
 ValueGrids value_grids(const std::vector<int64_t>& sizes, int64_t p, int64_t stride,
                        int64_t padding, int64_t scale) {
-  TORCH_CHECK(sizes.size() % 2 == 0 && !sizes.empty(), "_feature_swap_fused: bad value sizes");
+  constexpr const char* kOp = "_feature_swap_fused";
+  TORCH_CHECK_VALUE(sizes.size() % 2 == 0 && !sizes.empty(), kOp, ": bad value sizes");
   ValueGrids g;
   for (size_t r = 0; r < sizes.size(); r += 2) {
+    TORCH_CHECK_VALUE(sizes[r] >= scale && sizes[r + 1] >= scale, kOp, ": a values map (",
+                      sizes[r], "x", sizes[r + 1], ") is smaller than scale=", scale);
     const int64_t hk = sizes[r] / scale, wk = sizes[r + 1] / scale;
-    const int64_t gh = (hk + 2 * padding - p) / stride + 1;
-    const int64_t gw = (wk + 2 * padding - p) / stride + 1;
-    TORCH_CHECK(hk + 2 * padding >= p && wk + 2 * padding >= p,
-                "_feature_swap_fused: a values map is smaller than one patch");
+    const int64_t gh = checked_grid(kOp, "a values map", hk, p, stride, padding);
+    const int64_t gw = checked_grid(kOp, "a values map", wk, p, stride, padding);
+    const int64_t cells = checked_product(kOp, "a key grid", {gh, gw}, kCellsMax);
+    checked_product(kOp, "key grids", {g.total + cells}, kCellsMax);
     g.H.push_back(sizes[r]);
     g.W.push_back(sizes[r + 1]);
     g.grid_w.push_back(gw);
     g.offset.push_back(g.total);
-    g.total += gh * gw;
+    g.total += cells;
   }
   return g;
 }
@@ -512,9 +517,12 @@ at::Tensor feature_swap_fused_cpu(at::TensorList values_in, const at::Tensor& in
   TORCH_CHECK(!values_in.empty(), "_feature_swap_fused: values must not be empty");
   TORCH_CHECK(index_in.dim() == 3 && index_in.scalar_type() == at::kLong,
               "_feature_swap_fused: index must be int64 (B, Gh, Gw)");
-  TORCH_CHECK(patch_size >= 1 && stride >= 1 && padding >= 0 && scale >= 1 && out_h >= 0 &&
-                  out_w >= 0,
-              "_feature_swap_fused: bad patch_size/stride/padding/scale/out size");
+  constexpr const char* kOp = "_feature_swap_fused";
+  check_patch(kOp, patch_size, stride, padding);
+  check_bound(kOp, "scale", scale, 1, kScaleMax);
+  check_bound(kOp, "out_h", out_h, 0, kSideMax);
+  check_bound(kOp, "out_w", out_w, 0, kSideMax);
+  checked_product(kOp, "index (B x cells)", {index_in.numel()}, kCellsMax);
   if (is_reduced_float(values_in[0])) {
     std::vector<at::Tensor> wide;
     for (const at::Tensor& v : values_in) wide.push_back(v.to(at::kFloat));
@@ -536,7 +544,7 @@ at::Tensor feature_swap_fused_cpu(at::TensorList values_in, const at::Tensor& in
     sizes.push_back(v.size(3));
   }
   const int64_t Cv = values[0].size(1);
-  if (B * Cv * out_h * out_w == 0 || index.numel() == 0) {
+  if (checked_numel(kOp, "the output", {B, Cv, out_h, out_w}) == 0 || index.numel() == 0) {
     return at::zeros({B, Cv, out_h, out_w}, values[0].options());
   }
   at::Tensor out = empty_output({B, Cv, out_h, out_w}, values[0].options());
@@ -576,8 +584,14 @@ std::vector<at::Tensor> feature_swap_fused_backward_cpu(
   TORCH_CHECK(index_in.dim() == 3 && index_in.scalar_type() == at::kLong &&
                   index_in.size(0) == grad_out_in.size(0),
               "_feature_swap_fused_backward: index must be int64 (B, Gh, Gw)");
-  TORCH_CHECK(patch_size >= 1 && stride >= 1 && padding >= 0 && scale >= 1,
-              "_feature_swap_fused_backward: bad patch_size/stride/padding/scale");
+  constexpr const char* kOp = "_feature_swap_fused_backward";
+  check_patch(kOp, patch_size, stride, padding);
+  check_bound(kOp, "scale", scale, 1, kScaleMax);
+  checked_product(kOp, "index (B x cells)", {index_in.numel()}, kCellsMax);
+  for (size_t r = 0; r + 1 < value_sizes.size(); r += 2) {
+    checked_numel(kOp, "a values gradient (value_sizes)",
+                  {grad_out_in.size(0), grad_out_in.size(1), value_sizes[r], value_sizes[r + 1]});
+  }
   if (is_reduced_float(grad_out_in)) {
     std::vector<at::Tensor> grads = feature_swap_fused_backward_cpu(
         grad_out_in.to(at::kFloat), index_in, value_sizes, patch_size, stride, padding, scale,

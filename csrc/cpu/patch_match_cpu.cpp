@@ -25,6 +25,7 @@
 #include "cpu/gemm_tile_cpu.h"
 #include "cpu/patch_match_overlap_cpu.h"
 #include "cpu/patch_norms_cpu.h"
+#include "srntt_limits.h"
 
 namespace srntt {
 namespace {
@@ -204,14 +205,15 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cpu(const at::Tensor& query
   TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
               "_patch_match_fused: query must be float32 or float64");
   TORCH_CHECK(!keys_in.empty(), "_patch_match_fused: keys must not be empty");
-  TORCH_CHECK(patch_size >= 1 && stride >= 1 && padding >= 0,
-              "_patch_match_fused: need patch_size >= 1, stride >= 1, padding >= 0");
+  constexpr const char* kOp = "_patch_match_fused";
+  check_patch(kOp, patch_size, stride, padding);
   const at::Tensor q = query.contiguous();
   const int64_t B = q.size(0), C = q.size(1);
-  auto grid = [&](int64_t n) { return (n + 2 * padding - patch_size) / stride + 1; };
-  const int64_t gqh = grid(q.size(2)), gqw = grid(q.size(3));
-  TORCH_CHECK(q.size(2) + 2 * padding >= patch_size && q.size(3) + 2 * padding >= patch_size,
-              "_patch_match_fused: query is smaller than one patch");
+  const int64_t gqh = checked_grid(kOp, "query", q.size(2), patch_size, stride, padding);
+  const int64_t gqw = checked_grid(kOp, "query", q.size(3), patch_size, stride, padding);
+  checked_product(kOp, "query grid (B x cells)", {B, gqh, gqw}, kCellsMax);
+  checked_product(kOp, "a descriptor (C x patch_size^2)", {C, patch_size, patch_size},
+                  kDescriptorMax);
 
   std::vector<at::Tensor> keys;
   std::vector<KeyGrid> grids;
@@ -221,12 +223,12 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cpu(const at::Tensor& query
                     k.size(0) == B && k.size(1) == C,
                 "_patch_match_fused: every key must be a CPU (B, C, H, W) tensor of the "
                 "query's dtype, batch and channels");
-    TORCH_CHECK(k.size(2) + 2 * padding >= patch_size && k.size(3) + 2 * padding >= patch_size,
-                "_patch_match_fused: a key is smaller than one patch");
+    const int64_t gh = checked_grid(kOp, "a key", k.size(2), patch_size, stride, padding);
+    const int64_t gw = checked_grid(kOp, "a key", k.size(3), patch_size, stride, padding);
     keys.push_back(k.contiguous());
-    const KeyGrid g{k.size(2), k.size(3), grid(k.size(2)), grid(k.size(3)), offset};
-    grids.push_back(g);
-    offset += g.grid_h * g.grid_w;
+    grids.push_back(KeyGrid{k.size(2), k.size(3), gh, gw, offset});
+    offset += checked_product(kOp, "key grid", {gh, gw}, kCellsMax);
+    checked_product(kOp, "key grids (B x cells)", {B, offset}, kCellsMax);
   }
 
   at::Tensor index = at::empty({B, gqh, gqw}, q.options().dtype(at::kLong));

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cuda/feature_swap.cuh"
+#include "srntt_limits.h"
 
 namespace srntt {
 namespace {
@@ -62,6 +63,10 @@ at::Tensor feature_swap_fused_cuda(at::TensorList values_in, const at::Tensor& i
                                    int64_t stride, int64_t padding, int64_t scale, int64_t out_h, int64_t out_w,
                                    c10::string_view reduce) {
   constexpr const char* op = "_feature_swap_fused (CUDA)";
+  check_patch(op, patch_size, stride, padding);
+  check_bound(op, "scale", scale, 1, kScaleMax);
+  check_bound(op, "out_h", out_h, 0, kSideMax);
+  check_bound(op, "out_w", out_w, 0, kSideMax);
   TORCH_CHECK(!values_in.empty(), op, ": values must not be empty");
   const at::Tensor& v0 = values_in[0];
   TORCH_CHECK(v0.is_cuda(), op, ": values must be CUDA tensors");
@@ -117,6 +122,8 @@ std::vector<at::Tensor> feature_swap_fused_backward_cuda(const at::Tensor& grad_
                                                          int64_t stride, int64_t padding, int64_t scale,
                                                          c10::string_view reduce) {
   constexpr const char* op = "_feature_swap_fused_backward (CUDA)";
+  check_patch(op, patch_size, stride, padding);
+  check_bound(op, "scale", scale, 1, kScaleMax);
   TORCH_CHECK(grad_out_in.is_cuda(), op, ": grad_out must be a CUDA tensor");
   TORCH_CHECK(grad_out_in.dim() == 4, op, ": grad_out must be (B, C, H, W), got ", grad_out_in.sizes());
   TORCH_CHECK(grad_out_in.scalar_type() == at::kFloat || grad_out_in.scalar_type() == at::kDouble, op,

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda/patch_match.cuh"
+#include "srntt_limits.h"
 
 namespace srntt {
 namespace {
@@ -39,6 +40,7 @@ void check_map(const at::Tensor& x, const char* name, int64_t patch_size, int64_
 std::tuple<at::Tensor, at::Tensor> patch_match_fused_cuda(const at::Tensor& query_in, at::TensorList keys_in,
                                                           int64_t patch_size, int64_t stride, int64_t padding,
                                                           c10::string_view precision) {
+  check_patch("_patch_match_fused (CUDA)", patch_size, stride, padding);
   TORCH_CHECK(query_in.is_cuda(), "_patch_match_fused (CUDA): query must be a CUDA tensor");
   TORCH_CHECK(query_in.dim() == 4, "_patch_match_fused: query must be (B, C, H, W), got ", query_in.sizes());
   TORCH_CHECK(query_in.scalar_type() == at::kFloat || query_in.scalar_type() == at::kDouble,
