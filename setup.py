@@ -4,7 +4,9 @@ Switches (environment variables):
   FORCE_CUDA=1      build the CUDA kernels even if no CUDA build of torch is detected
   SRNTT_NO_CUDA=1   never build the CUDA kernels
   DEBUG=1           -O0 -g, no -DNDEBUG
-  SRNTT_PORTABLE=1  do not tune the CPU code for this machine (-march=native is the default)
+  SRNTT_NATIVE=1    compile the CPU code for this machine only (-march=native): the result may not
+                    run on another CPU. By default the build runs on any x86-64 CPU and picks the
+                    AVX2/FMA or AVX-512 variant of the hot loops at run time (csrc/cpu/cpu_dispatch.h).
   NVCC_FLAGS        extra flags for nvcc (space separated)
   TORCH_CUDA_ARCH_LIST  as for any torch extension (default here: "8.0;9.0")
 """
@@ -13,7 +15,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,9 +35,12 @@ def _extensions():
         _flag("FORCE_CUDA") or (CUDA_HOME is not None and torch.version.cuda is not None)
     )
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    if not _flag("SRNTT_PORTABLE") and not debug:
-        cxx.append("-march=native")
-    cxx += ["-std=c++17", "-fopenmp"]
+    if _flag("SRNTT_NATIVE"):
+        cxx += ["-march=native", "-DSRNTT_NATIVE_BUILD"]
+    # NB: the AVX2 / AVX-512 variants of the hot loops get their FMAs by contraction; -Wno-psabi
+    # silences notes about 32-byte vector arguments in the baseline code, which is never called
+    # from the variants (they inline everything they run).
+    cxx += ["-std=c++17", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"]
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG", "--use_fast_math"]
     nvcc += ["-std=c++17", "--expt-relaxed-constexpr"]
     nvcc += os.environ.get("NVCC_FLAGS", "").split()
@@ -75,4 +80,13 @@ def _cmdclass():
     return {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
-setup(ext_modules=_extensions(), cmdclass=_cmdclass())
+# The Triton kernels live in kernels/ at the repository root but install as srntt_core._triton:
+# a top-level `kernels` package would collide with other distributions of that name.
+PACKAGES = find_packages(include=["srntt_core", "srntt_core.*"]) + ["srntt_core._triton"]
+
+setup(
+    packages=PACKAGES,
+    package_dir={"srntt_core._triton": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+)

@@ -4,8 +4,9 @@
 - ``shape`` and ``features`` parameters for every benchmark that asks for them:
   relu3_1 sizes of a training crop (40x40), a CUFED5-size image (83x125, i.e. 332x500 pixels) and a
   1080p output (270x480); ``real`` features are VGG19 relu3_1 (and relu2_1, relu1_1 values) of a
-  Sun80 image from ``../shared/data`` split in two halves (SPEC 6's split-image protocol: one half is
-  the target, the other the reference), ``random`` ones are standard normal.
+  Sun80 image from the dataset folder (``data_root()``) split in two halves (the split-image
+  protocol, docs/CONTRACT.md §10: one half is the target, the other the reference), ``random`` ones
+  are standard normal.
 - ``bench``: wraps pytest-benchmark's fixture; times with ``benchmark.pedantic``, measures peak
   memory per round and fills ``extra_info`` (backend, shape, n_query, n_key, GFLOP/s, peak_mem_mb, device).
 - ``SRNTT_BENCH_SHAPES=train,cufed5`` restricts the shapes (quick checks).
@@ -29,8 +30,16 @@ import torch.nn.functional as F
 
 from srntt_core.machine import machine_name
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-IMAGE = DATA / "images" / "Sun80" / "canal_urban_sun_bioizsmryxlratmt.jpg"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """The folder of full datasets (``images/Sun80``, ...): ``$SRNTT_DATA``, else ``../shared/data``
+    beside the repository. The one place that names a default dataset folder."""
+    return Path(os.environ.get("SRNTT_DATA") or REPO.parent / "shared" / "data")
+
+
+IMAGE = data_root() / "images" / "Sun80" / "canal_urban_sun_bioizsmryxlratmt.jpg"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CHANNELS = 256
 # relu3_1 (H, W); images are 4x larger.
@@ -126,7 +135,8 @@ def _build() -> dict:
     package = Path(srntt_core.__file__).resolve().parent
     # SRNTT_BENCH_COMMIT names the commit when the package runs from a copy outside the repository
     # (a snapshot taken so that a rebuild of the extension cannot change it mid-run).
-    info = {"package": str(package), "build_info": srntt_core.build_info(),
+    where = "srntt_core" if package == REPO / "srntt_core" else "a copy outside the repository"
+    info = {"package": where, "build_info": srntt_core.build_info(),
             "commit": os.environ.get("SRNTT_BENCH_COMMIT")}
     if info["commit"] is None:
         try:
@@ -171,7 +181,7 @@ def real_images(shape: str) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
     if not IMAGE.is_file():
-        pytest.skip(f"real features need {IMAGE} (the shared data folder)")
+        pytest.skip(f"real features need {IMAGE} (set SRNTT_DATA to the dataset folder)")
     h, w = SHAPES[shape]
     img = Image.open(IMAGE)
     half = img.width // 2

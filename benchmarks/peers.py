@@ -10,7 +10,7 @@ Patch matching (all return ``(index, score)`` of shape (B, Gq_h, Gq_w), as ``srn
   are the filters of a ``conv2d`` over the query map, ``argmax`` over the filter axis. Chunked over
   the filters with a running maximum, so it fits in memory at every size.
 
-Feature swapping (all return (B, Cv, out_h, out_w), ``reduce="mean"`` semantics of SPEC 3.2):
+Feature swapping (all return (B, Cv, out_h, out_w), ``reduce="mean"`` semantics of docs/CONTRACT.md §3):
 
 - ``python_loop_swap``: SRNTT / srntt-pytorch: a Python loop over query patches that adds each
   matched reference window into the output and counts the overlaps.

@@ -1,4 +1,4 @@
-"""Feature swapping in Triton: forward and its deterministic adjoint (docs/DESIGN.md, SPEC 3.2).
+"""Feature swapping in Triton: forward and its deterministic adjoint (docs/DESIGN.md, docs/CONTRACT.md §3).
 
 Forward. Query cell (i, j), matched to key cell (u, v), copies the (P*scale)^2 window of values
 with top-left ((u*s - p)*scale, (v*s - p)*scale) into the output window with top-left

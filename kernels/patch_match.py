@@ -1,6 +1,6 @@
 """Fused patch matching in Triton: exact argmax of normalized patch cross-correlation.
 
-Maths (docs/DESIGN.md, SPEC 3.1): for query patch q and key patch k (descriptors of
+Maths (docs/DESIGN.md, docs/CONTRACT.md §2): for query patch q and key patch k (descriptors of
 ``patch_size * patch_size * C`` values taken after zero padding),
 
     score(q, k) = <q, k> / (max(|q|, eps) * max(|k|, eps)),      eps = 1e-12,

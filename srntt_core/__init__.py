@@ -20,6 +20,9 @@ def build_info() -> str:
     ext = "loaded" if _ext.LOADED else f"NOT loaded ({_ext.LOAD_ERROR})"
     cuda = "with CUDA kernels" if _ext.has_kernel("_patch_match_fused", "CUDA") else "CPU kernels only"
     lines = [f"srntt-core {__version__}, torch {torch.__version__}; extension {ext}, {cuda}"]
+    if _ext.LOADED:
+        # The variant of the CPU hot loops chosen for this CPU (SRNTT_CPU_CAPABILITY may lower it).
+        lines.append(f"  CPU kernels: {torch.ops.srntt._cpu_capability()}")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         lines.append(f"  backends on {device}: " + "; ".join(backend_report(torch.device(device))))
     return "\n".join(lines)

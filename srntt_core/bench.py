@@ -92,7 +92,7 @@ def _features(shape: tuple[int, int], channels: int, device: torch.device, real:
     from .models.vgg import VGG19Features
 
     # The bundled demo image, split in two halves: matching one against the other is the
-    # split-image reference protocol (SPEC 6).
+    # split-image reference protocol (docs/CONTRACT.md §10).
     img = Image.open(Path(__file__).parent / "assets" / "zebra.png").convert("RGB")
     half = img.width // 2
     size = (shape[1] * 4, shape[0] * 4)

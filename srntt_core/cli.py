@@ -13,7 +13,7 @@ COMMANDS = {
     "demo": ("srntt_core.commands", "add_demo_arguments", "run_demo",
              "super-resolve the bundled sample with the bundled checkpoint"),
     "eval": ("srntt_core.commands", "add_eval_arguments", "run_eval",
-             "the SPEC 6 evaluation table on a folder"),
+             "the evaluation table (docs/CONTRACT.md §10) on a folder"),
     "train": ("srntt_core.commands", "add_train_arguments", "run_train", "train SRNTT with online swapping"),
     "bench": ("srntt_core.bench", "add_arguments", "run", "quick kernel comparison on this machine"),
     "swap-demo": ("srntt_core.swap_demo", "add_arguments", "run_cli",

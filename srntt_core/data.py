@@ -2,7 +2,7 @@
 
 Tensors are float32 (3, H, W) (or batched (B, 3, H, W)) RGB in [0, 1]; every file is read by
 :func:`load_image` (image rules below: EXIF orientation, 16-bit, transparency, pixel limit).
-LR images are made the way SPEC 6 says: HR mod-cropped to a multiple of 4, then PIL bicubic
+LR images are made the way docs/CONTRACT.md §10 says: HR mod-cropped to a multiple of 4, then PIL bicubic
 x1/4 on 8-bit pixels.
 """
 
@@ -236,7 +236,7 @@ class Pair:
 
 
 def split_image(hr: torch.Tensor, multiple: int = SCALE) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 6 split-image protocol: split the longer side in two halves -> (target, reference).
+    """Split-image protocol (docs/CONTRACT.md §10): the longer side in two halves -> (target, reference).
 
     The target is the first half (left or top), the reference the second; each half is
     mod-cropped to ``multiple``.
@@ -282,7 +282,7 @@ def load_pairs(
     folder: str | os.PathLike, layout: str = "auto", ref_levels: Sequence[int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[Pair]:
-    """Evaluation pairs from a folder: ``layout`` "split" (any HR images, SPEC 6 split-image
+    """Evaluation pairs from a folder: ``layout`` "split" (any HR images, docs/CONTRACT.md §10 split-image
     protocol), "cufed5" (``NNN_0`` target, ``NNN_1..5`` references) or "auto" (cufed5 when
     ``*_0.*`` files are present). ``ref_levels`` picks CUFED5 references (1-based; default all).
     An unusable image stops the loading with an error naming it (a table over a silently

@@ -85,20 +85,21 @@ class FusedBackend(Backend):
 
 
 class TritonBackend(Backend):
-    """Triton kernels from the top-level ``kernels`` package (CUDA, or the CPU interpreter)."""
+    """Triton kernels from ``srntt_core._triton`` (``kernels/`` in the repository; CUDA, or the CPU
+    interpreter)."""
 
     name = "triton"
 
     def _kernels(self):
-        import kernels
+        from . import _triton
 
-        return kernels
+        return _triton
 
     def not_supported_reasons(self, device):
         try:
             k = self._kernels()
         except Exception as exc:
-            return [f"kernels package failed to import ({type(exc).__name__}: {exc})"]
+            return [f"srntt_core._triton failed to import ({type(exc).__name__}: {exc})"]
         return k.not_supported_reasons(device)
 
     def patch_match(self, *args):

@@ -1,4 +1,4 @@
-"""The SPEC 6 evaluation table: bicubic, split-image (or CUFED5) reference, no reference, oracle.
+"""The evaluation table (docs/CONTRACT.md §10): bicubic, split-image (or CUFED5) reference, none, oracle.
 
 For every target HR (mod-cropped to 4): LR = PIL bicubic x1/4; the bicubic row is PIL bicubic
 x4 of the LR. SRNTT runs with (a) the real reference(s) (the other half of the image in the

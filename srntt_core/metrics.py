@@ -1,4 +1,4 @@
-"""PSNR and SSIM on the Y channel (SPEC 6).
+"""PSNR and SSIM on the Y channel (docs/CONTRACT.md §10).
 
 Y is ITU-R BT.601 luma on the [16, 235] range (as MATLAB's ``rgb2ycbcr``):
 ``Y = 16 + 65.481 R + 128.553 G + 24.966 B`` for RGB in [0, 1]. A ``shave``-pixel border

@@ -220,7 +220,7 @@ torch.library.define(
 @torch.library.impl("srntt::feature_swap", "CompositeExplicitAutograd")
 def _feature_swap_impl(values: list[Tensor], index: Tensor, patch_size: int, stride: int, padding: int,
                        scale: int, out_h: int, out_w: int, reduce: str, backend: str) -> Tensor:
-    """Swap ``values`` windows into the query layout along ``index`` (SPEC 3.2)."""
+    """Swap ``values`` windows into the query layout along ``index`` (docs/CONTRACT.md §3)."""
     n_cells = _check_feature_swap_op(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce,
                                      backend)
     check_index_range(index, n_cells, patch_size, stride, padding, scale)

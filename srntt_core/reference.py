@@ -3,7 +3,7 @@
 It is the test oracle (run it in float64) and the fallback where no kernel can run, so it is
 kept short and obviously right rather than fast. It never holds N_query x N_key: query and key
 patches are unfolded in bands of grid rows, and only a band-by-band score tile exists at a time.
-Semantics: docs/DESIGN.md and SPEC 3.1-3.2.
+Semantics: docs/DESIGN.md and docs/CONTRACT.md §1-3.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _rows_per_band(x: torch.Tensor, patch_size: int, stride: int, padding: int, 
 
 
 def patch_match(query, keys, patch_size, stride, padding, precision="highest"):
-    """Exact patch matching (SPEC 3.1) in the dtype of the inputs; ties (within TIE_ULPS rounding)
+    """Exact patch matching (docs/CONTRACT.md §2) in the dtype of the inputs; ties (within TIE_ULPS rounding)
     go to the smallest index."""
     del precision  # plain torch arithmetic in the input dtype is always "highest"
     b = query.shape[0]
@@ -168,7 +168,7 @@ def _mean_count(gqh, gqw, win, step, pad, out_h, out_w, device, dtype):
 
 
 def feature_swap(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce):
-    """Feature swapping (SPEC 3.2) by one gather and one strided add per window offset.
+    """Feature swapping (docs/CONTRACT.md §3) by one gather and one strided add per window offset.
 
     NB: for a fixed offset (dy, dx) inside the window, distinct query cells write distinct output
     pixels, so the strided ``+=`` never collides and the result is deterministic.

@@ -8,7 +8,7 @@
 >>> sw.feature_swap(k, m.index).shape         # k's textures in q's layout
 torch.Size([1, 8, 20, 20])
 
-Semantics are SPEC 3.1-3.3 (see docs/DESIGN.md); every op runs on the backend chosen by
+Semantics are docs/CONTRACT.md §1-3, §7 (see docs/DESIGN.md); every op runs on the backend chosen by
 ``backend`` ("auto", "cpu", "cuda", "triton", "torch"; ``SRNTT_BACKEND`` overrides "auto").
 """
 
@@ -58,7 +58,7 @@ class SwapResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# validation (SPEC 3.5; bounds: docs/DESIGN.md, "Bounds and bad input")
+# validation (docs/CONTRACT.md §6; bounds: docs/DESIGN.md, "Bounds and bad input")
 
 _check_choice = ops.check_choice
 
@@ -284,7 +284,7 @@ def weight_maps(
 # the SRNTT swap stage
 
 def _bicubic(x: Tensor, factor: float) -> Tensor:
-    # NB: antialias when shrinking, to behave like PIL's bicubic (SPEC 6).
+    # NB: antialias when shrinking, to behave like PIL's bicubic (docs/CONTRACT.md §10).
     return F.interpolate(x, scale_factor=factor, mode="bicubic", align_corners=False,
                          antialias=factor < 1).clamp(0, 1)
 

@@ -1,6 +1,6 @@
 """The swap stage on the bundled sample pair, drawn: LR↑ input | reference | correspondence | swapped texture.
 
-The bundled sample is one real image split in two halves (SPEC 6): the left half is the target
+The bundled sample is one real image split in two halves (docs/CONTRACT.md §10): the left half is the target
 (its bicubic x1/4 is the LR input), the right half is the reference. Matching runs on relu3_1
 features; the "swapped texture" panel is the reference's own pixels moved by the matched
 correspondence (``feature_swap`` at scale 4 on RGB), which shows what the network receives.

@@ -2,7 +2,7 @@
 
 The oracle is the ``torch`` backend run in float64 (``srntt_core.reference``). On the small shapes
 used here the tests also build the dense float64 similarity matrix, which gives the exact top-2
-margin and the exact score of whatever key a backend chose (SPEC 3.4: indices are compared exactly
+margin and the exact score of whatever key a backend chose (docs/CONTRACT.md §4: indices are compared exactly
 only where the margin exceeds the tolerance; the chosen key's exact score must be within tolerance
 of the exact maximum everywhere).
 """
@@ -11,7 +11,7 @@ import os
 
 import torch
 
-# NB: must run before anything imports `kernels` or `srntt_core`: Triton reads it when kernels are
+# NB: must run before anything imports `srntt_core` (and its Triton kernels): Triton reads it when kernels are
 # decorated, so without a GPU the Triton tests can only use the interpreter if it is set first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -25,9 +25,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from srntt_core import dispatch, reference  # noqa: E402
 
-DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+# Small crops of real images, shipped with the tests (provenance: tests/data/README.md).
+TEST_IMAGES = Path(__file__).parent / "data" / "images"
 EPS = reference.EPS
-# SPEC 3.4, precision="highest": chosen key's exact score within this of the exact maximum.
+# docs/CONTRACT.md §4, precision="highest": chosen key's exact score within this of the exact maximum.
 TOL = 1e-5
 
 
@@ -140,7 +141,7 @@ def exact_match(query, keys, patch_size=3, stride=1, padding=0) -> Exact:
 
 
 def assert_match(result, exact: Exact, tol: float = TOL):
-    """SPEC 3.4 comparison of a backend's ``PatchMatch`` against the float64 oracle."""
+    """docs/CONTRACT.md §4 comparison of a backend's ``PatchMatch`` against the float64 oracle."""
     index, score = result.index.cpu(), result.score.detach().cpu()
     assert index.dtype == torch.int64, index.dtype
     assert index.shape == exact.index.shape and score.shape == exact.index.shape
@@ -158,7 +159,7 @@ def assert_match(result, exact: Exact, tol: float = TOL):
 
 def naive_feature_swap(values, index, patch_size=3, stride=1, padding=0, scale=1, out_size=None,
                        reduce="mean"):
-    """SPEC 3.2 written as literally as possible (Python loops over cells, float64)."""
+    """docs/CONTRACT.md §3 written as literally as possible (Python loops over cells, float64)."""
     values = [values] if isinstance(values, torch.Tensor) else list(values)
     values = [v.detach().double().cpu() for v in values]
     index = index.cpu()
@@ -209,33 +210,29 @@ def random_index(values, out_grid, patch_size=3, stride=1, padding=0, scale=1, b
 # ---------------------------------------------------------------------------------------------
 # real images and their VGG19 features
 
-def load_image(name: str) -> torch.Tensor:
-    """An image from ../shared/data/images as (1, 3, H, W) float32 in [0, 1]."""
+def load_image(name: str, box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """A test image from tests/data/images (optionally cropped to the PIL ``box`` (left, top, right,
+    bottom)) as (1, 3, H, W) float32 in [0, 1]."""
     from PIL import Image
 
-    path = DATA / "images" / name
-    if not path.is_file():
-        pytest.skip(f"test image {path} not found")
-    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    with Image.open(TEST_IMAGES / name) as im:
+        img = im.convert("RGB")
+    if box is not None:
+        img = img.crop(box)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-def crop(img: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
-    return img[:, :, top : top + h, left : left + w].contiguous()
 
 
 @pytest.fixture(scope="session")
 def real_images():
     """Small crops of real images: an LR target (16x24 -> 64x96 once upsampled) and two references
     of different sizes with similar textures (other parts of the same pictures)."""
-    zebra = load_image("Set14/zebra.png")
-    baboon = load_image("Set14/baboon.png")
-    hr = crop(zebra, 100, 120, 64, 96)
+    hr = load_image("zebra_target.png")
     lr = F.interpolate(hr, scale_factor=0.25, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     return {
         "hr": hr,
         "lr": lr,
-        "refs": [crop(zebra, 180, 300, 64, 96), crop(baboon, 200, 200, 48, 72)],
+        "refs": [load_image("zebra_ref.png"), load_image("baboon_ref.png")],
     }
 
 

@@ -1,4 +1,4 @@
-"""SPEC 3.5: every bad input gets a ValueError/TypeError whose message names the argument.
+"""docs/CONTRACT.md §6: every bad input gets a ValueError/TypeError whose message names the argument.
 
 NaN/Inf: decided in srntt_core.swap and tested here. patch_match (and texture_swap) raise: a NaN
 descriptor would make the argmax depend on a kernel's loop order. feature_swap propagates: it is a

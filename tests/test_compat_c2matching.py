@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_image
 
 from srntt_core.compat import _memory
 from srntt_core.compat.c2matching import (
@@ -20,7 +19,6 @@ from srntt_core.compat.c2matching import (
     similarity_maps,
 )
 
-IMAGES = Path("/work/shared/data/images")
 # NB: their ranking divides by |k| + 1e-5, a cosine search by |k|; after per-pixel normalization the
 # two differ by at most ~1e-5 relative (only for patches with all-zero pixels), so indices are
 # compared where their best score beats the runner-up by more than 1e-4.
@@ -108,20 +106,13 @@ def test_feature_match_index_signature(norm_input, patch_size, input_stride, ref
                                   ref_stride=ref_stride))
 
 
-def _image(name, box):
-    from PIL import Image
-
-    img = Image.open(IMAGES / name).convert("RGB").crop(box)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
-
-
 def test_real_image_features_match_c2matching():
     from srntt_core.models.vgg import VGG19Features
 
     vgg = VGG19Features(("relu3_1",))
     with torch.no_grad():
-        feat_in = vgg(_image("Set14/baboon.png", (0, 0, 96, 96)))["relu3_1"]
-        feat_ref = vgg(_image("Set14/baboon.png", (40, 32, 136, 128)))["relu3_1"]
+        feat_in = vgg(load_image("baboon_tl.png", (0, 0, 96, 96)))["relu3_1"]
+        feat_ref = vgg(load_image("baboon_tl.png", (40, 32, 136, 128)))["relu3_1"]
     ours = correspondence_match(feat_in, feat_ref)
     check(ours, functools.partial(correspondence_original, feat_in, feat_ref))
 

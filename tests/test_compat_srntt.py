@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_image
 
 from srntt_core.compat import _memory
 from srntt_core.compat.srntt import Swap, Swapper, srntt_swap, srntt_weight_maps, tf_resize_bicubic
 
-IMAGES = Path("/work/shared/data/images")
 MARGIN = 1e-5
 
 
@@ -107,13 +105,6 @@ def test_swap_class_is_srntt_numpy_interface():
     assert no_weights is None
 
 
-def _image(name, box):
-    from PIL import Image
-
-    img = Image.open(IMAGES / name).convert("RGB").crop(box)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
-
-
 def _down_up(x):
     down = F.interpolate(x, scale_factor=0.25, mode="bicubic", align_corners=False, antialias=True)
     return F.interpolate(down, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
@@ -123,8 +114,8 @@ def test_swapper_on_real_images_matches_srntt_pytorch():
     from srntt_core.models.vgg import VGG19Features
 
     vgg = VGG19Features(("relu1_1", "relu2_1", "relu3_1"))
-    hr = _image("Set14/baboon.png", (0, 0, 96, 96))
-    ref = _image("Set14/baboon.png", (40, 32, 136, 112))
+    hr = load_image("baboon_tl.png", (0, 0, 96, 96))
+    ref = load_image("baboon_tl.png", (40, 32, 136, 112))
     with torch.no_grad():
         map_in, map_ref, map_blur = vgg(_down_up(hr)), vgg(ref), vgg(_down_up(ref))
     maps, weights, max_idx = Swapper()(map_in, map_ref, map_blur, is_weight=True)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srntt_core.compat import _memory
 from srntt_core.compat.ttsr import SearchTransfer, SearchTransformer
 
-IMAGES = Path("/work/shared/data/images")
 MARGIN = 1e-5  # indices are compared where the best cosine beats the runner-up by more than this
 
 
@@ -82,13 +80,6 @@ def test_odd_sized_levels_match_ttsr():
     compare((lr, key, lv1, lv2, lv3))
 
 
-def _image(name, box):
-    from PIL import Image
-
-    img = Image.open(IMAGES / name).convert("RGB").crop(box)
-    return torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
-
-
 def _down_up(x):
     down = F.interpolate(x, scale_factor=0.25, mode="bicubic", align_corners=False, antialias=True)
     return F.interpolate(down, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
@@ -103,8 +94,8 @@ def vgg():
 
 def test_real_image_features_match_ttsr(vgg):
     # Target and reference: two overlapping crops of one photograph (similar textures).
-    hr = _image("Set14/baboon.png", (0, 0, 96, 96))
-    ref = _image("Set14/baboon.png", (40, 32, 136, 120))
+    hr = load_image("baboon_tl.png", (0, 0, 96, 96))
+    ref = load_image("baboon_tl.png", (40, 32, 136, 120))
     with torch.no_grad():
         lr_up, ref_du, ref_f = vgg(_down_up(hr)), vgg(_down_up(ref)), vgg(ref)
     inputs = (lr_up["relu3_1"], ref_du["relu3_1"], ref_f["relu1_1"], ref_f["relu2_1"], ref_f["relu3_1"])

@@ -1,7 +1,7 @@
 """The CUDA kernels (csrc/cuda) called as kernel-level ops, against float64 plain-torch references.
 
 ``torch.ops.srntt._patch_match_fused`` / ``_feature_swap_fused`` / ``_feature_swap_fused_backward`` on
-CUDA tensors; SPEC 3.4 contract: indices are compared exactly only where the exact top-2 margin
+CUDA tensors; docs/CONTRACT.md §4 contract: indices are compared exactly only where the exact top-2 margin
 exceeds the tolerance, and the chosen key's exact score must be within the tolerance of the exact
 maximum everywhere. Skipped without a CUDA device. ``test_cuda_check_script`` (no GPU needed) runs
 scripts/cuda_check.sh when nvcc is present.
@@ -20,7 +20,7 @@ from srntt_core import _ext
 
 ROOT = Path(__file__).parents[1]
 EPS = 1e-12
-TOLS = {"highest": 1e-5, "high": 1e-3, "medium": 2e-3}  # SPEC 3.4
+TOLS = {"highest": 1e-5, "high": 1e-3, "medium": 2e-3}  # docs/CONTRACT.md §4
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -54,7 +54,7 @@ def ref_similarity(query, keys, p, s, pad):
 
 
 def ref_feature_swap(values, index, p, s, pad, scale, out_h, out_w, reduce):
-    """SPEC 3.2 by unfold / gather / fold on a canvas holding every output window (float64, autograd)."""
+    """CONTRACT.md §3 by unfold / gather / fold on a canvas of every output window (float64, autograd)."""
     win, step, off = p * scale, s * scale, pad * scale
     b, cv = values[0].shape[:2]
     gqh, gqw = index.shape[-2:]
@@ -86,7 +86,7 @@ def features(*shape, seed=0, dtype=torch.float32):
 
 
 def check_match(query, keys, p, s, pad, precision, dtype=torch.float32):
-    """Runs the CUDA op and checks the SPEC 3.4 contract against the dense float64 similarities."""
+    """Runs the CUDA op and checks the docs/CONTRACT.md §4 contract against the dense float64 similarities."""
     index, score = torch.ops.srntt._patch_match_fused(
         query.to("cuda", dtype), [k.to("cuda", dtype) for k in keys], p, s, pad, precision)
     torch.cuda.synchronize()

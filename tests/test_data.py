@@ -1,15 +1,13 @@
 """Image IO, mod-crop, PIL bicubic, split-image / CUFED5 pairs, training crops."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TEST_IMAGES
 from PIL import Image
 
 from srntt_core import data as D
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "images"
 
 
 def _write(path, h, w, mode="RGB", seed=0):
@@ -147,9 +145,9 @@ def test_train_crops_deterministic(tmp_path):
         D.TrainCrops([tmp_path], crop=18)
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
-def test_real_set14_pairs():
-    pairs = D.load_pairs(SHARED / "Set14")
-    assert len(pairs) == 14
+def test_real_image_pairs():
+    # The shipped crops include a greyscale one and sizes that are not multiples of 4.
+    pairs = D.load_pairs(TEST_IMAGES)
+    assert len(pairs) == len(D.list_images(TEST_IMAGES)) == 5
     for p in pairs:
         assert p.hr.shape[-2] % 4 == 0 and p.hr.shape[-1] % 4 == 0 and p.hr.shape[0] == 3

@@ -1,4 +1,4 @@
-"""Backend selection (SPEC 3.4, the xformers pattern): auto, SRNTT_BACKEND, and errors that say why."""
+"""Backend selection (docs/CONTRACT.md §8, the xformers pattern): auto, SRNTT_BACKEND, errors that say why."""
 
 import pytest
 import torch

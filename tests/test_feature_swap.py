@@ -1,5 +1,5 @@
 """srntt_core.swap.feature_swap on every backend against the float64 oracle and a literal
-loop-over-cells transcription of SPEC 3.2; gradients and determinism of the backward."""
+loop-over-cells transcription of docs/CONTRACT.md §3; gradients and determinism of the backward."""
 
 import pytest
 import torch

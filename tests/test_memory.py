@@ -1,4 +1,4 @@
-"""SPEC 3.1 memory: no backend allocates N_query x N_key. A match whose full float32 similarity
+"""docs/CONTRACT.md §5 (memory): no backend allocates N_query x N_key. A match whose full float32 similarity
 matrix would be over 1 GiB runs with a small peak RSS growth, on every CPU backend.
 
 Peak RSS is measured in a fresh Python process (tracemalloc does not see torch's allocations):

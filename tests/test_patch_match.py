@@ -1,4 +1,4 @@
-"""srntt_core.swap.patch_match on every backend against the float64 oracle (SPEC 3.1, 3.4)."""
+"""srntt_core.swap.patch_match on every backend against the float64 oracle (docs/CONTRACT.md §2, §4)."""
 
 import pytest
 import torch

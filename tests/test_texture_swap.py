@@ -1,4 +1,4 @@
-"""The SRNTT swap stage (SPEC 3.3): texture_swap, TextureSwapper and weight_maps, against a direct
+"""The SRNTT swap stage (docs/CONTRACT.md §7): texture_swap, TextureSwapper and weight_maps, against a direct
 computation of each step from the images."""
 
 import copy

@@ -1,7 +1,7 @@
 """Low-level tests of the Triton kernels (kernels/, ops srntt::_*_triton) against float64 references.
 
 They run on a CUDA device when there is one, otherwise on the CPU under the Triton interpreter
-(TRITON_INTERPRET=1, set by conftest before anything imports `kernels`). The interpreter is slow,
+(TRITON_INTERPRET=1, set by conftest before anything imports `srntt_core._triton`). The interpreter is slow,
 so every shape here is tiny; odd sizes still straddle the tiles (16-64 wide under the interpreter).
 """
 
@@ -16,11 +16,11 @@ pytestmark = pytest.mark.triton
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip(
-        "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before `kernels` is imported",
+        "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before srntt_core._triton is imported",
         allow_module_level=True,
     )
 
-import kernels  # noqa: E402
+from srntt_core import _triton as kernels  # noqa: E402
 
 if not kernels.AVAILABLE:
     pytest.skip(kernels.UNAVAILABLE_REASON, allow_module_level=True)
@@ -28,7 +28,7 @@ if not kernels.AVAILABLE:
 # NB: with TRITON_INTERPRET=1 the kernels run on host memory, so the tensors stay on the CPU.
 DEVICE = "cpu" if INTERPRET else "cuda"
 EPS = 1e-12
-# SPEC 3.4: the chosen key's exact score must be within tol of the exact maximum.
+# docs/CONTRACT.md §4: the chosen key's exact score must be within tol of the exact maximum.
 PRECISION_TOL = {"highest": 1e-5, "high": 1e-3, "medium": 2e-3}
 
 
@@ -56,7 +56,7 @@ def similarity_ref(query, keys, patch_size, stride, padding):
 
 
 def check_match(index, score, sim, tol):
-    """SPEC 3.4 against the dense float64 similarities: exact index where the top-2 margin > tol,
+    """docs/CONTRACT.md §4 against the dense float64 similarities: exact index where the top-2 margin > tol,
     chosen key within tol of the max, and the returned score is the chosen key's score."""
     b = index.shape[0]
     index, score = index.cpu().reshape(b, -1), score.cpu().reshape(b, -1).double()
@@ -74,7 +74,7 @@ def check_match(index, score, sim, tol):
 
 
 def feature_swap_ref(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce):
-    """SPEC 3.2 with unfold / gather / fold in float64; differentiable w.r.t. values."""
+    """docs/CONTRACT.md §3 with unfold / gather / fold in float64; differentiable w.r.t. values."""
     win, step, pad = patch_size * scale, stride * scale, padding * scale
     b = index.shape[0]
     gqh, gqw = index.shape[1:]
@@ -255,7 +255,7 @@ def test_patch_match_exact_fp32_switch(monkeypatch):
     candidates); both routes answer within the "highest" contract on the same near-tie problem."""
     import importlib
 
-    module = importlib.import_module("kernels.patch_match")
+    module = importlib.import_module("srntt_core._triton.patch_match")
     key = rand(1, 6, 8, 9, seed=3)
     query = key[:, :, 1:7, 2:9] + 1e-3 * rand(1, 6, 6, 7, seed=4)
     sim = similarity_ref(query, [key], 3, 1, 1)

@@ -5,7 +5,6 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DATA
 
 from srntt_core.models import vgg as vgg_module
 from srntt_core.models.vgg import (
@@ -23,14 +22,6 @@ SHAPES = {"relu1_1": (64, 1), "relu2_1": (128, 2), "relu3_1": (256, 4), "relu4_1
 def test_bundled_weights_sha256():
     assert BUNDLED_WEIGHTS.is_file()
     assert sha256_of(BUNDLED_WEIGHTS) == BUNDLED_SHA256
-
-
-def test_bundled_weights_are_the_shared_file():
-    shared = DATA / "weights" / "vgg19_conv1_1-conv3_1.pth"
-    if not shared.is_file():
-        pytest.skip(f"{shared} not found")
-    assert sha256_of(shared) == BUNDLED_SHA256
-    assert BUNDLED_WEIGHTS.read_bytes() == shared.read_bytes()
 
 
 def test_bundled_state_has_torchvision_keys_and_shapes():

@@ -19,6 +19,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu/cpu_dispatch.h"
 #include "srntt_limits.h"
 
 namespace srntt {
@@ -417,9 +418,11 @@ void for_each_task(int64_t n, const Fn& fn) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t wk = begin; wk < end; ++wk) {
-      for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t);
-    }
+    cpu_dispatch([&] {
+      for (int64_t wk = begin; wk < end; ++wk) {
+        for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t);
+      }
+    });
   });
 }
 
@@ -626,6 +629,7 @@ std::vector<at::Tensor> feature_swap_fused_backward_cpu(
     for (at::Tensor& t : grads) gptr.push_back(t.data_ptr<scalar_t>());
     const scalar_t* go = grad_out.data_ptr<scalar_t>();
     at::parallel_for(0, B * Cv, 1, [&](int64_t begin, int64_t end) {
+      cpu_dispatch([&] {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / Cv;
         const scalar_t* src_plane = go + task * out_h * out_w;
@@ -649,6 +653,7 @@ std::vector<at::Tensor> feature_swap_fused_backward_cpu(
           }
         }
       }
+      });
     });
   });
   return grads;

@@ -49,8 +49,12 @@ template <typename T>
 inline void vstore(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
-inline vec_t<float> vset1(float x) { return vec_t<float>{x, x, x, x, x, x, x, x}; }
-inline vec_t<double> vset1(double x) { return vec_t<double>{x, x, x, x}; }
+// NB: a broadcast written as `{} + x`, not as the initializer {x, x, ...}: GCC lowers the
+// initializer for the baseline target before inlining into the AVX2 / AVX-512 variants
+// (cpu_dispatch.h), to eight inserts instead of one vbroadcastss. Adding +0.0 changes only a
+// -0.0 into +0.0, so at most the sign of a zero result, which compares equal.
+inline vec_t<float> vset1(float x) { return vec_t<float>{} + x; }
+inline vec_t<double> vset1(double x) { return vec_t<double>{} + x; }
 // a * b + c, fused when the target has FMA (one build always uses the same form).
 inline vec_t<float> vfma(vec_t<float> a, vec_t<float> b, vec_t<float> c) {
 #if defined(__FMA__)

@@ -22,6 +22,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/cpu_dispatch.h"
 #include "cpu/gemm_tile_cpu.h"
 #include "cpu/patch_match_overlap_cpu.h"
 #include "cpu/patch_norms_cpu.h"
@@ -121,6 +122,7 @@ void patch_match_blocked(const at::Tensor& query, const std::vector<at::Tensor>&
   scalar_t* score_ptr = score.data_ptr<scalar_t>();
 
   at::parallel_for(0, B * n_qtiles, 1, [&](int64_t begin, int64_t end) {
+    cpu_dispatch([&] {
     std::vector<scalar_t> qbuf(kTileQ * D), kbuf(kTileK * D);
     std::vector<scalar_t> kscratch(std::max(kTileQ, kTileK) * D);
     std::vector<scalar_t> sbuf(kTileQ * kTileK);
@@ -169,6 +171,7 @@ void patch_match_blocked(const at::Tensor& query, const std::vector<at::Tensor>&
         score_ptr[cell] = scalar_t(double(best[i]) / std::max(query_norms[cell], kEps));
       }
     }
+    });
   });
 }
 

@@ -32,6 +32,7 @@
 #include <limits>
 #include <numeric>
 
+#include "cpu/cpu_dispatch.h"
 #include "cpu/gemm_tile_cpu.h"
 
 namespace srntt {
@@ -111,6 +112,7 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
   const int64_t threads = at::get_num_threads();
   const int64_t n_chunks = std::clamp<int64_t>(threads / std::gcd(B, threads), 1, gqh);
   at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    cpu_dispatch([&] {
     std::vector<float> pbuf(max_wkp * ldp, 0.0f);
     std::vector<float> ring(p * max_gkw * ldx, 0.0f);
     std::vector<float> best_v;
@@ -195,6 +197,7 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
         }
       }
     }
+    });
   });
 }
 

@@ -11,11 +11,11 @@
 namespace srntt {
 namespace cuda_kernels {
 
-constexpr double kNormEps = 1e-12;  // SPEC 3.1: score = <q,k> / (max(|q|,eps) max(|k|,eps))
+constexpr double kNormEps = 1e-12;  // docs/CONTRACT.md §2: score = <q,k> / (max(|q|,eps) max(|k|,eps))
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Number of patch positions along one axis of a map of size `size` (DESIGN.md, SPEC 3.1).
+// Number of patch positions along one axis of a map of size `size` (DESIGN.md; docs/CONTRACT.md §1).
 __host__ __device__ inline int grid_size(int size, int patch_size, int stride, int padding) {
   return (size + 2 * padding - patch_size) / stride + 1;
 }

@@ -1,4 +1,4 @@
-// Feature swapping on the GPU (SPEC 3.2; DESIGN.md "feature_swap semantics"), torch-free.
+// Feature swapping on the GPU (docs/CONTRACT.md §3; DESIGN.md "feature_swap semantics"), torch-free.
 //
 // Forward: one thread per output element gathers the (patch_size*scale)^2 windows covering it, in
 // (i, j) order, so the result is deterministic without atomics.

@@ -4,7 +4,7 @@
 // in feature_swap.cuh.
 //
 // NB: index values are not range-checked here (that would synchronize with the device); the public
-// API validates them (SPEC 3.5), and out-of-range values contribute nothing in the kernels.
+// API validates them (docs/CONTRACT.md §6), and out-of-range values contribute nothing in the kernels.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

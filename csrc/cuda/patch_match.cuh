@@ -1,4 +1,4 @@
-// Patch matching on the GPU (SPEC 3.1, 3.4; DESIGN.md "patch_match semantics"), torch-free.
+// Patch matching on the GPU (docs/CONTRACT.md §2, §4; DESIGN.md "patch_match semantics"), torch-free.
 //
 // For every query patch q, over the key patches k of every key map (indices counted over the
 // concatenation of the key grids), find argmax_k <q,k> / (max(|q|,eps) max(|k|,eps)); ties go to the
@@ -18,7 +18,7 @@
 //    the query's best s~ and T >= 0. If every key with s~ >= M~ - T is re-scored in fp32 and the
 //    best re-scored key k_b is returned, then any key k left out has s(k) <= s~(k) + delta <
 //    M~ - T + delta <= s(k_b) + 2 delta - T. With T = max(0, 2 delta - tol / 2) the answer is within
-//    tol / 2 (plus fp32 error) of the exact maximum: the SPEC 3.4 contract. A block only knows the
+//    tol / 2 (plus fp32 error) of the exact maximum: the docs/CONTRACT.md §4 contract. A block only knows the
 //    running M~ so far, which is <= the final M~, so it re-scores a superset: still correct.
 //
 // Several key maps, and splitting one key map over several blocks (for parallelism when there
@@ -111,7 +111,7 @@ inline float candidate_margin(MatchPrecision precision, int D) {
                                                         : std::ldexp(1.0, -10);  // tf32, even if truncated
   const double tol = precision == MatchPrecision::kMedium ? 2e-3
                      : precision == MatchPrecision::kHigh ? 1e-3
-                                                           : 1e-5;  // SPEC 3.4
+                                                           : 1e-5;  // docs/CONTRACT.md §4
   const double delta = 2 * u + u * u + D * std::ldexp(1.0, -22) + 1e-6;
   const double t = 2 * delta - tol / 2;
   return static_cast<float>(t > 0 ? t : 0);

@@ -34,7 +34,7 @@ struct SwapCase {
   std::vector<int> hw;  // Hv, Wv per reference
 };
 
-// Brute force: scatter every window (SPEC 3.2), counting covers regardless of reads.
+// Brute force: scatter every window (docs/CONTRACT.md §3), counting covers regardless of reads.
 void swap_reference(const SwapCase& sc, const std::vector<std::vector<double>>& values,
                     const std::vector<int64_t>& index, std::vector<double>& out) {
   const int P = sc.p * sc.scale;
