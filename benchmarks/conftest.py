@@ -4,8 +4,9 @@
 - ``shape`` and ``features`` parameters for every benchmark that asks for them:
   relu3_1 sizes of a training crop (40x40), a CUFED5-size image (83x125, i.e. 332x500 pixels) and a
   1080p output (270x480); ``real`` features are VGG19 relu3_1 (and relu2_1, relu1_1 values) of a
-  Sun80 image from ``../shared/data`` split in two halves (SPEC 6's split-image protocol: one half is
-  the target, the other the reference), ``random`` ones are standard normal.
+  Sun80 image from ``$SRNTT_DATA`` (default ``../shared/data``) split in two halves (SPEC 6's
+  split-image protocol: one half is the target, the other the reference), ``random`` ones are
+  standard normal.
 - ``bench``: wraps pytest-benchmark's fixture; times with ``benchmark.pedantic``, measures peak
   memory per round and fills ``extra_info`` (backend, shape, n_query, n_key, GFLOP/s, peak_mem_mb, device).
 - ``SRNTT_BENCH_SHAPES=train,cufed5`` restricts the shapes (quick checks).
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from srntt_core.machine import machine_name
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(os.environ.get("SRNTT_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 IMAGE = DATA / "images" / "Sun80" / "canal_urban_sun_bioizsmryxlratmt.jpg"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CHANNELS = 256

@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cuda(const at::Tensor& quer
   std::vector<int> key_hw;
   keys.reserve(keys_in.size());
   key_hw.reserve(2 * keys_in.size());
-  for (size_t i = 0; i < keys_in.size(); ++i) {
+  for (int64_t i = 0; i < static_cast<int64_t>(keys_in.size()); ++i) {
     const at::Tensor& k = keys_in[i];
     TORCH_CHECK(k.device() == query.device(), "_patch_match_fused: keys[", i, "] is on ", k.device(),
                 ", query on ", query.device());
