@@ -7,7 +7,7 @@ STAMP := $(VENV)/.srntt-installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 EXT_SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: setup demo test bench lint cuda-check clean
+.PHONY: setup demo test bench lint cuda-check gpu-compile-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,15 @@ lint: $(STAMP)
 
 cuda-check:
 	bash scripts/cuda_check.sh
+
+# Every Triton and CUDA kernel compiled for sm_80 and sm_90 without a GPU: registers, spills, shared
+# memory, tensor-core instructions -> build/gpu-compile-check.json (minutes; a subset is in `make test`).
+gpu-compile-check: $(STAMP)
+	$(PY) scripts/gpu_compile_check.py
+
+# On a machine with a GPU: build, cuda/triton tests, memcheck, benchmarks, predictions vs measurements.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info srntt_core/_C*.so

@@ -347,8 +347,10 @@ def _patch_match_scan_kernel(
                 hit = (score >= thr[:, None]) & n_mask[None, :] & m_mask[:, None]
                 hit_i = hit.to(tl.int32)
                 pos = count[:, None] + tl.cumsum(hit_i, axis=1) - 1
+                # NB: int32 offsets within the batch item (the host keeps Gq * KC < 2^31): a 2D
+                # tile of 64-bit offsets spills registers on sm_90.
                 tl.store(
-                    cand_ptr + state[:, None] * KC + pos,
+                    cand_ptr + b * Gq * KC + (qid.to(tl.int32) * KC)[:, None] + pos,
                     (cols + key_offset).to(tl.int32)[None, :] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
                     mask=hit & (pos < KC),
                 )
@@ -431,15 +433,17 @@ def _patch_match_rescore_kernel(
     tl.store(best_idx_ptr + state, best_idx, mask=m_mask)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the autotuned scan. Hopper-oriented: 128x128
-# tiles keep the tensor cores fed from L2 (arithmetic intensity BM*BN/(BM+BN) flop/byte); K chunks
-# of 32-64 channels with 3-4 pipeline stages. 128x256 tiles spill registers on sm_90 (ptxas), so
-# they are not offered; nor is 128x128x64 in the prune mode, which holds two accumulators.
-SCAN_CONFIGS = (
-    (128, 128, 64, 8, 3),
-    (128, 128, 32, 8, 4),
-    (128, 64, 64, 4, 3),
-)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the scan per mode ("max", "collect",
+# "prune"): the first is the fixed config of small problems, all are autotuned on large ones.
+# Hopper-oriented: 128-wide tiles keep the tensor cores fed from L2 (arithmetic intensity
+# BM*BN/(BM+BN) flop/byte), 32-channel K chunks with 3-4 pipeline stages. Only configs without
+# register spills on sm_90 (ptxas, `make gpu-compile-check`) are offered: the collect mode keeps a
+# tile of candidate positions and the prune mode two accumulators, so they get smaller tiles.
+SCAN_CONFIGS = {
+    "max": ((64, 64, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 8, 3)),
+    "collect": ((64, 64, 32, 8, 3), (128, 64, 32, 8, 3)),
+    "prune": ((64, 64, 32, 8, 3),),
+}
 # Shared memory per block (bytes) of the archs the launcher knows; others get the smallest.
 SMEM_LIMITS = {
     (8, 0): 163 << 10,
@@ -455,19 +459,21 @@ _TUNE_QUERIES = 1 << 15
 _TUNE_KEYS = 1 << 11
 
 
+def scan_mode(collect: bool, prune: bool) -> str:
+    return "prune" if prune else ("collect" if collect else "max")
+
+
 def scan_smem_bytes(
-    block_m: int, block_n: int, block_k: int, stages: int, operand_bytes: int, prune: bool
+    block_m: int, block_n: int, block_k: int, stages: int, operand_bytes: int, mode: str
 ) -> int:
     """Upper bound of the scan's shared memory: pipelined A and B tiles (two dots in prune mode)."""
-    return stages * (block_m + block_n) * block_k * operand_bytes * (2 if prune else 1)
+    return stages * (block_m + block_n) * block_k * operand_bytes * (2 if mode == "prune" else 1)
 
 
-def scan_configs(smem_limit: int, operand_bytes: int = 4, prune: bool = False) -> list:
-    """The autotune configs that fit ``smem_limit`` bytes of shared memory (the smallest always stays)."""
-    fits = [c for c in SCAN_CONFIGS if prune is False or c[:3] != (128, 128, 64)]
-    fits = [c for c in fits if scan_smem_bytes(*c[:3], c[4], operand_bytes, prune) <= smem_limit] or [
-        min(SCAN_CONFIGS, key=lambda c: scan_smem_bytes(*c[:3], c[4], operand_bytes, prune))
-    ]
+def scan_configs(smem_limit: int, operand_bytes: int, mode: str) -> list:
+    """The configs of ``mode`` that fit ``smem_limit`` bytes of shared memory (the first always stays)."""
+    first, *rest = SCAN_CONFIGS[mode]
+    fits = [first] + [c for c in rest if scan_smem_bytes(*c[:3], c[4], operand_bytes, mode) <= smem_limit]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
         for bm, bn, bk, w, st in fits
@@ -478,24 +484,21 @@ def _device_smem_limit(device: torch.device) -> int:
     return SMEM_LIMITS.get(torch.cuda.get_device_capability(device), min(SMEM_LIMITS.values()))
 
 
+def _config_key(c) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Autotune hook: only the configs that fit the device's shared memory and the scan mode."""
+    """Autotune hook: only the configs of the scan mode that fit the device's shared memory."""
     q = named_args["q_ptr"]
     operand_bytes = 2 if named_args["ql_ptr"].dtype == torch.bfloat16 else q.element_size()
-    offered = scan_configs(_device_smem_limit(q.device), operand_bytes, bool(kwargs.get("PRUNE")))
-    keep = {
-        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-        for c in offered
-    }
-    return [
-        c
-        for c in configs
-        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in keep
-    ]
+    mode = scan_mode(bool(kwargs.get("COLLECT")), bool(kwargs.get("PRUNE")))
+    keep = {_config_key(c) for c in scan_configs(_device_smem_limit(q.device), operand_bytes, mode)}
+    return [c for c in configs if _config_key(c) in keep]
 
 
 _patch_match_scan_tuned = triton.autotune(
-    configs=scan_configs(max(SMEM_LIMITS.values())),
+    configs=list({_config_key(c): c for m in SCAN_CONFIGS for c in scan_configs(1 << 30, 4, m)}.values()),
     # Not keyed on the grid sizes: the first call of a mode is tuned on a capped sub-problem
     # (_tune_capped) and its choice holds for every size.
     key=["C", "P", "COLLECT", "SELECT", "PRUNE", "DOT_PREC", "UPCAST"],
@@ -601,7 +604,8 @@ def _scan(
         # NB: float64 has no tensor-core path; small fixed tiles keep the (M, K, N) product small.
         blocks = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=1)
     elif query.n * key.n < _AUTOTUNE_MIN_PAIRS:
-        blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        bm, bn, bk, warps, stages = SCAN_CONFIGS[scan_mode(collect is not None, prune is not None)][0]
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     else:
         blocks = None
     if blocks is not None:
@@ -621,6 +625,14 @@ def patch_match(
     query: torch.Tensor, keys: list[torch.Tensor], patch_size: int, stride: int, padding: int, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best key patch per query patch: (index int64 (B, Gq_h, Gq_w), score (B, Gq_h, Gq_w))."""
+    n_query = grid_size(query.shape[2], patch_size, stride, padding) * grid_size(
+        query.shape[3], patch_size, stride, padding
+    )
+    if n_query * _MAX_CANDIDATES >= 1 << 31:
+        raise ValueError(
+            f"query: {n_query} patches per map; the Triton kernels take fewer than "
+            f"{(1 << 31) // _MAX_CANDIDATES}"
+        )
     fast = query.dtype == torch.float32 and not EXACT_FP32
     q = _Map(query, patch_size, stride, padding, query.dtype)
     ks = [_Map(k, patch_size, stride, padding, query.dtype) for k in keys]
