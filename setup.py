@@ -6,7 +6,8 @@ Switches (environment variables):
   DEBUG=1           -O0 -g, no -DNDEBUG
   SRNTT_PORTABLE=1  do not tune the CPU code for this machine (-march=native is the default)
   NVCC_FLAGS        extra flags for nvcc (space separated)
-  TORCH_CUDA_ARCH_LIST  as for any torch extension (default here: "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST  as for any torch extension (default here: "8.0;9.0+PTX": cubins for A100 and
+                    H100/H200, PTX that newer GPUs compile at load time)
 """
 
 import glob
@@ -40,7 +41,7 @@ def _extensions():
     nvcc += ["-std=c++17", "--expt-relaxed-constexpr"]
     nvcc += os.environ.get("NVCC_FLAGS", "").split()
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
     rel = lambda paths: sorted(os.path.relpath(p, HERE) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
