@@ -35,6 +35,7 @@ Since |s~ - s| <= delta for every key, the exact argmax always survives steps 2 
 """
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -506,7 +507,7 @@ _patch_match_scan_tuned = triton.autotune(
     # The scan reads and writes its running state: restore it after every timing run.
     restore_value=["best_val_ptr", "best_idx_ptr", "count_ptr", "cand_ptr"],
     # Timings go to Triton's cache folder: later processes reuse the choice without timing.
-    cache_results=True,
+    **({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}),
 )(_patch_match_scan_kernel)
 _TUNED: set = set()
 

@@ -119,11 +119,13 @@ fi
 # takes one worker, not the run; -rA names every test, so a timeout still leaves the names.
 TEST_SEL=(-m "cuda or triton")
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rA)
+# -v: one line per finished test, so a timeout still leaves the names; the slowest are listed.
+PYTEST_V=("$PY" -m pytest -v -p no:cacheprovider -rfE --durations=15)
 PER_TEST=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST+=(--timeout=90)
 PARALLEL=()
 "$PY" -c "import xdist" 2>/dev/null && PARALLEL+=(-n "${GPU_CHECK_WORKERS:-8}")
-stage tests 130 "$RESULTS/tests.log" env PYTHONUNBUFFERED=1 "${PYTEST[@]}" "${PARALLEL[@]}" "${PER_TEST[@]}" \
+stage tests 130 "$RESULTS/tests.log" env PYTHONUNBUFFERED=1 "${PYTEST_V[@]}" "${PARALLEL[@]}" "${PER_TEST[@]}" \
   tests "${TEST_SEL[@]}" --junitxml="$RESULTS/tests.xml"
 
 # 3. benchmarks: every provider at CUFED5 size (all precisions); after the memcheck, the fused GPU
@@ -133,9 +135,13 @@ BENCH_DIR="benchmarks/results/$MACHINE"
 [ $DRY -eq 1 ] || mkdir -p "$BENCH_DIR"
 BENCH=("$PY" -m pytest -q -p no:cacheprovider -rs benchmarks/bench_patch_match.py benchmarks/bench_feature_swap.py
        --benchmark-only)
-stage bench_cufed5 100 "$RESULTS/bench_cufed5.log" env SRNTT_BENCH_SHAPES=cufed5 \
-  SRNTT_BENCH_PRECISIONS=highest,high,medium "${BENCH[@]}" -k "not python_loop" \
+# pytest-benchmark writes its JSON at the end of a run: two runs, so that a timeout loses one half.
+stage bench_cufed5 75 "$RESULTS/bench_cufed5.log" env SRNTT_BENCH_SHAPES=cufed5 \
+  SRNTT_BENCH_PRECISIONS=highest,high,medium "${BENCH[@]}" -k "test_patch_match" \
   --benchmark-json="$BENCH_DIR/gpu_check_cufed5.json"
+stage bench_swap_cufed5 40 "$RESULTS/bench_swap_cufed5.log" env SRNTT_BENCH_SHAPES=cufed5 \
+  "${BENCH[@]}" -k "test_feature_swap and not python_loop" \
+  --benchmark-json="$BENCH_DIR/gpu_check_swap_cufed5.json"
 
 # 4. compute-sanitizer memcheck on a small subset of the CUDA tests (caching allocator off, so an
 # out-of-bounds access inside a cached block is seen)
@@ -158,13 +164,14 @@ if [ $DRY -eq 1 ]; then
   "${PYTEST[@]}" --collect-only "${MEMCHECK_SEL[@]}" >"$RESULTS/collect_memcheck.log" 2>&1 \
     || { echo "collect memcheck: FAILED" | tee -a "$SUMMARY"; STATUS=1; }
   SRNTT_BENCH_SHAPES=cufed5 SRNTT_BENCH_PRECISIONS=highest,high,medium "${BENCH[@]}" --collect-only \
-    -k "not python_loop" >"$RESULTS/collect_bench.log" 2>&1 \
+    -k "test_patch_match or (test_feature_swap and not python_loop)" >"$RESULTS/collect_bench.log" 2>&1 \
     || { echo "collect bench: FAILED" | tee -a "$SUMMARY"; STATUS=1; }
   "$PY" scripts/gpu_perf.py fake-json "$RESULTS/fake_bench.json" >/dev/null
   JSONS=("$RESULTS/fake_bench.json")
 else
   JSONS=()
-  for f in "$BENCH_DIR"/gpu_check_cufed5.json "$BENCH_DIR"/gpu_check_1080p.json; do
+  for f in "$BENCH_DIR"/gpu_check_cufed5.json "$BENCH_DIR"/gpu_check_swap_cufed5.json \
+           "$BENCH_DIR"/gpu_check_1080p.json; do
     [ -f "$f" ] && cp "$f" "$RESULTS/" && JSONS+=("$f")
   done
 fi

@@ -30,7 +30,13 @@ def test_gpu_check_dry_run(tmp_path):
     result = _run("--dry-run", "--out", str(tmp_path / "res"), "--skip-build")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = (tmp_path / "res" / "summary.txt").read_text().splitlines()
-    assert summary == ["tests: dry-run", "bench_cufed5: dry-run", "memcheck: dry-run", "bench_1080p: dry-run"]
+    assert summary == [
+        "tests: dry-run",
+        "bench_cufed5: dry-run",
+        "bench_swap_cufed5: dry-run",
+        "memcheck: dry-run",
+        "bench_1080p: dry-run",
+    ]
     # Every selection collects something, and the comparison read the fake benchmark JSON.
     for name in ("collect_tests", "collect_memcheck", "collect_bench"):
         log = (tmp_path / "res" / f"{name}.log").read_text()
