@@ -431,11 +431,12 @@ def run_cuda(archs: list[int]) -> list[dict]:
             tail = [ln for ln in obj.stderr.splitlines() if "error" in ln][:3] or obj.stderr.splitlines()[-3:]
             rows.append(_row("cuda", "instantiate.cu", arch, "-", error=" | ".join(tail)))
             continue
-        # Per entry function in the PTX: its body, for the tensor-core count.
-        bodies = {}
-        for m in re.finditer(r"\.entry (\S+)\(", ptx_text):
-            end = ptx_text.find("\n}\n", m.end())
-            bodies[m.group(1)] = ptx_text[m.end() : end if end > 0 else None]
+        # Per entry function in the PTX: the text up to the next entry, for the tensor-core count.
+        entries = list(re.finditer(r"\.entry (\S+)\(", ptx_text))
+        bodies = {
+            m.group(1): ptx_text[m.end() : entries[i + 1].start() if i + 1 < len(entries) else None]
+            for i, m in enumerate(entries)
+        }
         fns, cur = {}, None
         for line in obj.stderr.splitlines():
             m = _PTXAS_FN.search(line)
