@@ -64,6 +64,11 @@ def _row(backend, kernel, arch, config, **kw) -> dict:
 _PTR = {"fp32": "*fp32", "fp64": "*fp64", "bf16": "*bf16", "fp16": "*fp16"}
 
 
+def _signature(fn, ptrs: dict, meta: dict) -> dict:
+    """Triton signature of ``fn``: the given pointer types, constexprs, and int32 for the other ints."""
+    return {n: ptrs.get(n) or ("constexpr" if n in meta else "i32") for n in fn.arg_names}
+
+
 def triton_variants(arch: int, subset: bool) -> list[dict]:
     """Every (kernel, signature, constexprs, options) the launchers can run on ``arch``."""
     import kernels  # noqa: F401  (registers the modules)
@@ -74,8 +79,7 @@ def triton_variants(arch: int, subset: bool) -> list[dict]:
     limit = ARCH_SMEM[arch]
 
     def scan(label, q, low, acc, dot_prec, collect=False, select=False, prune=False, fma=False, tc=True):
-        ints = ["C", "Gq", "Gqw", "Gk", "Gkw", "q_sb", "q_sy", "k_sb", "k_sy", "stride", "key_offset"]
-        sig = dict(
+        ptrs = dict(
             q_ptr=_PTR[q],
             k_ptr=_PTR[q],
             ql_ptr=_PTR[low],
@@ -90,7 +94,6 @@ def triton_variants(arch: int, subset: bool) -> list[dict]:
             order_ptr="*i64",
             active_ptr="*i32",
         )
-        sig.update({n: "i32" for n in ints})
         meta = dict(
             P=3,
             COLLECT=collect,
@@ -109,13 +112,13 @@ def triton_variants(arch: int, subset: bool) -> list[dict]:
         if subset:
             configs = configs[-1:]
         for bm, bn, bk, warps, stages in configs:
-            sig_full = {**sig, **{k: "constexpr" for k in (*meta, "BLOCK_M", "BLOCK_N", "BLOCK_K")}}
+            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
             out.append(
                 dict(
                     kernel=f"scan/{label}",
                     fn=pm._patch_match_scan_kernel,
-                    signature=sig_full,
-                    constexprs={**meta, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                    signature=_signature(pm._patch_match_scan_kernel, ptrs, {**meta, **blocks}),
+                    constexprs={**meta, **blocks},
                     options=dict(num_warps=warps, num_stages=stages),
                     config=f"{bm}x{bn}x{bk} w{warps} s{stages}",
                     tc=tc,
@@ -135,7 +138,7 @@ def triton_variants(arch: int, subset: bool) -> list[dict]:
         scan("max ieee", "fp32", "fp32", "fp32", "ieee", tc=False)
         scan("max fp64", "fp64", "fp64", "fp64", "ieee", fma=True, tc=False)
 
-    rs_sig = dict(
+    rs_ptrs = dict(
         q_ptr="*fp32",
         k_ptr="*fp32",
         qinv_ptr="*fp32",
@@ -145,18 +148,12 @@ def triton_variants(arch: int, subset: bool) -> list[dict]:
         count_ptr="*i32",
         cand_ptr="*i32",
     )
-    rs_sig.update(
-        {
-            n: "i32"
-            for n in ("C", "Gq", "Gqw", "Gk", "Gkw", "q_sb", "q_sy", "k_sb", "k_sy", "stride", "key_offset")
-        }
-    )
     rs_meta = dict(P=3, KC=pm._MAX_CANDIDATES, BLOCK_M=pm._RESCORE_BLOCK_M, BLOCK_K=pm._RESCORE_BLOCK_K)
     out.append(
         dict(
             kernel="rescore",
             fn=pm._patch_match_rescore_kernel,
-            signature={**rs_sig, **{k: "constexpr" for k in rs_meta}},
+            signature=_signature(pm._patch_match_rescore_kernel, rs_ptrs, rs_meta),
             constexprs=rs_meta,
             options=dict(num_warps=4),
             config=f"{rs_meta['BLOCK_M']}x{rs_meta['BLOCK_K']} w4",
@@ -166,32 +163,25 @@ def triton_variants(arch: int, subset: bool) -> list[dict]:
 
     import triton.language as tl
 
+    def swap(name, fn, ptrs, meta, dt, mean):
+        out.append(
+            dict(
+                kernel=f"{name}/{dt}{' mean' if mean else ''}",
+                fn=fn,
+                signature=_signature(fn, ptrs, meta),
+                constexprs=meta,
+                options=dict(num_warps=fs._NUM_WARPS),
+                config=f"{fs._BLOCK_PIX}x{fs._BLOCK_C}",
+                tc=False,
+            )
+        )
+
     dtypes = ["fp32"] if subset else ["fp32", "fp64", "fp16", "bf16"]
     for dt in dtypes:
         acc = "fp64" if dt == "fp64" else "fp32"
         acc_tl = tl.float64 if dt == "fp64" else tl.float32
         for mean in (False, True) if not subset else (True,):
-            fwd_sig = dict(v_ptr=_PTR[dt], idx_ptr="*i64", out_ptr=_PTR[acc])
-            fwd_sig.update(
-                {
-                    n: "i32"
-                    for n in (
-                        "Cv",
-                        "Hv",
-                        "Wv",
-                        "out_h",
-                        "out_w",
-                        "Gqh",
-                        "Gqw",
-                        "Gk",
-                        "Gkw",
-                        "key_offset",
-                        "stride",
-                        "padding",
-                        "scale",
-                    )
-                }
-            )
+            fwd_ptrs = dict(v_ptr=_PTR[dt], idx_ptr="*i64", out_ptr=_PTR[acc])
             fwd_meta = dict(
                 P=3,
                 T=3,
@@ -201,18 +191,8 @@ def triton_variants(arch: int, subset: bool) -> list[dict]:
                 BLOCK_PIX=fs._BLOCK_PIX,
                 BLOCK_C=fs._BLOCK_C,
             )
-            out.append(
-                dict(
-                    kernel=f"swap_fwd/{dt}{' mean' if mean else ''}",
-                    fn=fs._feature_swap_fwd_kernel,
-                    signature={**fwd_sig, **{k: "constexpr" for k in fwd_meta}},
-                    constexprs=fwd_meta,
-                    options=dict(num_warps=fs._NUM_WARPS),
-                    config=f"{fs._BLOCK_PIX}x{fs._BLOCK_C}",
-                    tc=False,
-                )
-            )
-            bwd_sig = dict(
+            swap("swap_fwd", fs._feature_swap_fwd_kernel, fwd_ptrs, fwd_meta, dt, mean)
+            bwd_ptrs = dict(
                 grad_ptr=_PTR[dt],
                 csr_ptr="*i64",
                 cells_ptr="*i64",
@@ -220,42 +200,10 @@ def triton_variants(arch: int, subset: bool) -> list[dict]:
                 count_w_ptr="*i32",
                 gv_ptr=_PTR[dt],
             )
-            bwd_sig.update(
-                {
-                    n: "i32"
-                    for n in (
-                        "Cv",
-                        "Hv",
-                        "Wv",
-                        "out_h",
-                        "out_w",
-                        "Gq",
-                        "Gqh",
-                        "Gqw",
-                        "Gkh",
-                        "Gkw",
-                        "Nk_total",
-                        "key_offset",
-                        "stride",
-                        "padding",
-                        "scale",
-                    )
-                }
-            )
             bwd_meta = dict(
                 P=3, T=3, MEAN=mean, ACC_DTYPE=acc_tl, BLOCK_PIX=fs._BLOCK_PIX, BLOCK_C=fs._BLOCK_C
             )
-            out.append(
-                dict(
-                    kernel=f"swap_bwd/{dt}{' mean' if mean else ''}",
-                    fn=fs._feature_swap_bwd_kernel,
-                    signature={**bwd_sig, **{k: "constexpr" for k in bwd_meta}},
-                    constexprs=bwd_meta,
-                    options=dict(num_warps=fs._NUM_WARPS),
-                    config=f"{fs._BLOCK_PIX}x{fs._BLOCK_C}",
-                    tc=False,
-                )
-            )
+            swap("swap_bwd", fs._feature_swap_bwd_kernel, bwd_ptrs, bwd_meta, dt, mean)
     return out
 
 
