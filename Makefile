@@ -7,7 +7,7 @@ STAMP := $(VENV)/.srntt-installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 EXT_SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: setup demo test bench lint cuda-check asan-test clean
+.PHONY: setup demo test bench lint cuda-check asan-test gpu-compile-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,15 @@ asan-test: $(STAMP)
 	$(PY) -P -c "import srntt_core._C as c; assert '$(ASAN_DIR)' in c.__file__, c.__file__" && \
 	$(VENV)/bin/pytest -q -p no:cacheprovider -x $(ASAN_TESTS) -k "not torch and not compile and not first_call" \
 		|| { cat $(ASAN_DIR)/report.* 2>/dev/null; exit 1; }
+
+# Every Triton and CUDA kernel compiled for sm_80 and sm_90 without a GPU: registers, spills, shared
+# memory, tensor-core instructions -> build/gpu-compile-check.json (minutes; a subset is in `make test`).
+gpu-compile-check: $(STAMP)
+	$(PY) scripts/gpu_compile_check.py
+
+# On a machine with a GPU: build, cuda/triton tests, memcheck, benchmarks, predictions vs measurements.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info srntt_core/_C*.so

@@ -8,7 +8,8 @@ Switches (environment variables):
                     run on another CPU. By default the build runs on any x86-64 CPU and picks the
                     AVX2/FMA or AVX-512 variant of the hot loops at run time (csrc/cpu/cpu_dispatch.h).
   NVCC_FLAGS        extra flags for nvcc (space separated)
-  TORCH_CUDA_ARCH_LIST  as for any torch extension (default here: "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST  as for any torch extension (default here: "8.0;9.0+PTX": cubins for A100 and
+                    H100/H200, PTX that newer GPUs compile at load time)
 """
 
 import glob
@@ -45,7 +46,7 @@ def _extensions():
     nvcc += ["-std=c++17", "--expt-relaxed-constexpr"]
     nvcc += os.environ.get("NVCC_FLAGS", "").split()
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
     rel = lambda paths: sorted(os.path.relpath(p, HERE) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))

@@ -12,6 +12,7 @@ every competitor solves the same problem.
 from __future__ import annotations
 
 import functools
+import os
 
 import peers
 import pytest
@@ -34,6 +35,9 @@ ROUNDS = {"train": 5, "cufed5": 3, "1080p": 1}
 SLOW_ROUNDS = {"torch": 1, "srntt_conv2d": 2}
 # Sustained sgemm throughput of a small CPU, for the opt-in estimates in skip messages.
 SGEMM_GFLOPS = 180.0
+# SRNTT_BENCH_PRECISIONS=highest,high,medium times the backends at each precision (the peers have
+# one fixed precision and run only at "highest").
+PRECISIONS = [p for p in os.environ.get("SRNTT_BENCH_PRECISIONS", "highest").replace(" ", "").split(",") if p]
 
 
 @functools.cache
@@ -57,11 +61,14 @@ def _unavailable(provider: str, device: torch.device) -> str | None:
     return None
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("provider", BACKENDS + list(PEERS))
-def test_patch_match(bench, data, shape, features, provider):
+def test_patch_match(bench, data, shape, features, provider, precision):
     reason = _unavailable(provider, data.DEVICE)
     if reason:
         pytest.skip(reason)
+    if provider in PEERS and precision != "highest":
+        pytest.skip(f"{provider}: one fixed precision, timed at 'highest'")
     h, w = data.SHAPES[shape]
     n = (h - 2) * (w - 2)
     flops = sw.similarity_flops(n, n, data.CHANNELS)
@@ -78,7 +85,7 @@ def test_patch_match(bench, data, shape, features, provider):
     query, key = data.match_inputs(shape, features)
     if provider in BACKENDS:
         def fn():
-            return sw.patch_match(query, key, backend=provider)
+            return sw.patch_match(query, key, backend=provider, precision=precision)
     else:
         def fn(match=PEERS[provider][0]):
             return match(query, key)
@@ -86,7 +93,8 @@ def test_patch_match(bench, data, shape, features, provider):
     if shape != "train":
         rounds = min(rounds, SLOW_ROUNDS.get(provider, rounds))
     index, score = bench.run(fn, group=f"patch_match {shape} {features}", provider=provider, shape=shape,
-                             features=features, n_query=n, n_key=n, rounds=rounds, flops=flops)
+                             features=features, n_query=n, n_key=n, rounds=rounds, flops=flops,
+                             precision=precision)
     if shape != data.LARGE_SHAPE:
         ref = _reference(shape, features, data.match_inputs)
         agree = (index.cpu() == ref.index.cpu()).double().mean().item()

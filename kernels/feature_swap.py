@@ -30,6 +30,16 @@ _NUM_WARPS = 4
 
 
 @triton.jit
+def _div_rn(a, b, ACC_DTYPE: tl.constexpr):
+    """a / b rounded to nearest, as on the CPU. NB: a float32 '/' compiles to div.full.f32 (up to
+    2 ulp off); float64 division is always IEEE."""
+    if ACC_DTYPE == tl.float32:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
 def _cover_count(coord, n_cells, padding, stride, scale, P: tl.constexpr, T: tl.constexpr):
     """Number of windows (cells 0 <= i < n_cells) covering pixel coordinate ``coord`` along one axis."""
     shifted = coord + padding * scale
@@ -63,6 +73,7 @@ def _feature_swap_fwd_kernel(
     T: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     MEAN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     BLOCK_PIX: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -78,7 +89,7 @@ def _feature_swap_fwd_kernel(
     step = stride * scale
     yy = y + padding * scale
     xx = x + padding * scale
-    acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=out_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=ACC_DTYPE)
     v_base = v_ptr + (b * Cv + ch[None, :]) * Hv * Wv
     for ti in tl.static_range(T):
         i = yy // step - ti
@@ -93,17 +104,21 @@ def _feature_swap_fwd_kernel(
             sy = ((loc // Gkw) * stride - padding) * scale + dy
             sx = ((loc % Gkw) * stride - padding) * scale + dx
             ok = ok & (sy >= 0) & (sy < Hv) & (sx >= 0) & (sx < Wv)
-            acc += tl.load(v_base + (sy * Wv + sx)[:, None], mask=ok[:, None] & c_mask[None, :], other=0.0)
+            acc += tl.load(
+                v_base + (sy * Wv + sx)[:, None], mask=ok[:, None] & c_mask[None, :], other=0.0
+            ).to(ACC_DTYPE)
     out_ptrs = out_ptr + (b * Cv + ch[None, :]) * out_h * out_w + pix[:, None]
     o_mask = p_mask[:, None] & c_mask[None, :]
     if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=o_mask, other=0.0)
+        acc += tl.load(out_ptrs, mask=o_mask, other=0.0).to(ACC_DTYPE)
     if MEAN:
         count = _cover_count(y, Gqh, padding, stride, scale, P, T) * _cover_count(
             x, Gqw, padding, stride, scale, P, T
         )
-        acc = tl.where(count[:, None] > 0, acc / tl.maximum(count, 1).to(acc.dtype)[:, None], 0.0)
-    tl.store(out_ptrs, acc, mask=o_mask)
+        acc = tl.where(
+            count[:, None] > 0, _div_rn(acc, tl.maximum(count, 1).to(ACC_DTYPE)[:, None], ACC_DTYPE), 0.0
+        )
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 def _cover_counts(n_out, n_cells, patch_size, stride, padding, scale, device):
@@ -141,6 +156,7 @@ def _feature_swap_bwd_kernel(
     P: tl.constexpr,
     T: tl.constexpr,
     MEAN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     BLOCK_PIX: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -156,7 +172,7 @@ def _feature_swap_bwd_kernel(
     step = stride * scale
     yy = y + padding * scale
     xx = x + padding * scale
-    acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=gv_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=ACC_DTYPE)
     g_base = grad_ptr + (b * Cv + ch[None, :]) * out_h * out_w
     for tu in tl.static_range(T):
         u = yy // step - tu
@@ -178,16 +194,23 @@ def _feature_swap_bwd_kernel(
                 live = live & (oy >= 0) & (oy < out_h) & (ox >= 0) & (ox < out_w)
                 g = tl.load(
                     g_base + (oy * out_w + ox)[:, None], mask=live[:, None] & c_mask[None, :], other=0.0
-                )
+                ).to(ACC_DTYPE)
                 if MEAN:
                     count = tl.load(count_h_ptr + oy, mask=live, other=1) * tl.load(
                         count_w_ptr + ox, mask=live, other=1
                     )
-                    g = g / tl.maximum(count, 1).to(g.dtype)[:, None]
+                    g = _div_rn(g, tl.maximum(count, 1).to(ACC_DTYPE)[:, None], ACC_DTYPE)
                 acc += g
     tl.store(
-        gv_ptr + (b * Cv + ch[None, :]) * Hv * Wv + pix[:, None], acc, mask=p_mask[:, None] & c_mask[None, :]
+        gv_ptr + (b * Cv + ch[None, :]) * Hv * Wv + pix[:, None],
+        acc.to(gv_ptr.dtype.element_ty),
+        mask=p_mask[:, None] & c_mask[None, :],
     )
+
+
+def _acc_dtype(dtype: torch.dtype):
+    """Accumulator of a swap in ``dtype``: float64 stays, everything else sums in float32 and rounds once."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _key_grids(value_hw, patch_size, stride, padding, scale):
@@ -217,7 +240,11 @@ def feature_swap(
     b, cv = values[0].shape[:2]
     gqh, gqw = index.shape[1:]
     grids, _ = _key_grids([v.shape[2:] for v in values], patch_size, stride, padding, scale)
-    out = values[0].new_empty((b, cv, out_h, out_w))
+    # NB: several value maps accumulate into out between launches: float16/bfloat16 sum in a float32
+    # buffer and round once at the end.
+    out = values[0].new_empty(
+        (b, cv, out_h, out_w), dtype=torch.float64 if values[0].dtype == torch.float64 else torch.float32
+    )
     grid = (triton.cdiv(out_h * out_w, _BLOCK_PIX), triton.cdiv(cv, _BLOCK_C), b)
     for r, (v, (gkh, gkw, offset)) in enumerate(zip(values, grids, strict=True)):
         launch(
@@ -243,11 +270,12 @@ def feature_swap(
             T=-(-patch_size // stride),
             ACCUMULATE=r > 0,
             MEAN=reduce == "mean" and r == len(values) - 1,
+            ACC_DTYPE=_acc_dtype(out.dtype),
             BLOCK_PIX=_BLOCK_PIX,
             BLOCK_C=_BLOCK_C,
             num_warps=_NUM_WARPS,
         )
-    return out
+    return out.to(values[0].dtype)
 
 
 @register_op("srntt::_feature_swap_triton_backward")
@@ -305,6 +333,7 @@ def feature_swap_backward(
             P=patch_size,
             T=-(-patch_size // stride),
             MEAN=reduce == "mean",
+            ACC_DTYPE=_acc_dtype(gv.dtype),
             BLOCK_PIX=_BLOCK_PIX,
             BLOCK_C=_BLOCK_C,
             num_warps=_NUM_WARPS,

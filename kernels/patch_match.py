@@ -34,6 +34,8 @@ exact fp32 scan (tl.dot with ``input_precision="ieee"``) remains for the re-scan
 Since |s~ - s| <= delta for every key, the exact argmax always survives steps 2 and 4.
 """
 
+import contextlib
+import inspect
 import os
 
 import torch
@@ -49,7 +51,7 @@ EXACT_FP32 = os.environ.get("SRNTT_TRITON_EXACT_FP32") == "1"
 # Candidates kept per query for fp32 re-scoring; queries with more fall back to an fp32 scan.
 _MAX_CANDIDATES = 8 if INTERPRET else 32
 _RESCORE_BLOCK_M = 64 if INTERPRET else 32
-_RESCORE_BLOCK_K = 16 if INTERPRET else 64
+_RESCORE_BLOCK_K = 16 if INTERPRET else 32  # 64 spills on sm_90 (ptxas)
 # Problems below this many (query, key) pairs per batch item run one fixed configuration: timing
 # every autotune config (several compiles per kernel variant) would cost more than it saves.
 _AUTOTUNE_MIN_PAIRS = 1 << 24
@@ -62,10 +64,17 @@ def _is_traced(x) -> bool:
     return isinstance(x, (FakeTensor, FunctionalTensor)) or (isinstance(x, torch.Tensor) and x.is_meta)
 
 
-def launch(kernel, grid, *args, **kwargs):
-    """Launch a Triton kernel from inside a ``triton_op`` body.
+def launch_device(args) -> torch.device | None:
+    """The CUDA device of the first CUDA tensor among ``args`` (None when there is none)."""
+    return next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"), None)
 
-    NB: under ``TRITON_INTERPRET=1`` the kernel body runs in Python on host memory, so FakeTensors
+
+def launch(kernel, grid, *args, **kwargs):
+    """Launch a Triton kernel from inside a ``triton_op`` body, on the device of its tensors.
+
+    NB: Triton launches on the current CUDA device and its current stream; tensors on ``cuda:1``
+    while device 0 is current would fault or race with torch's stream, hence the device guard.
+    Under ``TRITON_INTERPRET=1`` the kernel body runs in Python on host memory, so FakeTensors
     and FunctionalTensors (opcheck, torch.compile tracing) cannot be passed to it; there the launch
     is skipped, as the outputs' metadata is fixed by the host code alone. On a GPU, ``wrap_triton``
     makes the launch traceable.
@@ -74,7 +83,9 @@ def launch(kernel, grid, *args, **kwargs):
         if any(_is_traced(a) for a in (*args, *kwargs.values())):
             return
         kernel[grid](*args, **kwargs)
-    else:
+        return
+    device = launch_device(args)
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
         wrap_triton(kernel)[grid](*args, **kwargs)
 
 
@@ -110,11 +121,15 @@ def _padded_channels_last(x: torch.Tensor, padding: int, dtype: torch.dtype) -> 
 
 
 def _patch_sq_norms(x: torch.Tensor, patch_size: int, stride: int, padding: int) -> torch.Tensor:
-    """Squared descriptor norms, (B, G_h * G_w), in x's dtype (O(N) memory: no C-sized temporary)."""
+    """Squared descriptor norms, (B, G_h * G_w), in x's dtype (O(N) memory: no C-sized temporary).
+
+    NB: a window sum by pooling (divisor 1) is a plain fixed-order sum in x's dtype; a conv2d with
+    a ones filter may run on TF32 or Winograd/FFT engines (cuDNN allows TF32 by default), whose
+    norms put most scores more than 1e-5 off.
+    """
     sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square()
     sq = F.pad(sq, (padding,) * 4)
-    ones = sq.new_ones((1, 1, patch_size, patch_size))
-    return F.conv2d(sq, ones, stride=stride).flatten(1)
+    return F.avg_pool2d(sq, patch_size, stride=stride, divisor_override=1).flatten(1)
 
 
 def _inv_norms(sq_norms: torch.Tensor) -> torch.Tensor:
@@ -333,8 +348,10 @@ def _patch_match_scan_kernel(
                 hit = (score >= thr[:, None]) & n_mask[None, :] & m_mask[:, None]
                 hit_i = hit.to(tl.int32)
                 pos = count[:, None] + tl.cumsum(hit_i, axis=1) - 1
+                # NB: int32 offsets within the batch item (the host keeps Gq * KC < 2^31): a 2D
+                # tile of 64-bit offsets spills registers on sm_90.
                 tl.store(
-                    cand_ptr + state[:, None] * KC + pos,
+                    cand_ptr + b * Gq * KC + (qid.to(tl.int32) * KC)[:, None] + pos,
                     (cols + key_offset).to(tl.int32)[None, :] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
                     mask=hit & (pos < KC),
                 )
@@ -380,12 +397,15 @@ def _patch_match_rescore_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rows < Gq
     state = b * Gq + rows
-    q_rows = b * q_sb + (rows // Gqw) * stride * q_sy + (rows % Gqw) * stride * C
+    # NB: int64, as (rows // Gqw) * stride * q_sy nears 2^31 at an 8K relu1_1 map.
+    qid = rows.to(tl.int64)
+    q_rows = b * q_sb + (qid // Gqw) * stride * q_sy + (qid % Gqw) * stride * C
     qinv = tl.load(qinv_ptr + state, mask=m_mask, other=0.0)
     n_cand = tl.minimum(tl.load(count_ptr + state, mask=m_mask, other=0), KC)
     best = tl.load(best_val_ptr + state, mask=m_mask, other=float("-inf"))
     best_idx = tl.load(best_idx_ptr + state, mask=m_mask, other=0)
     offs_k = tl.arange(0, BLOCK_K)
+    n_chunks = tl.cdiv(C, BLOCK_K)
     for j in range(0, tl.max(n_cand, axis=0)):
         valid = m_mask & (j < n_cand)
         loc = tl.load(cand_ptr + state * KC + j, mask=valid, other=0).to(tl.int64) - key_offset
@@ -393,16 +413,17 @@ def _patch_match_rescore_kernel(
         loc = tl.where(valid, loc, 0)
         k_rows = b * k_sb + (loc // Gkw) * stride * k_sy + (loc % Gkw) * stride * C
         acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for dy in tl.static_range(P):
-            for dx in tl.static_range(P):
-                q_tap = q_rows + dy * q_sy + dx * C
-                k_tap = k_rows + dy * k_sy + dx * C
-                for c0 in range(0, C, BLOCK_K):
-                    cc = c0 + offs_k
-                    mask = valid[:, None] & (cc < C)[None, :]
-                    a = tl.load(q_ptr + q_tap[:, None] + cc[None, :], mask=mask, other=0.0)
-                    kk = tl.load(k_ptr + k_tap[:, None] + cc[None, :], mask=mask, other=0.0)
-                    acc += tl.sum(a * kk, axis=1)
+        # One flat loop over (tap, channel chunk): unrolled taps keep P*P sets of 64-bit row
+        # offsets live and spill on sm_90.
+        for t in range(0, P * P * n_chunks):
+            tap = t // n_chunks
+            dy = tap // P
+            dx = tap - dy * P
+            cc = (t - tap * n_chunks) * BLOCK_K + offs_k
+            mask = valid[:, None] & (cc < C)[None, :]
+            a = tl.load(q_ptr + (q_rows + dy * q_sy + dx * C)[:, None] + cc[None, :], mask=mask, other=0.0)
+            kk = tl.load(k_ptr + (k_rows + dy * k_sy + dx * C)[:, None] + cc[None, :], mask=mask, other=0.0)
+            acc += tl.sum(a * kk, axis=1)
         kinv = tl.load(kinv_ptr + b * Gk + loc, mask=valid, other=0.0)
         score = acc * qinv * kinv
         # Candidates come in increasing key index: strict '>' keeps the smallest on ties.
@@ -413,29 +434,104 @@ def _patch_match_rescore_kernel(
     tl.store(best_idx_ptr + state, best_idx, mask=m_mask)
 
 
-def _scan_configs():
-    # Hopper-oriented: 128x128 tiles keep the tensor cores fed from L2 (arithmetic intensity
-    # BM*BN/(BM+BN) flop/byte); K chunks of 32-64 channels with 3-4 pipeline stages.
-    configs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 3),
-        (128, 256, 32, 8, 3),
-    ]:
-        configs.append(
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-        )
-    return configs
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the scan per mode ("max", "collect",
+# "prune"): the first is the fixed config of small problems, all are autotuned on large ones.
+# Hopper-oriented: 128-wide tiles keep the tensor cores fed from L2 (arithmetic intensity
+# BM*BN/(BM+BN) flop/byte), 32-channel K chunks with 3-4 pipeline stages. Only configs without
+# register spills on sm_90 (ptxas, `make gpu-compile-check`) are offered: the collect mode keeps a
+# tile of candidate positions and the prune mode two accumulators, so they get smaller tiles.
+SCAN_CONFIGS = {
+    "max": ((64, 64, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 8, 3)),
+    "collect": ((64, 64, 32, 8, 3), (128, 64, 32, 8, 3)),
+    "prune": ((64, 64, 32, 8, 3),),
+}
+# Shared memory per block (bytes) of the archs the launcher knows; others get the smallest.
+SMEM_LIMITS = {
+    (8, 0): 163 << 10,
+    (8, 6): 99 << 10,
+    (8, 9): 99 << 10,
+    (9, 0): 227 << 10,
+    (10, 0): 227 << 10,
+    (12, 0): 99 << 10,
+}
+# The first tuned call of a mode times every config on at most this many query x key patches
+# (enough query rows to fill the GPU), then the choice is cached across processes.
+_TUNE_QUERIES = 1 << 15
+_TUNE_KEYS = 1 << 11
+
+
+def scan_mode(collect: bool, prune: bool) -> str:
+    return "prune" if prune else ("collect" if collect else "max")
+
+
+def scan_smem_bytes(
+    block_m: int, block_n: int, block_k: int, stages: int, operand_bytes: int, mode: str
+) -> int:
+    """Upper bound of the scan's shared memory: pipelined A and B tiles (two dots in prune mode)."""
+    return stages * (block_m + block_n) * block_k * operand_bytes * (2 if mode == "prune" else 1)
+
+
+def scan_configs(smem_limit: int, operand_bytes: int, mode: str) -> list:
+    """The configs of ``mode`` that fit ``smem_limit`` bytes of shared memory (the first always stays)."""
+    first, *rest = SCAN_CONFIGS[mode]
+    fits = [first] + [c for c in rest if scan_smem_bytes(*c[:3], c[4], operand_bytes, mode) <= smem_limit]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st in fits
+    ]
+
+
+def _device_smem_limit(device: torch.device) -> int:
+    return SMEM_LIMITS.get(torch.cuda.get_device_capability(device), min(SMEM_LIMITS.values()))
+
+
+def _config_key(c) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotune hook: only the configs of the scan mode that fit the device's shared memory."""
+    q = named_args["q_ptr"]
+    operand_bytes = 2 if named_args["ql_ptr"].dtype == torch.bfloat16 else q.element_size()
+    mode = scan_mode(bool(kwargs.get("COLLECT")), bool(kwargs.get("PRUNE")))
+    keep = {_config_key(c) for c in scan_configs(_device_smem_limit(q.device), operand_bytes, mode)}
+    return [c for c in configs if _config_key(c) in keep]
 
 
 _patch_match_scan_tuned = triton.autotune(
-    configs=_scan_configs(),
-    # Not keyed on the grid sizes: a first call on a 4K map would otherwise time every config on it.
+    configs=list({_config_key(c): c for m in SCAN_CONFIGS for c in scan_configs(1 << 30, 4, m)}.values()),
+    # Not keyed on the grid sizes: the first call of a mode is tuned on a capped sub-problem
+    # (_tune_capped) and its choice holds for every size.
     key=["C", "P", "COLLECT", "SELECT", "PRUNE", "DOT_PREC", "UPCAST"],
+    prune_configs_by={"early_config_prune": _prune_configs},
     # The scan reads and writes its running state: restore it after every timing run.
     restore_value=["best_val_ptr", "best_idx_ptr", "count_ptr", "cand_ptr"],
+    # Timings go to Triton's cache folder: later processes reuse the choice without timing.
+    **({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}),
 )(_patch_match_scan_kernel)
+_TUNED: set = set()
+
+
+def _tune_capped(args: tuple, meta: dict) -> None:
+    """Tune the scan once per mode on a capped sub-problem, on scratch copies of its state.
+
+    The autotuner's key leaves out the grid sizes, so the real launch that follows reuses the
+    choice; tuning it on a 4K map instead would time every config at full size.
+    """
+    key = (args[0].device, args[0].dtype, args[2].dtype, *sorted(meta.items()))
+    if key in _TUNED or _is_traced(args[0]):
+        return
+    args = list(args)
+    for i in (6, 7, 9, 10):  # best_val, best_idx, count, cand: the buffers the scan writes
+        args[i] = args[i].clone()
+    gq, gk = min(args[14], _TUNE_QUERIES), min(args[16], _TUNE_KEYS)
+    args[14], args[16] = gq, gk
+
+    def grid(m):
+        return (triton.cdiv(gq, m["BLOCK_M"]), 1)  # batch item 0 only
+
+    launch(_patch_match_scan_tuned, grid, *args, **meta)
+    _TUNED.add(key)
 
 
 class _Map:
@@ -509,7 +605,8 @@ def _scan(
         # NB: float64 has no tensor-core path; small fixed tiles keep the (M, K, N) product small.
         blocks = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=1)
     elif query.n * key.n < _AUTOTUNE_MIN_PAIRS:
-        blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        bm, bn, bk, warps, stages = SCAN_CONFIGS[scan_mode(collect is not None, prune is not None)][0]
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     else:
         blocks = None
     if blocks is not None:
@@ -520,6 +617,7 @@ def _scan(
         def grid(meta):
             return (triton.cdiv(query.n, meta["BLOCK_M"]), query.batch)
 
+        _tune_capped(args, meta)
         launch(_patch_match_scan_tuned, grid, *args, **meta)
 
 
@@ -528,6 +626,14 @@ def patch_match(
     query: torch.Tensor, keys: list[torch.Tensor], patch_size: int, stride: int, padding: int, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best key patch per query patch: (index int64 (B, Gq_h, Gq_w), score (B, Gq_h, Gq_w))."""
+    n_query = grid_size(query.shape[2], patch_size, stride, padding) * grid_size(
+        query.shape[3], patch_size, stride, padding
+    )
+    if n_query * _MAX_CANDIDATES >= 1 << 31:
+        raise ValueError(
+            f"query: {n_query} patches per map; the Triton kernels take fewer than "
+            f"{(1 << 31) // _MAX_CANDIDATES}"
+        )
     fast = query.dtype == torch.float32 and not EXACT_FP32
     q = _Map(query, patch_size, stride, padding, query.dtype)
     ks = [_Map(k, patch_size, stride, padding, query.dtype) for k in keys]

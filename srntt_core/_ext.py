@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 
@@ -33,3 +34,12 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"srntt::{op}", dispatch_key)
     except RuntimeError:  # operator not registered
         return False
+
+
+@functools.cache
+def cuda_kernel_image(device_index: int) -> int | None:
+    """Architecture (e.g. 90) of the CUDA kernel image the extension runs on that GPU, 0 when it has
+    none for the GPU's compute capability, None when the extension has no CUDA kernels."""
+    if not has_kernel("_patch_match_fused", "CUDA"):
+        return None
+    return int(torch.ops.srntt._cuda_kernel_image(device_index))

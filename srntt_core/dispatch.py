@@ -72,6 +72,12 @@ class FusedBackend(Backend):
             reasons.append(f"extension built without {self.dispatch_key} kernels")
         if device.type != self.device_type:
             reasons.append(f"needs {self.device_type} tensors, got {device.type}")
+        elif device.type == "cuda" and not reasons:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if not _ext.cuda_kernel_image(index):
+                major, minor = torch.cuda.get_device_capability(index)
+                reasons.append(f"extension has no kernel image for compute capability {major}.{minor} "
+                               "(rebuild with TORCH_CUDA_ARCH_LIST including it)")
         return reasons
 
     def patch_match(self, *args):

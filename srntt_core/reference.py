@@ -8,6 +8,8 @@ Semantics: docs/DESIGN.md and docs/CONTRACT.md §1-3.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,24 @@ def _rows_per_band(x: torch.Tensor, patch_size: int, stride: int, padding: int, 
     return max(1, rows)
 
 
+@contextlib.contextmanager
+def _ieee_fp32_matmul():
+    """fp32 matmuls without TF32/bf16 while inside, whatever the global setting.
+
+    NB: torch.backends.cuda.matmul.allow_tf32 (or set_float32_matmul_precision("high")) would
+    otherwise round the score GEMM's inputs to TF32: most scores more than 1e-5 off.
+    """
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def patch_match(query, keys, patch_size, stride, padding, precision="highest"):
     """Exact patch matching (docs/CONTRACT.md §2) in the dtype of the inputs; ties (within TIE_ULPS rounding)
     go to the smallest index."""
@@ -71,7 +91,8 @@ def patch_match(query, keys, patch_size, stride, padding, precision="highest"):
             k_rows = _rows_per_band(key, patch_size, stride, padding, other_cells=nq)
             for k0, k in _bands(key, patch_size, stride, padding, k_rows):
                 k = k / k.norm(dim=1, keepdim=True).clamp_min(EPS)
-                tile = torch.bmm(qt, k)
+                with _ieee_fp32_matmul():
+                    tile = torch.bmm(qt, k)
                 tile_max = tile.amax(dim=2, keepdim=True)
                 # First key within `tol` of the maximum: earlier keys keep ties.
                 tile_arg = (tile >= tile_max - tol[:, q0 : q0 + nq, None]).to(torch.uint8).argmax(dim=2)

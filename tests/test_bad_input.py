@@ -237,7 +237,7 @@ def test_feature_swap_index_range_checked_on_every_backend(backend):
 def test_feature_swap_index_at_the_boundary_is_fine(backend):
     """The largest valid index (last cell of the last reference) is accepted."""
     index = _fill(_index(high=80), 1, 0, 79).to(backend.device)
-    out = sw.feature_swap([_v(), _v()], index, backend=backend.name)
+    out = sw.feature_swap([_v().to(backend.device), _v().to(backend.device)], index, backend=backend.name)
     assert out.shape == (1, 3, 8, 9)
 
 

@@ -8,6 +8,7 @@ scripts/cuda_check.sh when nvcc is present.
 """
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -312,3 +313,173 @@ def test_cuda_check_script():
                             timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cuda_check: OK" in result.stdout
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_feature_swap_float16_bfloat16_upcast(dtype):
+    # As on the CPU: swapped in float32, rounded once to the input dtype.
+    p, s, pad, scale = 3, 1, 1, 2
+    values, index = swap_problem(p, s, pad, scale, torch.float32, seed=5)
+    values = [v.to(dtype) for v in values]
+    oh, ow = default_out(index, p, s, pad, scale)
+    for reduce in ("mean", "sum"):
+        want = ref_feature_swap([v.double() for v in values], index, p, s, pad, scale, oh, ow, reduce)
+        want = want.to(dtype)
+        out = torch.ops.srntt._feature_swap_fused([v.cuda() for v in values], index.cuda(), p, s, pad, scale,
+                                                  oh, ow, reduce)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.cpu(), want, atol=0, rtol=0)
+        grad_out = torch.randn(want.shape).to(dtype)
+        sizes = [n for v in values for n in v.shape[2:]]
+        grads = torch.ops.srntt._feature_swap_fused_backward(grad_out.cuda(), index.cuda(), sizes, p, s, pad,
+                                                             scale, reduce)
+        wide = torch.ops.srntt._feature_swap_fused_backward(grad_out.float().cuda(), index.cuda(), sizes, p,
+                                                            s, pad, scale, reduce)
+        for got, ref in zip(grads, wide, strict=True):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, ref.to(dtype), atol=0, rtol=0)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_feature_swap_mean_divides_correctly_rounded():
+    # 3 windows cover a pixel along each axis: the mean divides by 9. A correctly rounded float32
+    # division gives the float32 rounding of the float64 quotient of the (exact) float32 sum.
+    g = torch.Generator().manual_seed(7)
+    values = [torch.rand(1, 8, 12, 12, generator=g) * 3 + 1]
+    index = torch.randint(0, 100, (1, 10, 10), generator=g)
+    total = torch.ops.srntt._feature_swap_fused([values[0].cuda()], index.cuda(), 3, 1, 0, 1, 12, 12, "sum")
+    mean = torch.ops.srntt._feature_swap_fused([values[0].cuda()], index.cuda(), 3, 1, 0, 1, 12, 12, "mean")
+    count = torch.ops.srntt._feature_swap_fused([torch.ones_like(values[0]).cuda()], index.cuda(), 3, 1, 0, 1,
+                                                12, 12, "sum")
+    want = (total.double() / count.double()).float()
+    assert torch.equal(mean, want), f"{int((mean != want).sum())} pixels not correctly rounded"
+
+
+def _torch_check_messages(text: str):
+    """The message arguments (everything after the condition) of every TORCH_CHECK in C++ source."""
+    for m in re.finditer(r"\bTORCH_CHECK\s*\(", text):
+        depth, arg, args, i = 1, "", [], m.end()
+        while depth and i < len(text):
+            ch = text[i]
+            if ch == '"':  # a string literal: brackets and commas inside it do not count
+                end = re.compile(r'"(?:[^"\\]|\\.)*"').match(text, i).end()
+                arg += text[i:end]
+                i = end
+                continue
+            depth += ch in "([{"
+            depth -= ch in ")]}"
+            if ch == "," and depth == 1:
+                args.append(arg)
+                arg = ""
+            elif depth:
+                arg += ch
+            i += 1
+        args.append(arg)
+        yield m.start(), args[1:]
+
+
+def test_cuda_bindings_stream_no_unsigned_into_torch_check():
+    # Streaming a size_t into TORCH_CHECK from nvcc-compiled host code crashes (SIGSEGV inside
+    # std::ostream on torch 2.11 + CUDA 13.0, seen on an H200): messages take signed integers only.
+    offenders = []
+    for path in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        text = path.read_text()
+        unsigned = set(re.findall(r"\b(?:size_t|unsigned(?: long| int)?|uint\d+_t)\s+(\w+)\s*[=;:)]", text))
+        for pos, message in _torch_check_messages(text):
+            for arg in message:
+                expr = arg.strip()
+                if (any(re.fullmatch(rf"{v}(\s*[-+*/%]\s*\w+)*", expr) for v in unsigned)
+                        or re.search(r"\.size\(\)$", expr)):
+                    offenders.append(f"{path.name}:{text.count(chr(10), 0, pos) + 1}: {expr}")
+    assert not offenders, "unsigned values streamed into TORCH_CHECK: " + "; ".join(offenders)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_swap_mean_division_is_round_to_nearest_in_ptx(tmp_path):
+    # Under --use_fast_math a float '/' compiles to div.approx(.ftz).f32; the swap kernels must not.
+    src = tmp_path / "swap.cu"
+    src.write_text('#include "cuda/feature_swap.cuh"\n'
+                   "namespace srntt { namespace cuda_kernels {\n"
+                   "template __global__ void feature_swap_forward_kernel<float>(SwapRefs<float>,"
+                   " const int64_t*, float*, SwapGeom, bool, bool);\n"
+                   "template __global__ void feature_swap_backward_kernel<float>(const float*, const int*,"
+                   " const int*, SwapValueMap, SwapGeom, float*);\n"
+                   "}}\n")
+    ptx = tmp_path / "swap.ptx"
+    result = subprocess.run([_nvcc(), "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
+                             f"-I{ROOT / 'csrc'}", "-ptx", "-arch=compute_80", str(src), "-o", str(ptx)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    text = ptx.read_text()
+    # NB: --use_fast_math also flushes denormals (div.rn.ftz.f32), as the rest of the extension does.
+    assert re.search(r"div\.rn(\.ftz)?\.f32", text)
+    assert not re.search(r"div\.(approx|full)", text)
+
+
+def test_auto_falls_back_without_a_kernel_image(monkeypatch):
+    # An extension built for other archs (e.g. sm_80/sm_90 cubins on an sm_120 GPU) has no kernel
+    # image there: `auto` must take the next backend instead of failing with "no kernel image".
+    from srntt_core import dispatch
+
+    monkeypatch.setattr(_ext, "has_kernel", lambda op, key: True)
+    monkeypatch.setattr(_ext, "LOADED", True)
+    monkeypatch.setattr(_ext, "cuda_kernel_image", lambda index: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (12, 0))
+    monkeypatch.setattr(dispatch.get("triton"), "not_supported_reasons", lambda device: ["no triton here"])
+    device = torch.device("cuda", 0)
+    reasons = dispatch.get("cuda").not_supported_reasons(device)
+    assert any("no kernel image for compute capability 12.0" in r for r in reasons), reasons
+    assert dispatch.resolve("auto", device) == "torch"
+    monkeypatch.setattr(_ext, "cuda_kernel_image", lambda index: 90)
+    assert dispatch.resolve("auto", device) == "cuda"
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_kernel_image_of_this_gpu():
+    major, minor = torch.cuda.get_device_capability(0)
+    image = _ext.cuda_kernel_image(0)
+    # A cubin of the same major version, or PTX compiled for this GPU at load time.
+    assert image and image // 10 <= major, (image, major, minor)
+
+
+def test_torch_backend_scores_in_ieee_fp32_whatever_the_global_setting(monkeypatch):
+    # A global allow_tf32 / float32_matmul_precision("high"|"medium") must not reach the torch
+    # backend's score GEMM (TF32 inputs put most scores > 1e-5 off on a GPU).
+    from srntt_core import reference
+
+    seen = []
+    bmm = torch.bmm
+
+    def spy(*args):
+        seen.append(torch.get_float32_matmul_precision())
+        return bmm(*args)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        query, key = torch.rand(1, 4, 7, 8), torch.rand(1, 4, 6, 9)
+        reference.patch_match(query, [key], 3, 1, 0)
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_torch_backend_exact_with_tf32_allowed(monkeypatch):
+    from srntt_core import reference
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    g = torch.Generator().manual_seed(9)
+    query, key = torch.rand(1, 64, 20, 24, generator=g), torch.rand(1, 64, 18, 22, generator=g)
+    _, score = reference.patch_match(query.cuda(), [key.cuda()], 3, 1, 0)
+    _, exact = reference.patch_match(query.double(), [key.double()], 3, 1, 0)
+    assert (score.cpu().double() - exact).abs().max().item() <= 1e-5

@@ -6,6 +6,7 @@ so every shape here is tiny; odd sizes still straddle the tiles (16-64 wide unde
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -226,6 +227,80 @@ def test_feature_swap_float64():
     assert out.dtype == torch.float64
     expected = feature_swap_ref([values[0].cpu()], index, 3, 1, 0, 1, 4, 4, "mean")
     torch.testing.assert_close(out.cpu(), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_feature_swap_half_sums_in_float32(dtype):
+    """float16/bfloat16 are summed in float32 and rounded once (as on the CPU): equal to the float32
+    swap rounded, even with two value maps (accumulated between launches) and 9-window sums."""
+    values = [(rand(1, 3, 7, 8, seed=21 + i) * 40).to(dtype) for i in range(2)]
+    g = torch.Generator().manual_seed(23)
+    index = torch.randint(0, 2 * 30, (1, 5, 6), generator=g).to(DEVICE)
+    for reduce in ("sum", "mean"):
+        out = kernels.feature_swap(values, index, 3, 1, 0, 1, 7, 8, reduce)
+        wide = kernels.feature_swap([v.float() for v in values], index, 3, 1, 0, 1, 7, 8, reduce)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, wide.to(dtype), atol=0, rtol=0)
+        grad_out = (rand(1, 3, 7, 8, seed=24) * 40).to(dtype)
+        grads = kernels.feature_swap_backward(grad_out, index, [7, 8, 7, 8], 3, 1, 0, 1, reduce)
+        wide = kernels.feature_swap_backward(grad_out.float(), index, [7, 8, 7, 8], 3, 1, 0, 1, reduce)
+        # NB: the interpreter truncates float32 -> bfloat16 in kernel stores (a GPU rounds to nearest).
+        ulp = 2.0**-7 if INTERPRET and dtype == torch.bfloat16 else 0.0
+        for got, want in zip(grads, wide, strict=True):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, want.to(dtype), atol=0, rtol=ulp)
+
+
+def test_feature_swap_mean_is_correctly_rounded():
+    """The mean divides with round-to-nearest: the float32 rounding of the float64 quotient of the
+    float32 sum (an approximate division, as '/' compiles to on a GPU, is off by an ulp here and there)."""
+    values = [rand(1, 4, 9, 9, seed=25) * 3 + 1]
+    g = torch.Generator().manual_seed(26)
+    index = torch.randint(0, 49, (1, 7, 7), generator=g).to(DEVICE)
+    total = kernels.feature_swap(values, index, 3, 1, 0, 1, 9, 9, "sum")
+    mean = kernels.feature_swap(values, index, 3, 1, 0, 1, 9, 9, "mean")
+    count = kernels.feature_swap([torch.ones_like(values[0])], index, 3, 1, 0, 1, 9, 9, "sum")
+    assert torch.equal(mean, (total.double() / count.double()).float())
+
+
+def test_launch_device_is_the_tensors_device():
+    """Triton launches run under a guard for the device of their first CUDA tensor."""
+    module = sys.modules["kernels.patch_match"]
+    cpu = torch.zeros(1)
+    assert module.launch_device([cpu, 3, "x"]) is None
+    fake = torch.empty(1, device="meta")
+    assert module.launch_device([fake]) is None
+    if torch.cuda.device_count() > 1:
+        assert module.launch_device([3, torch.zeros(1, device="cuda:1")]) == torch.device("cuda", 1)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_on_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: same results as on cuda:0."""
+    query, keys = rand(1, 8, 9, 10, seed=27), [rand(1, 8, 8, 9, seed=28)]
+    want = kernels.patch_match(query, keys, 3, 1, 1, "highest")
+    with torch.cuda.device(0):
+        got = kernels.patch_match(query.to("cuda:1"), [keys[0].to("cuda:1")], 3, 1, 1, "highest")
+    assert torch.equal(got[0].cpu(), want[0].cpu())
+    values = [rand(1, 3, 8, 9, seed=29)]
+    index = want[0]
+    want = kernels.feature_swap(values, index, 3, 1, 1, 1, 9, 10, "mean")
+    with torch.cuda.device(0):
+        got = kernels.feature_swap([values[0].to("cuda:1")], index.to("cuda:1"), 3, 1, 1, 1, 9, 10, "mean")
+    assert torch.equal(got.cpu(), want.cpu())
+
+
+@pytest.mark.skipif(INTERPRET, reason="cuDNN TF32 is a GPU matter")
+def test_patch_norms_immune_to_tf32(monkeypatch):
+    """Patch norms are exact fp32 sums even with TF32 allowed everywhere (cuDNN allows it by default)."""
+    module = sys.modules["kernels.patch_match"]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    x = rand(1, 256, 40, 50, seed=30) * 10
+    got = module._patch_sq_norms(x, 3, 1, 0).double().cpu()
+    sq = x.double().cpu().square().sum(1, keepdim=True)
+    want = F.avg_pool2d(sq, 3, stride=1, divisor_override=1).flatten(1)
+    assert ((got - want).abs() / want).max().item() < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,11 +7,22 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace srntt {
 namespace cuda_kernels {
 
 constexpr double kNormEps = 1e-12;  // docs/CONTRACT.md §2: score = <q,k> / (max(|q|,eps) max(|k|,eps))
+
+// a / b rounded to nearest, as on the CPU. NB: under --use_fast_math a plain float '/' compiles to
+// div.approx.ftz.f32 (up to 2 ulp off, denormals flushed); double division is always IEEE.
+template <typename T>
+__host__ __device__ inline T div_rn(T a, T b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<T, float>::value) return __fdiv_rn(a, b);
+#endif
+  return a / b;
+}
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -92,7 +92,7 @@ __global__ void feature_swap_forward_kernel(SwapRefs<T> refs, const int64_t* __r
     T acc = swap_forward_element(refs, index, g, b, c, y, x, accumulate ? out[t] : T(0));
     if (finalize && g.mean) {
       const int n = swap_count(g, y, x);
-      acc = n > 0 ? acc / static_cast<T>(n) : T(0);
+      acc = n > 0 ? div_rn(acc, static_cast<T>(n)) : T(0);
     }
     out[t] = acc;
   }
@@ -131,7 +131,7 @@ __host__ __device__ inline T swap_backward_element(const T* grad_out, const int*
         const int y = yv + (i - u) * g.step(), x = xv + (j - v) * g.step();
         if (y < 0 || y >= g.out_h || x < 0 || x >= g.out_w) continue;
         T grad = go[static_cast<int64_t>(y) * g.out_w + x];
-        if (g.mean) grad /= static_cast<T>(swap_count(g, y, x));
+        if (g.mean) grad = div_rn(grad, static_cast<T>(swap_count(g, y, x)));
         acc += grad;
       }
     }

@@ -24,6 +24,12 @@ namespace {
 
 constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 
+// float16 / bfloat16 are swapped in float32 and rounded once at the end, as on the CPU (sums of up
+// to patch_size^2 terms would otherwise round at every step).
+bool is_reduced_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
 bool parse_reduce(c10::string_view reduce, const char* op) {
   TORCH_CHECK(reduce == "sum" || reduce == "mean", op, ": reduce must be 'sum' or 'mean', got '",
               std::string(reduce.data(), reduce.size()), "'");
@@ -50,7 +56,7 @@ std::vector<int> value_hw_of(const char* op, const std::vector<int64_t>& sizes, 
   TORCH_CHECK(!sizes.empty() && sizes.size() % 2 == 0, op, ": bad value sizes");
   std::vector<int> hw;
   hw.reserve(sizes.size());
-  for (size_t i = 0; i < sizes.size(); ++i) {
+  for (int64_t i = 0; i < static_cast<int64_t>(sizes.size()); ++i) {
     TORCH_CHECK(sizes[i] >= 0 && sizes[i] <= kIntMax, op, ": bad value size ", sizes[i]);
     TORCH_CHECK(sizes[i] / scale + 2 * padding >= patch_size, op, ": values[", i / 2, "] of size ",
                 sizes[i - i % 2], "x", sizes[i - i % 2 + 1], " gives a key map smaller than one patch");
@@ -70,8 +76,14 @@ at::Tensor feature_swap_fused_cuda(at::TensorList values_in, const at::Tensor& i
   TORCH_CHECK(!values_in.empty(), op, ": values must not be empty");
   const at::Tensor& v0 = values_in[0];
   TORCH_CHECK(v0.is_cuda(), op, ": values must be CUDA tensors");
+  if (is_reduced_float(v0)) {
+    std::vector<at::Tensor> wide;
+    for (const at::Tensor& v : values_in) wide.push_back(v.to(at::kFloat));
+    return feature_swap_fused_cuda(wide, index_in, patch_size, stride, padding, scale, out_h, out_w, reduce)
+        .to(v0.scalar_type());
+  }
   TORCH_CHECK(v0.scalar_type() == at::kFloat || v0.scalar_type() == at::kDouble, op,
-              ": values must be float32 or float64, got ", v0.scalar_type());
+              ": values must be float16, bfloat16, float32 or float64, got ", v0.scalar_type());
   TORCH_CHECK(v0.dim() == 4, op, ": values[0] must be (B, C, H, W), got ", v0.sizes());
   check_params(op, patch_size, stride, padding, scale);
   TORCH_CHECK(out_h >= 0 && out_w >= 0 && out_h <= kIntMax && out_w <= kIntMax, op, ": bad output size ",
@@ -84,7 +96,7 @@ at::Tensor feature_swap_fused_cuda(at::TensorList values_in, const at::Tensor& i
   check_index(op, index_in, v0.device(), B);
   std::vector<at::Tensor> values;
   std::vector<int64_t> sizes;
-  for (size_t i = 0; i < values_in.size(); ++i) {
+  for (int64_t i = 0; i < static_cast<int64_t>(values_in.size()); ++i) {
     const at::Tensor& v = values_in[i];
     TORCH_CHECK(v.device() == v0.device() && v.scalar_type() == v0.scalar_type(), op, ": values[", i,
                 "] must be on ", v0.device(), " with dtype ", v0.scalar_type());
@@ -126,8 +138,14 @@ std::vector<at::Tensor> feature_swap_fused_backward_cuda(const at::Tensor& grad_
   check_bound(op, "scale", scale, 1, kScaleMax);
   TORCH_CHECK(grad_out_in.is_cuda(), op, ": grad_out must be a CUDA tensor");
   TORCH_CHECK(grad_out_in.dim() == 4, op, ": grad_out must be (B, C, H, W), got ", grad_out_in.sizes());
+  if (is_reduced_float(grad_out_in)) {
+    std::vector<at::Tensor> grads = feature_swap_fused_backward_cuda(
+        grad_out_in.to(at::kFloat), index_in, value_sizes, patch_size, stride, padding, scale, reduce);
+    for (at::Tensor& g : grads) g = g.to(grad_out_in.scalar_type());
+    return grads;
+  }
   TORCH_CHECK(grad_out_in.scalar_type() == at::kFloat || grad_out_in.scalar_type() == at::kDouble, op,
-              ": grad_out must be float32 or float64, got ", grad_out_in.scalar_type());
+              ": grad_out must be float16, bfloat16, float32 or float64, got ", grad_out_in.scalar_type());
   check_params(op, patch_size, stride, padding, scale);
   const bool mean = parse_reduce(reduce, op);
 

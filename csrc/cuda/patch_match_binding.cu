@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cuda(const at::Tensor& quer
   std::vector<int> key_hw;
   keys.reserve(keys_in.size());
   key_hw.reserve(2 * keys_in.size());
-  for (size_t i = 0; i < keys_in.size(); ++i) {
+  for (int64_t i = 0; i < static_cast<int64_t>(keys_in.size()); ++i) {
     const at::Tensor& k = keys_in[i];
     TORCH_CHECK(k.device() == query.device(), "_patch_match_fused: keys[", i, "] is on ", k.device(),
                 ", query on ", query.device());
@@ -116,8 +116,26 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cuda(const at::Tensor& quer
   return std::make_tuple(index, score);
 }
 
+// Architecture of the kernel image this extension runs on `device` (e.g. 90), or 0 when it has
+// none for the device's compute capability (neither a cubin nor PTX it can JIT-compile), so that
+// backend selection falls back instead of failing with "no kernel image".
+int64_t cuda_kernel_image(int64_t device) {
+  TORCH_CHECK(device >= 0 && device < 1024, "_cuda_kernel_image: bad device index ", device);
+  c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, cuda_kernels::init_state_kernel<float>) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it
+    return 0;
+  }
+  return attr.binaryVersion;
+}
+
 }  // namespace
 }  // namespace srntt
+
+TORCH_LIBRARY_FRAGMENT(srntt, m) {
+  m.def("_cuda_kernel_image(int device) -> int", &srntt::cuda_kernel_image);
+}
 
 TORCH_LIBRARY_IMPL(srntt, CUDA, m) {
   m.impl("_patch_match_fused", TORCH_FN(srntt::patch_match_fused_cuda));

@@ -1,0 +1,514 @@
+"""Compile every GPU kernel for real targets without a GPU, and read its resources.
+
+    python scripts/gpu_compile_check.py [--archs 80,90] [--subset] [--jobs N] [--only triton|cuda]
+                                        [--out build/gpu-compile-check.json]
+
+Triton: every kernel of kernels/ (patch-match scan in each mode the launcher runs, re-scoring, swap
+forward and backward) for every autotune config the launcher offers on the arch and every
+dtype/precision variant, compiled ahead of time with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))``. Registers and spill stack from ``cuobjdump -res-usage`` of
+the cubin, shared memory from the compile metadata, tensor-core instructions counted in the PTX
+(``mma.sync`` / ``wgmma.mma_async``).
+CUDA: csrc/cuda/check/instantiate.cu (every kernel instantiation) with nvcc ``-Xptxas -v`` per
+arch; registers, spills and shared memory from the ptxas report, tensor-core instructions from the
+PTX of the same compile.
+
+Writes a JSON list of rows {backend, kernel, arch, config, ok, registers, spills, smem_bytes,
+tensor_core_instructions, tensor_core_expected, error} and prints them as a table. Fails (exit 1)
+when a build fails, a tensor-core kernel spills or has no tensor-core instruction, or a config
+needs more shared memory than its arch has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# The kernels are compiled for a GPU, not run by the interpreter (which also changes their tiles).
+os.environ.pop("TRITON_INTERPRET", None)
+ARCH_SMEM = {80: 163 << 10, 86: 99 << 10, 89: 99 << 10, 90: 227 << 10}
+TC_PTX = re.compile(r"\b(?:mma\.sync|wmma\.mma\.sync|wgmma\.mma_async)\.")
+
+
+def _row(backend, kernel, arch, config, **kw) -> dict:
+    row = dict(
+        backend=backend,
+        kernel=kernel,
+        arch=f"sm_{arch}",
+        config=config,
+        ok=False,
+        registers=None,
+        spills=None,
+        smem_bytes=None,
+        tensor_core_instructions=None,
+        tensor_core_expected=False,
+        error=None,
+    )
+    row.update(kw)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+
+_PTR = {"fp32": "*fp32", "fp64": "*fp64", "bf16": "*bf16", "fp16": "*fp16"}
+
+
+def _signature(fn, ptrs: dict, meta: dict) -> dict:
+    """Triton signature of ``fn``: the given pointer types, constexprs, and int32 for the other ints."""
+    return {n: ptrs.get(n) or ("constexpr" if n in meta else "i32") for n in fn.arg_names}
+
+
+def triton_variants(arch: int, subset: bool) -> list[dict]:
+    """Every (kernel, signature, constexprs, options) the launchers can run on ``arch``."""
+    import srntt_core._triton  # noqa: F401  (registers the modules)
+
+    pm = sys.modules["srntt_core._triton.patch_match"]
+    fs = sys.modules["srntt_core._triton.feature_swap"]
+    out = []
+    limit = ARCH_SMEM[arch]
+
+    def scan(label, q, low, acc, dot_prec, collect=False, select=False, prune=False, fma=False, tc=True):
+        ptrs = dict(
+            q_ptr=_PTR[q],
+            k_ptr=_PTR[q],
+            ql_ptr=_PTR[low],
+            kl_ptr=_PTR[low],
+            qinv_ptr=_PTR[acc],
+            kinv_ptr=_PTR[acc],
+            best_val_ptr=_PTR[acc],
+            best_idx_ptr="*i64",
+            thr_ptr=_PTR[acc],
+            count_ptr="*i32",
+            cand_ptr="*i32",
+            order_ptr="*i64",
+            active_ptr="*i32",
+        )
+        meta = dict(
+            P=3,
+            COLLECT=collect,
+            SELECT=select,
+            PRUNE=prune,
+            KC=pm._MAX_CANDIDATES,
+            DOT_PREC=dot_prec,
+            UPCAST=False,
+            FMA=fma,
+        )
+        if fma:
+            configs = [(32, 32, 8, 4, 1)]
+        else:
+            mode = pm.scan_mode(collect, prune)
+            configs = [pm._config_key(c) for c in pm.scan_configs(limit, 2 if low == "bf16" else 4, mode)]
+        if subset:
+            configs = configs[-1:]
+        for bm, bn, bk, warps, stages in configs:
+            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+            out.append(
+                dict(
+                    kernel=f"scan/{label}",
+                    fn=pm._patch_match_scan_kernel,
+                    signature=_signature(pm._patch_match_scan_kernel, ptrs, {**meta, **blocks}),
+                    constexprs={**meta, **blocks},
+                    options=dict(num_warps=warps, num_stages=stages),
+                    config=f"{bm}x{bn}x{bk} w{warps} s{stages}",
+                    tc=tc,
+                )
+            )
+
+    # float32 highest/high: TF32 candidates (max, collect), exact re-scan of overflowing queries.
+    scan("max tf32", "fp32", "fp32", "fp32", "tf32")
+    scan("collect tf32", "fp32", "fp32", "fp32", "tf32", collect=True)
+    scan("rescan tf32-prune", "fp32", "fp32", "fp32", "ieee", select=True, prune=True)
+    if not subset:
+        # medium: bf16 candidates; its re-scan prunes with bf16 dots.
+        scan("max bf16", "bf16", "bf16", "fp32", "tf32")
+        scan("collect bf16", "bf16", "bf16", "fp32", "tf32", collect=True)
+        scan("rescan bf16-prune", "fp32", "bf16", "fp32", "ieee", select=True, prune=True)
+        # SRNTT_TRITON_EXACT_FP32=1 and float64: no tensor cores by design.
+        scan("max ieee", "fp32", "fp32", "fp32", "ieee", tc=False)
+        scan("max fp64", "fp64", "fp64", "fp64", "ieee", fma=True, tc=False)
+
+    rs_ptrs = dict(
+        q_ptr="*fp32",
+        k_ptr="*fp32",
+        qinv_ptr="*fp32",
+        kinv_ptr="*fp32",
+        best_val_ptr="*fp32",
+        best_idx_ptr="*i64",
+        count_ptr="*i32",
+        cand_ptr="*i32",
+    )
+    rs_meta = dict(P=3, KC=pm._MAX_CANDIDATES, BLOCK_M=pm._RESCORE_BLOCK_M, BLOCK_K=pm._RESCORE_BLOCK_K)
+    out.append(
+        dict(
+            kernel="rescore",
+            fn=pm._patch_match_rescore_kernel,
+            signature=_signature(pm._patch_match_rescore_kernel, rs_ptrs, rs_meta),
+            constexprs=rs_meta,
+            options=dict(num_warps=4),
+            config=f"{rs_meta['BLOCK_M']}x{rs_meta['BLOCK_K']} w4",
+            tc=False,
+        )
+    )
+
+    import triton.language as tl
+
+    def swap(name, fn, ptrs, meta, dt, mean):
+        out.append(
+            dict(
+                kernel=f"{name}/{dt}{' mean' if mean else ''}",
+                fn=fn,
+                signature=_signature(fn, ptrs, meta),
+                constexprs=meta,
+                options=dict(num_warps=fs._NUM_WARPS),
+                config=f"{fs._BLOCK_PIX}x{fs._BLOCK_C}",
+                tc=False,
+            )
+        )
+
+    dtypes = ["fp32"] if subset else ["fp32", "fp64", "fp16", "bf16"]
+    for dt in dtypes:
+        acc = "fp64" if dt == "fp64" else "fp32"
+        acc_tl = tl.float64 if dt == "fp64" else tl.float32
+        for mean in (False, True) if not subset else (True,):
+            fwd_ptrs = dict(v_ptr=_PTR[dt], idx_ptr="*i64", out_ptr=_PTR[acc])
+            fwd_meta = dict(
+                P=3,
+                T=3,
+                ACCUMULATE=True,
+                MEAN=mean,
+                ACC_DTYPE=acc_tl,
+                BLOCK_PIX=fs._BLOCK_PIX,
+                BLOCK_C=fs._BLOCK_C,
+            )
+            swap("swap_fwd", fs._feature_swap_fwd_kernel, fwd_ptrs, fwd_meta, dt, mean)
+            bwd_ptrs = dict(
+                grad_ptr=_PTR[dt],
+                csr_ptr="*i64",
+                cells_ptr="*i64",
+                count_h_ptr="*i32",
+                count_w_ptr="*i32",
+                gv_ptr=_PTR[dt],
+            )
+            bwd_meta = dict(
+                P=3, T=3, MEAN=mean, ACC_DTYPE=acc_tl, BLOCK_PIX=fs._BLOCK_PIX, BLOCK_C=fs._BLOCK_C
+            )
+            swap("swap_bwd", fs._feature_swap_bwd_kernel, bwd_ptrs, bwd_meta, dt, mean)
+    return out
+
+
+_DIVISIBLE = {"C", "Cv", "q_sb", "q_sy", "k_sb", "k_sy"}
+
+
+def _cuobjdump() -> str | None:
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.is_file() else shutil.which("cuobjdump")
+
+
+def _res_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers, spill stack bytes) of the single kernel in ``cubin``."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [tool, "-res-usage", f.name], capture_output=True, text=True, timeout=120
+        ).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
+def compile_triton(variant_index: int, arch: int, subset: bool) -> dict:
+    """Compiles one variant (by index, so that worker processes rebuild the list themselves)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    v = triton_variants(arch, subset)[variant_index]
+    row = _row("triton", v["kernel"], arch, v["config"], tensor_core_expected=v["tc"])
+    # As Triton specializes a launch: tensors from torch are 16-byte aligned; channel counts and
+    # the strides built from them (multiples of C = 64-256 at every SRNTT level) divide by 16.
+    aligned = [
+        i
+        for i, n in enumerate(v["fn"].arg_names)
+        if v["signature"].get(n, "").startswith("*") or n in _DIVISIBLE
+    ]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    try:
+        src = ASTSource(v["fn"], v["signature"], constexprs=v["constexprs"], attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=v["options"])
+    except Exception as exc:  # a failed build is a result: reported in its row
+        row["error"] = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        )
+        return row
+    regs, stack = _res_usage(k.asm["cubin"])
+    row.update(
+        ok=True,
+        registers=regs,
+        spills=stack,
+        smem_bytes=int(k.metadata.shared),
+        tensor_core_instructions=len(TC_PTX.findall(k.asm["ptx"])),
+    )
+    return row
+
+
+def run_triton(archs: list[int], subset: bool, jobs: int, kernels: set[str] | None = None) -> list[dict]:
+    tasks = [
+        (i, a)
+        for a in archs
+        for i, v in enumerate(triton_variants(a, subset))
+        if kernels is None or v["kernel"] in kernels
+    ]
+    with cf.ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(
+            pool.map(compile_triton, [i for i, _ in tasks], [a for _, a in tasks], [subset] * len(tasks))
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+def _nvcc() -> str | None:
+    for cand in (
+        shutil.which("nvcc"),
+        os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"),
+        "/usr/local/cuda/bin/nvcc",
+    ):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+# As setup.py and torch.utils.cpp_extension compile the extension (scripts/cuda_check.sh too).
+NVCC_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "-DNDEBUG",
+    "--use_fast_math",
+    "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
+_PTXAS_FN = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out, strict=False)) if len(out) == len(names) else {n: n for n in names}
+
+
+def _short(demangled: str) -> str:
+    """``match_tc_kernel<true>`` from a full demangled signature."""
+    name = demangled.split("(")[0]
+    return name.replace("srntt::cuda_kernels::", "").replace("void ", "").strip()
+
+
+def run_cuda(archs: list[int]) -> list[dict]:
+    nvcc = _nvcc()
+    if nvcc is None:
+        return [_row("cuda", "instantiate.cu", a, "-", error="nvcc not found") for a in archs]
+    src = ROOT / "csrc" / "cuda" / "check" / "instantiate.cu"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def one(arch):
+            gencode = f"arch=compute_{arch},code=sm_{arch}"
+            obj = subprocess.run(
+                [
+                    nvcc,
+                    *NVCC_FLAGS,
+                    f"-I{ROOT / 'csrc'}",
+                    "-c",
+                    "-gencode",
+                    gencode,
+                    "-Xptxas",
+                    "-v",
+                    str(src),
+                    "-o",
+                    f"{tmp}/i{arch}.o",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            ptx = subprocess.run(
+                [
+                    nvcc,
+                    *NVCC_FLAGS,
+                    f"-I{ROOT / 'csrc'}",
+                    "-ptx",
+                    f"-arch=compute_{arch}",
+                    str(src),
+                    "-o",
+                    f"{tmp}/i{arch}.ptx",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            ptx_text = Path(f"{tmp}/i{arch}.ptx").read_text() if ptx.returncode == 0 else ""
+            return arch, obj, ptx_text
+
+        with cf.ThreadPoolExecutor(max_workers=len(archs)) as pool:
+            results = list(pool.map(one, archs))
+    for arch, obj, ptx_text in results:
+        if obj.returncode != 0:
+            tail = [ln for ln in obj.stderr.splitlines() if "error" in ln][:3] or obj.stderr.splitlines()[-3:]
+            rows.append(_row("cuda", "instantiate.cu", arch, "-", error=" | ".join(tail)))
+            continue
+        # Per entry function in the PTX: the text up to the next entry, for the tensor-core count.
+        entries = list(re.finditer(r"\.entry (\S+)\(", ptx_text))
+        bodies = {
+            m.group(1): ptx_text[m.end() : entries[i + 1].start() if i + 1 < len(entries) else None]
+            for i, m in enumerate(entries)
+        }
+        fns, cur = {}, None
+        for line in obj.stderr.splitlines():
+            m = _PTXAS_FN.search(line)
+            if m:
+                cur = m.group(1)
+                fns[cur] = {}
+                continue
+            if cur is None:
+                continue
+            m = _PTXAS_SPILL.search(line)
+            if m:
+                fns[cur]["spills"] = int(m.group(2)) + int(m.group(3))
+                fns[cur]["stack"] = int(m.group(1))
+            m = _PTXAS_USED.search(line)
+            if m:
+                fns[cur]["registers"] = int(m.group(1))
+                fns[cur]["smem"] = int(m.group(2) or 0)
+        names = _demangle(list(fns))
+        for mangled, info in fns.items():
+            kernel = _short(names[mangled])
+            tc = "match_tc_kernel" in kernel
+            rows.append(
+                _row(
+                    "cuda",
+                    kernel,
+                    arch,
+                    "-",
+                    ok=True,
+                    registers=info.get("registers"),
+                    spills=info.get("spills"),
+                    smem_bytes=info.get("smem"),
+                    tensor_core_instructions=len(TC_PTX.findall(bodies.get(mangled, ""))),
+                    tensor_core_expected=tc,
+                )
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """Why the check fails (empty when it passes)."""
+    out = []
+    for r in rows:
+        what = f"{r['backend']} {r['kernel']} {r['arch']} {r['config']}"
+        limit = ARCH_SMEM.get(int(r["arch"].removeprefix("sm_")))
+        if not r["ok"]:
+            out.append(f"{what}: build failed: {r['error']}")
+            continue
+        if r["tensor_core_expected"]:
+            if r["spills"]:
+                out.append(f"{what}: tensor-core kernel spills {r['spills']} bytes")
+            if not r["tensor_core_instructions"]:
+                out.append(f"{what}: tensor-core kernel has no mma/wgmma instruction")
+        if limit is not None and r["smem_bytes"] is not None and r["smem_bytes"] > limit:
+            out.append(f"{what}: needs {r['smem_bytes']} bytes of shared memory > {limit} on {r['arch']}")
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        f"{'backend':<7} {'kernel':<28} {'arch':<6} {'config':<20} {'ok':<3} {'regs':>5} {'spill':>6} "
+        f"{'smem':>7} {'tc':>5}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+
+        def cell(v):
+            return "-" if v is None else str(v)
+
+        tc = cell(r["tensor_core_instructions"]) + ("*" if r["tensor_core_expected"] else "")
+        lines.append(
+            f"{r['backend']:<7} {r['kernel'][:28]:<28} {r['arch']:<6} {r['config'][:20]:<20} "
+            f"{'yes' if r['ok'] else 'NO':<3} {cell(r['registers']):>5} {cell(r['spills']):>6} "
+            f"{cell(r['smem_bytes']):>7} {tc:>5}"
+        )
+    lines.append(
+        "tc: mma/wgmma instructions in the PTX; * = a tensor-core kernel (must have some, no spills)"
+    )
+    return "\n".join(lines)
+
+
+def _archs(text: str) -> list[int]:
+    try:
+        archs = [int(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 80,90, got {text!r}"
+        ) from None
+    bad = [a for a in archs if a not in ARCH_SMEM]
+    if not archs or bad:
+        raise argparse.ArgumentTypeError(f"archs must be among {sorted(ARCH_SMEM)}, got {text!r}")
+    return archs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--archs", type=_archs, default=[80, 90], help="compute capabilities (default 80,90)")
+    parser.add_argument("--subset", action="store_true", help="one config per fp32 kernel mode (quick)")
+    parser.add_argument("--only", choices=("triton", "cuda"), help="one backend only")
+    parser.add_argument("--kernels", help="comma-separated Triton kernel names to compile (default: all)")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "gpu-compile-check.json")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs: must be >= 1")
+    rows = []
+    if args.only != "cuda":
+        wanted = {k.strip() for k in args.kernels.split(",")} if args.kernels else None
+        rows += run_triton(args.archs, args.subset, args.jobs, wanted)
+    if args.only != "triton":
+        rows += run_cuda(args.archs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    bad = problems(rows)
+    for p in bad:
+        print(f"FAIL: {p}")
+    print(f"gpu-compile-check: {len(rows)} builds, {len(bad)} problems; {args.out}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
