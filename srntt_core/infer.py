@@ -2,7 +2,7 @@
 
 - Any size and aspect: the LR image is padded (edge replication) to a multiple of 4 (and
   at least 12 px, one relu3_1 patch of the reference side), and the output cropped back.
-- Several references: their patches form one pool (one global argmax, SRNTT_METHOD 3).
+- Several references: their patches form one pool (one global argmax, as SRNTT matches several references).
 - Large inputs are cut into overlapping LR tiles; outputs are blended with linear ramps in
   the overlaps, so memory is bounded by the tile size (plus the reference features, which
   are computed once).

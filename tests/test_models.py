@@ -1,4 +1,4 @@
-"""SRNTT generator, WGAN-GP critic and losses (SRNTT_METHOD 5-6)."""
+"""SRNTT generator, WGAN-GP critic and losses (Zhang et al., CVPR 2019, Sec. 3.2-3.3; the authors' code)."""
 
 import warnings
 

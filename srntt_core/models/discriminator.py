@@ -1,4 +1,5 @@
-"""WGAN-GP critic of SRNTT (SRNTT_METHOD 5): 5 blocks of (conv s1, conv s2) + BN + LeakyReLU(0.2),
+"""WGAN-GP critic of SRNTT (the authors' code; Zhang et al., CVPR 2019, Sec. 3.3):
+5 blocks of (conv s1, conv s2) + BN + LeakyReLU(0.2),
 flatten, FC 1024 + LeakyReLU(0.2), FC 1 (a critic score, no sigmoid). ~17.8 M parameters at 160x160.
 """
 

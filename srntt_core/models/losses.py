@@ -1,4 +1,5 @@
-"""SRNTT losses (SRNTT_METHOD 6): reconstruction, perceptual, adversarial (WGAN-GP), texture.
+"""SRNTT losses (Zhang et al., CVPR 2019, Sec. 3.3): reconstruction, perceptual, adversarial (WGAN-GP),
+texture.
 
 Images are in [-1, 1] (the network's range); the VGG-based losses map them to [0, 1] internally.
 

@@ -1,4 +1,5 @@
-"""The SRNTT generator: content extractor + texture transfer (SRNTT_METHOD 5).
+"""The SRNTT generator: content extractor + texture transfer (Zhang et al., CVPR 2019, Sec. 3.2,
+and the authors' code).
 
 Conventions of the original code: 3x3 convs, stride 1, same padding, weights N(0, 0.02),
 BatchNorm (momentum 0.1, eps 1e-5; a conv followed by BN has no bias), ReLU, residual block
