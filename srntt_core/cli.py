@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(getattr(importlib.import_module(module), run)(args) or 0)
     except (OSError, ValueError, DistributedError) as e:
-        # user errors (bad files, paths, devices, checkpoints, arguments) and a failed rank: one line, no traceback
+        # user errors (bad files, paths, devices, checkpoints, arguments), a failed rank: one line
         print(f"srntt {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 

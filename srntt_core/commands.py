@@ -138,7 +138,7 @@ def sr_jobs(source: str, refs: list[str], out_dir: str) -> list[tuple[Path, list
 
     src, out = Path(source), Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"-o/--out: {out} is a file; with a folder or CSV input give an output folder")
+        raise NotADirectoryError(f"-o/--out: {out} is a file; a folder or CSV input needs an output folder")
     rows: list[tuple[Path, list[Path]]] = []
     if src.is_dir():
         if len(refs) > 1 or (refs and not Path(refs[0]).is_dir()):

@@ -389,7 +389,8 @@ class TrainCrops:
         return img[:, y:y + size, x:x + size]
 
     def sample(self, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        parts = [self.item(int(torch.randint(0, len(self.items), (1,), generator=g)), g) for _ in range(batch)]
+        n = len(self.items)
+        parts = [self.item(int(torch.randint(0, n, (1,), generator=g)), g) for _ in range(batch)]
         return tuple(torch.stack(t) for t in zip(*parts, strict=True))
 
     def item(self, index: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

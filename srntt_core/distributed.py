@@ -15,6 +15,7 @@ resumes at the same data position with another world size.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import os
@@ -82,7 +83,9 @@ class Context:
         return list(items[self.rank::self.world_size])
 
     def _comm_device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
 def env_world() -> tuple[int, int, int] | None:
@@ -122,11 +125,13 @@ def resolve(device: str, local_rank: int, world: tuple[int, int, int] | None) ->
 
 
 @contextlib.contextmanager
-def session(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[tuple[Context, torch.device]]:
+def session(device: str = "auto",
+            timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[tuple[Context, torch.device]]:
     """Join the process group the environment describes (if any) for the duration of the block.
 
-    Yields ``(context, device)``. A group that already exists (a caller set it up) is used and
-    left alone; a group this call creates is destroyed at the end.
+    Yields ``(context, device)``. A process joins its job once: the group this call creates
+    stays for the later commands of the process (a second rendezvous on the same address would
+    not meet the other ranks) and is destroyed at exit.
     """
     if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s > 0):
         raise ValueError(f"dist_timeout: expected seconds > 0, got {timeout_s!r}")
@@ -137,20 +142,21 @@ def session(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Itera
     rank, size, local = world
     dev = resolve(device, local, world)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    created = not torch.distributed.is_initialized()
-    if created:
+    if not torch.distributed.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         torch.distributed.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s),
                                              device_id=dev if dev.type == "cuda" else None)
+        atexit.register(_destroy)
     else:
         backend = torch.distributed.get_backend()
         rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    try:
-        yield Context(rank, size, local, backend), dev
-    finally:
-        if created and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    yield Context(rank, size, local, backend), dev
+
+
+def _destroy() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import atomic_write
-from .distributed import Context
 from .data import DEFAULT_MAX_PIXELS, Pair, bicubic_down, bicubic_up, load_pairs, quantize
+from .distributed import Context
 from .infer import super_resolve
 from .metrics import psnr_y, ssim_y
 

@@ -206,7 +206,8 @@ def super_resolve(
             from .swap import default_extractor
 
             extractor = default_extractor().to(device)
-        bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor, backend)
+        refs = [prepare_reference(r.to(device, torch.float32)) for r in refs]
+        bank = ReferenceBank(refs, extractor, backend)
     h, w = lr.shape[-2:]
 
     def run(x: torch.Tensor) -> torch.Tensor:

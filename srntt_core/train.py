@@ -16,7 +16,8 @@ torch RNG state, samples drawn) is written atomically (:mod:`srntt_core.checkpoi
 samples are defined per global sample and the RNG per global step
 (:mod:`srntt_core.distributed`), so a resumed run continues exactly where an uninterrupted one
 would be, with any number of processes. Under ``torchrun`` the ranks train one model
-(DistributedDataParallel; rank 0 writes the files). A resume reads ``last.pt`` with ``weights_only=True`` and checks it before use.
+(DistributedDataParallel; rank 0 writes the files). A resume reads ``last.pt`` with
+``weights_only=True`` and checks it before use.
 ``<out>/loss.csv`` and ``loss.png`` log the losses; on every start the log is cut back
 (atomically) to the steps of the checkpoint the run starts from, and temporary files an
 interrupted save left behind are removed.
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import (
     CKPT_FORMAT,
     TRAIN_STATE_KIND,
@@ -54,7 +56,6 @@ from .checkpoint import (
     safe_load,
     validate_train_state,
 )
-from . import distributed
 from .distributed import DistributedError, rank_slice
 from .models import losses as L
 from .models.discriminator import Discriminator

@@ -23,7 +23,8 @@ from srntt_core.checkpoint import export_model
 from srntt_core.models.srntt import SRNTT
 
 TINY = {"ch": 8, "content_blocks": 1, "transfer_blocks": [1, 1, 1]}
-TRAIN = "import json, sys; from srntt_core import train as T; T.train(T.TrainConfig(**json.loads(sys.argv[1])))"
+TRAIN = ("import json, sys; from srntt_core import train as T; "
+         "T.train(T.TrainConfig(**json.loads(sys.argv[1])))")
 
 
 def _img(path, h, w, seed):
@@ -94,6 +95,12 @@ def test_half_set_environment_is_one_clear_error(folder, tmp_path, monkeypatch, 
         distributed.env_world()
 
 
+def test_global_batch_must_divide_over_the_ranks():
+    assert distributed.rank_slice(6, distributed.Context(rank=1, world_size=3)) == (2, 2)
+    with pytest.raises(ValueError, match="batch: the global batch 5 must be a multiple of the world size 2"):
+        distributed.rank_slice(5, distributed.Context(rank=0, world_size=2))
+
+
 def test_global_samples_do_not_depend_on_the_world_size(folder):
     from srntt_core.data import TrainCrops
 
@@ -162,18 +169,28 @@ def tiny_ckpt(tmp_path_factory):
     return str(export_model(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt"))
 
 
-def test_sharded_sr_writes_every_image_once_and_reruns_skip(tmp_path, tiny_ckpt, capsys):
-    inputs, refs = tmp_path / "lr", tmp_path / "refs"
-    inputs.mkdir()
-    refs.mkdir()
+def test_sharded_sr_and_eval_with_two_ranks(tmp_path, tiny_ckpt, capsys):
+    """sr: every image written once, by one rank, as one process writes it; a re-run skips what
+    is done. eval: the table of 2 ranks is the table of 1 process (one job runs both commands)."""
+    inputs, refs, hr = tmp_path / "lr", tmp_path / "refs", tmp_path / "hr"
+    for d in (inputs, refs, hr):
+        d.mkdir()
     for i in range(5):
         _img(inputs / f"p{i}.png", 12 + i, 16, i)
         _img(refs / f"p{i}.jpg", 40, 36, 10 + i)
+    for i in range(3):
+        _img(hr / f"e{i}.png", 32, 64, i)
     common = ["--checkpoint", tiny_ckpt, "--device", "cpu", "--tile", "0"]
-    procs = _launch([["-m", "srntt_core", "sr", str(inputs), "--ref", str(refs), "-o", str(tmp_path / "two"),
-                      *common]] * 2)
-    assert cli.main(["sr", str(inputs), "--ref", str(refs), "-o", str(tmp_path / "one"), *common]) == 0
+    sr = ["sr", str(inputs), "--ref", str(refs), *common, "-o"]
+    ev = ["eval", str(hr), *common, "--rows", "bicubic,srntt_ref", "--csv"]
+    script = ("import sys; from srntt_core import cli; a = sys.argv[1:]; i = a.index('--then'); "
+              "sys.exit(cli.main(a[:i]) or cli.main(a[i + 1:]))")
+    argv = ["-c", script, *sr, str(tmp_path / "two"), "--then", *ev, str(tmp_path / "two.csv")]
+    procs = _launch([argv] * 2)
+    assert cli.main([*sr, str(tmp_path / "one")]) == 0
     assert "5 written, 0 skipped" in capsys.readouterr().out
+    assert cli.main([*ev, str(tmp_path / "one.csv")]) == 0
+    table = capsys.readouterr().out.split("\n(")[0]
     (rc0, out0, err0), (rc1, out1, err1) = _finish(procs)
     assert rc0 == 0 and rc1 == 0, err0 + err1
     assert "5 image(s): 5 written, 0 skipped" in out0 and "2 rank(s)" in out0 and out1 == ""
@@ -182,9 +199,11 @@ def test_sharded_sr_writes_every_image_once_and_reruns_skip(tmp_path, tiny_ckpt,
         b = np.asarray(Image.open(tmp_path / "two" / f"p{i}.png"))
         assert a.shape == ((12 + i) * 4, 64, 3) and np.array_equal(a, b)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [f"p{i}.png" for i in range(5)]
+    assert table in out0 and "3 images" in table and "x 2 ranks" in out0
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
     # a re-run skips what is done and redoes a missing output
     (tmp_path / "two" / "p3.png").unlink()
-    assert cli.main(["sr", str(inputs), "--ref", str(refs), "-o", str(tmp_path / "two"), *common]) == 0
+    assert cli.main([*sr, str(tmp_path / "two")]) == 0
     assert "1 written, 4 skipped" in capsys.readouterr().out
 
 
@@ -195,7 +214,8 @@ def test_sr_csv_shares_reference_features(tmp_path, tiny_ckpt, monkeypatch, caps
         _img(tmp_path / f"in{i}.png", 12, 12, i)
     _img(tmp_path / "ref.png", 32, 32, 9)
     _img(tmp_path / "ref2.png", 32, 32, 8)
-    (tmp_path / "jobs.csv").write_text("input,ref\nin0.png,ref.png\nin1.png,ref.png,ref2.png\nin2.png,ref.png\n")
+    rows = "input,ref\nin0.png,ref.png\nin1.png,ref.png,ref2.png\nin2.png,ref.png\n"
+    (tmp_path / "jobs.csv").write_text(rows)
     built = []
     real = infer.ReferenceBank.__init__
 
@@ -212,18 +232,3 @@ def test_sr_csv_shares_reference_features(tmp_path, tiny_ckpt, monkeypatch, caps
     (tmp_path / "bad.csv").write_text("in0.png,missing.png\n")
     rc = cli.main(["sr", str(tmp_path / "bad.csv"), "-o", str(tmp_path / "o2"), "--checkpoint", tiny_ckpt])
     assert rc == 2 and "missing.png" in capsys.readouterr().err
-
-
-def test_sharded_eval_gathers_the_whole_table(tmp_path, tiny_ckpt, capsys):
-    data = tmp_path / "hr"
-    data.mkdir()
-    for i in range(3):
-        _img(data / f"e{i}.png", 32, 64, i)
-    common = ["--checkpoint", tiny_ckpt, "--device", "cpu", "--rows", "bicubic,srntt_ref", "--tile", "0"]
-    procs = _launch([["-m", "srntt_core", "eval", str(data), "--csv", str(tmp_path / "two.csv"), *common]] * 2)
-    assert cli.main(["eval", str(data), "--csv", str(tmp_path / "one.csv"), *common]) == 0
-    table = capsys.readouterr().out.split("\n(")[0]
-    (rc0, out0, err0), (rc1, out1, err1) = _finish(procs)
-    assert rc0 == 0 and rc1 == 0, err0 + err1
-    assert out0.split("\n(")[0] == table and "3 images" in table and "x 2 ranks" in out0 and out1 == ""
-    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
