@@ -42,10 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
         return 0
     module, _, run, _ = COMMANDS[args.command]
+    from .distributed import DistributedError
+
     try:
         return int(getattr(importlib.import_module(module), run)(args) or 0)
-    except (OSError, ValueError) as e:
-        # user errors (bad files, paths, devices, checkpoints, arguments): one line, no traceback
+    except (OSError, ValueError, DistributedError) as e:
+        # user errors (bad files, paths, devices, checkpoints, arguments), a failed rank: one line
         print(f"srntt {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 

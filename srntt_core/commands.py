@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,17 +75,25 @@ def _progress_bar(desc: str):
 # sr
 
 def add_sr_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="low-resolution image (any size)")
+    p.add_argument("input", help="low-resolution image (any size); or a folder of them; or a CSV file of "
+                                 "input,ref[,ref2...] rows (paths relative to the CSV)")
     p.add_argument("--ref", action="append", default=[], metavar="REF",
-                   help="reference image (repeat for several); none: the LR upsampled (no-reference mode)")
-    p.add_argument("-o", "--out", required=True, help="output image (x4); its extension gives the format")
+                   help="reference image (repeat for several); with a folder input: a folder of references "
+                        "paired by file name; none: the LR upsampled (no-reference mode)")
+    p.add_argument("-o", "--out", required=True,
+                   help="output image (x4; its extension gives the format); with a folder or CSV input: the "
+                        "output folder (NAME.png per input)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output file, even one of the inputs")
+                   help="replace an existing output file, even one of the inputs (folder / CSV input: "
+                        "without it, finished outputs are skipped)")
     _add_common(p)
 
 
 def run_sr(args) -> int:
     import torch
+
+    if Path(args.input).is_dir() or Path(args.input).suffix.lower() == ".csv":
+        return run_sr_many(args)
 
     from .data import ImageTooLargeError, check_output_path, image_size, load_image, save_image
     from .infer import load_model, no_reference, resolve_device, super_resolve
@@ -115,6 +124,123 @@ def run_sr(args) -> int:
     h, w = lr.shape[-2:]
     print(f"{args.input} ({w}x{h}) -> {out} ({4 * w}x{4 * h}), {len(refs)} reference(s), "
           f"{secs:.2f} s on {device}")
+    return 0
+
+
+def sr_jobs(source: str, refs: list[str], out_dir: str) -> list[tuple[Path, list[Path], Path]]:
+    """``(input, references, output)`` for a folder of inputs (references: none, or one folder
+    whose files pair with the inputs by file name, extension aside) or a CSV of
+    ``input,ref[,ref2...]`` rows (paths relative to the CSV; a header row ``input,...`` is
+    skipped). Every file is checked to exist before any work."""
+    import csv
+
+    from .data import IMAGE_EXTENSIONS, list_images
+
+    src, out = Path(source), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"-o/--out: {out} is a file; a folder or CSV input needs an output folder")
+    rows: list[tuple[Path, list[Path]]] = []
+    if src.is_dir():
+        if len(refs) > 1 or (refs and not Path(refs[0]).is_dir()):
+            raise ValueError("--ref: with a folder input give one folder of references (paired by file name)")
+        by_stem = {}
+        if refs:
+            for p in list_images(refs[0]):
+                by_stem.setdefault(p.stem, p)
+        inputs = list_images(src)
+        if not inputs:
+            raise ValueError(f"input: no images ({', '.join(IMAGE_EXTENSIONS)}) in {src}")
+        missing = [p.name for p in inputs if refs and p.stem not in by_stem]
+        if missing:
+            raise FileNotFoundError(f"--ref: no reference named like {', '.join(missing[:3])}"
+                                    f"{' ...' if len(missing) > 3 else ''} in {refs[0]}")
+        rows = [(p, [by_stem[p.stem]] if refs else []) for p in inputs]
+    else:
+        if refs:
+            raise ValueError("--ref: with a CSV input the references are the CSV's columns")
+        if not src.is_file():
+            raise FileNotFoundError(f"input: CSV file not found: {src}")
+        with open(src, newline="") as f:
+            lines = [[c.strip() for c in r if c.strip()] for r in csv.reader(f)]
+        lines = [r for r in lines if r]
+        if lines and lines[0][0].lower() == "input" and not (src.parent / lines[0][0]).exists():
+            lines = lines[1:]
+        rows = [(src.parent / r[0], [src.parent / c for c in r[1:]]) for r in lines]
+        if not rows:
+            raise ValueError(f"input: {src} has no input,ref rows")
+        for i, (inp, rs) in enumerate(rows):
+            for p in (inp, *rs):
+                if not p.is_file():
+                    raise FileNotFoundError(f"input: {src} row {i + 1}: image not found: {p}")
+    jobs, seen = [], {}
+    for inp, rs in rows:
+        target = out / f"{inp.stem}.png"
+        if target in seen:
+            raise ValueError(f"input: {inp} and {seen[target]} would both write {target}; rename one")
+        seen[target] = inp
+        jobs.append((inp, rs, target))
+    return jobs
+
+
+def run_sr_many(args) -> int:
+    """Folder / CSV input; under torchrun each rank takes its share of the images."""
+    import torch
+    from tqdm import tqdm
+
+    from . import distributed
+    from .checkpoint import remove_partials
+    from .data import ImageTooLargeError, image_size, load_image, save_image
+    from .infer import ReferenceBank, load_model, no_reference, prepare_reference, super_resolve
+    from .swap import default_extractor
+
+    _check_tiling(args)
+    jobs = sr_jobs(args.input, args.ref, args.out)
+    for inp, _, target in jobs:
+        if not args.overwrite and target.exists() and os.path.samefile(target, inp):
+            raise ValueError(f"-o/--out: {target} is also an input; refusing to overwrite an input "
+                             "(pass --overwrite to allow it)")
+    with distributed.session(args.device) as (ctx, device):
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        # jobs of one reference set are contiguous in every rank's share: its features are
+        # computed once per rank and kept while they are used
+        jobs.sort(key=lambda j: ([str(r) for r in j[1]], str(j[0])))
+        mine = ctx.shard(jobs)
+        model = load_model(args.checkpoint, device)
+        extractor = default_extractor().to(device)
+        bank_key, bank = None, None
+        written = skipped = 0
+        t0 = time.perf_counter()
+        for inp, refs, target in tqdm(mine, desc=f"sr rank {ctx.rank}" if ctx.distributed else "sr",
+                                      unit="image", disable=not ctx.is_main):
+            remove_partials(target)
+            if target.exists() and not args.overwrite:
+                skipped += 1
+                continue
+            w, h = image_size(inp, args.max_pixels)
+            if 16 * w * h > args.max_pixels:
+                raise ImageTooLargeError(f"{inp}: the x4 output would be {4 * w}x{4 * h} pixels, above the "
+                                         f"limit of {args.max_pixels:,} (--max-pixels raises it)")
+            lr = load_image(inp, args.max_pixels)
+            key = tuple(refs) if refs else None
+            if key is None or key != bank_key:
+                ref_imgs = [load_image(r, args.max_pixels) for r in refs] or [no_reference(lr)]
+                bank = ReferenceBank([prepare_reference(r.to(device)) for r in ref_imgs], extractor,
+                                     args.backend)
+                bank_key = key
+            sr = super_resolve(model, lr, bank, backend=args.backend, tile=args.tile or None,
+                               overlap=args.overlap)
+            save_image(sr.cpu(), target)
+            written += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        counts = ctx.gather((written, skipped, secs))
+    if ctx.is_main:
+        done = sum(c[0] for c in counts)
+        wall = max(c[2] for c in counts)
+        print(f"srntt sr: {len(jobs)} image(s): {done} written, {sum(c[1] for c in counts)} skipped "
+              f"(already done; --overwrite redoes them) -> {args.out}; {wall:.2f} s on {ctx.world_size} "
+              f"rank(s) ({done / max(wall, 1e-9):.2f} images/s, {device.type})")
     return 0
 
 
@@ -226,11 +352,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args) -> int:
+    from . import distributed
     from .data import check_output_path
     from .evaluate import ROWS, evaluate_folder
     from .infer import load_model, resolve_device
 
-    device = resolve_device(args.device)
+    resolve_device(args.device)
     _check_tiling(args)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: must be >= 1, got {args.limit}")
@@ -240,11 +367,16 @@ def run_eval(args) -> int:
         raise ValueError(f"--rows: unknown or empty {unknown or rows}; choose from {', '.join(ROWS)}")
     if args.csv:
         check_output_path(args.csv, overwrite=args.overwrite, extensions=(".csv",), what="--csv")
-    model = load_model(args.checkpoint, device)
-    result = evaluate_folder(model, args.dataset_dir, layout=args.layout, limit=args.limit, rows=rows,
-                             backend=args.backend, tile=args.tile or None, max_pixels=args.max_pixels)
+    with distributed.session(args.device) as (ctx, device):
+        model = load_model(args.checkpoint, device)
+        result = evaluate_folder(model, args.dataset_dir, layout=args.layout, limit=args.limit, rows=rows,
+                                 backend=args.backend, tile=args.tile or None, max_pixels=args.max_pixels,
+                                 ctx=ctx)
+    if not ctx.is_main:
+        return 0
     print(result.table())
-    print(f"\n({result.seconds:.1f} s on {device})")
+    ranks = f" x {ctx.world_size} ranks" if ctx.distributed else ""
+    print(f"\n({result.seconds:.1f} s on {device}{ranks})")
     if args.csv:
         print(f"per-image results: {result.write_csv(args.csv)}")
     return 0
@@ -257,7 +389,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="+", help="training folders: HR images (split-image pairs) or CUFED5 layout")
     p.add_argument("--out", required=True, help="run folder (checkpoints, loss log); an existing run resumes")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=9)
+    p.add_argument("--batch", type=int, default=9,
+                   help="global batch (default 9); under torchrun each rank takes batch / world size")
     p.add_argument("--crop", type=int, default=160, help="HR crop (multiple of 4; default 160)")
     p.add_argument("--ref-crop", type=int, default=160, help="reference crop (default 160)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
@@ -283,6 +416,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--bn-recalibrate", type=int, default=0, help="batches to re-estimate BN statistics with")
     p.add_argument("--export", default=None, help="write an fp16 inference checkpoint here at the end")
+    p.add_argument("--batch-norm", default="batch", choices=["batch", "sync", "frozen"],
+                   help="batch: statistics per rank (default); sync: SyncBatchNorm over the ranks (GPUs); "
+                        "frozen: running statistics (a step does not depend on the world size)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="under torchrun: seconds a rank waits for the others before the job stops")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="do not log to RUN/tensorboard (done when TensorBoard is installed)")
 
 
 def run_train(args) -> int:
@@ -296,12 +436,14 @@ def run_train(args) -> int:
         truth_every=args.truth_every, residual=args.residual, augment=args.augment, seed=args.seed,
         device=args.device, amp=not args.no_amp, backend=args.backend, save_every=args.save_every,
         time_budget=args.time_budget, stop_at=args.stop_at, num_threads=args.threads,
-        bn_recalibrate=args.bn_recalibrate, export=args.export,
+        bn_recalibrate=args.bn_recalibrate, export=args.export, batch_norm=args.batch_norm,
+        dist_timeout=args.dist_timeout, tensorboard=not args.no_tensorboard,
     )
     try:
         summary = train(cfg)
     except KeyboardInterrupt:
         return 130
-    print(json.dumps(summary))
+    if summary["rank"] == 0:
+        print(json.dumps(summary))
     return 0
 

@@ -389,21 +389,22 @@ class TrainCrops:
         return img[:, y:y + size, x:x + size]
 
     def sample(self, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lrs, hrs, refs = [], [], []
-        for _ in range(batch):
-            _, target, ref_list = self.items[int(torch.randint(0, len(self.items), (1,), generator=g))]
-            ref = ref_list[int(torch.randint(0, len(ref_list), (1,), generator=g))]
-            hr = self._crop(target, self.crop, g).float() / 255
-            rc = self._crop(ref, self.ref_crop, g).float() / 255
-            if self.augment:
-                k = int(torch.randint(0, 4, (1,), generator=g))
-                hr = torch.rot90(hr, k, (1, 2))
-                if int(torch.randint(0, 2, (1,), generator=g)):
-                    hr = hr.flip(-1)
-            hrs.append(hr)
-            lrs.append(bicubic_down(hr))
-            refs.append(rc)
-        return torch.stack(lrs), torch.stack(hrs), torch.stack(refs)
+        n = len(self.items)
+        parts = [self.item(int(torch.randint(0, n, (1,), generator=g)), g) for _ in range(batch)]
+        return tuple(torch.stack(t) for t in zip(*parts, strict=True))
+
+    def item(self, index: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lr, hr, ref)`` crops of item ``index``; positions (and augmentation) drawn from ``g``."""
+        _, target, ref_list = self.items[index]
+        ref = ref_list[int(torch.randint(0, len(ref_list), (1,), generator=g))]
+        hr = self._crop(target, self.crop, g).float() / 255
+        rc = self._crop(ref, self.ref_crop, g).float() / 255
+        if self.augment:
+            k = int(torch.randint(0, 4, (1,), generator=g))
+            hr = torch.rot90(hr, k, (1, 2))
+            if int(torch.randint(0, 2, (1,), generator=g)):
+                hr = hr.flip(-1)
+        return bicubic_down(hr), hr, rc
 
 
 def _cropped_u8(path: Path) -> torch.Tensor:

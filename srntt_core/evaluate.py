@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write
 from .data import DEFAULT_MAX_PIXELS, Pair, bicubic_down, bicubic_up, load_pairs, quantize
+from .distributed import Context
 from .infer import super_resolve
 from .metrics import psnr_y, ssim_y
 
@@ -99,11 +100,21 @@ def evaluate_pairs(model, pairs: Sequence[Pair], *, rows: Sequence[str] = ROWS, 
 
 
 def evaluate_folder(model, folder: str | os.PathLike, *, layout: str = "auto", limit: int | None = None,
-                    max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs) -> EvalResult:
+                    max_pixels: int = DEFAULT_MAX_PIXELS, ctx: Context | None = None, **kwargs) -> EvalResult:
+    """The table of ``folder``. With a distributed ``ctx`` each rank evaluates its share of the
+    images and every rank returns the whole table (all-gathered, in the folder's order;
+    ``seconds`` is the slowest rank's)."""
     from .data import is_cufed5_folder
 
+    ctx = ctx or Context()
     resolved = layout if layout != "auto" else ("cufed5" if is_cufed5_folder(folder) else "split")
     pairs = load_pairs(folder, resolved, max_pixels=max_pixels)
     if limit:
         pairs = pairs[:limit]
-    return evaluate_pairs(model, pairs, dataset=Path(folder).name, layout=resolved, **kwargs)
+    result = evaluate_pairs(model, ctx.shard(pairs), dataset=Path(folder).name, layout=resolved, **kwargs)
+    if ctx.distributed:
+        shares = ctx.gather((result.per_image, result.seconds))
+        # rank r holds images r, r + W, ...: interleave the shares back into the folder's order
+        result.per_image = [shares[i % ctx.world_size][0][i // ctx.world_size] for i in range(len(pairs))]
+        result.seconds = max(sec for _, sec in shares)
+    return result

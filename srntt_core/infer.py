@@ -172,7 +172,7 @@ def check_tiling(tile: int | None, overlap: int) -> None:
 def super_resolve(
     model: SRNTT,
     lr: torch.Tensor,
-    refs: Sequence[torch.Tensor] | torch.Tensor,
+    refs: Sequence[torch.Tensor] | torch.Tensor | ReferenceBank,
     *,
     backend: str = "auto",
     tile: int | None = 128,
@@ -180,7 +180,8 @@ def super_resolve(
     extractor: nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """x4 SR of ``lr`` (3, h, w) in [0, 1] with reference images ``refs`` (each (3, H, W) in [0, 1]).
+    """x4 SR of ``lr`` (3, h, w) in [0, 1] with reference images ``refs`` (each (3, H, W) in [0, 1]),
+    or a :class:`ReferenceBank` of them (features computed once for several inputs).
 
     Returns (3, 4h, 4w) in [0, 1] on the model's device. ``tile``: LR tile size (None: whole
     image at once); tiles overlap by ``overlap`` LR pixels and are blended linearly.
@@ -192,18 +193,21 @@ def super_resolve(
         lr = lr[0]
     if lr.dim() != 3 or lr.shape[0] != 3:
         raise ValueError(f"lr: expected (3, h, w) RGB, got shape {tuple(lr.shape)}")
+    bank = refs if isinstance(refs, ReferenceBank) else None
     if isinstance(refs, torch.Tensor):
         refs = [refs] if refs.dim() == 3 else list(refs)
-    if not refs:
+    if bank is None and not refs:
         raise ValueError("refs: give at least one reference image (or the LR upsampled, for no reference)")
     check_tiling(tile, overlap)
     device = next(model.parameters()).device
     lr = lr.to(device, torch.float32)
-    if extractor is None:
-        from .swap import default_extractor
+    if bank is None:
+        if extractor is None:
+            from .swap import default_extractor
 
-        extractor = default_extractor().to(device)
-    bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor, backend)
+            extractor = default_extractor().to(device)
+        refs = [prepare_reference(r.to(device, torch.float32)) for r in refs]
+        bank = ReferenceBank(refs, extractor, backend)
     h, w = lr.shape[-2:]
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,13 @@ no gradient) and updates the generator:
   features of the HR crop (as the original code does); ``truth_every=k`` does it every k-th step.
 
 Runs are resumable: ``<out>/last.pt`` (generator, critic, optimizers, step, elapsed time,
-torch RNG state) is written atomically (:mod:`srntt_core.checkpoint`) every ``save_every``
-steps, at the end, on a time budget, and on Ctrl-C / SIGTERM; batches are drawn from a
-generator seeded by (seed, step), so a resumed run continues exactly where an uninterrupted
-one would be. A resume reads ``last.pt`` with ``weights_only=True`` and checks it before use.
+torch RNG state, samples drawn) is written atomically (:mod:`srntt_core.checkpoint`) every
+``save_every`` steps, at the end, on a time budget, and on Ctrl-C / SIGTERM; the training
+samples are defined per global sample and the RNG per global step
+(:mod:`srntt_core.distributed`), so a resumed run continues exactly where an uninterrupted one
+would be, with any number of processes. Under ``torchrun`` the ranks train one model
+(DistributedDataParallel; rank 0 writes the files). A resume reads ``last.pt`` with
+``weights_only=True`` and checks it before use.
 ``<out>/loss.csv`` and ``loss.png`` log the losses; on every start the log is cut back
 (atomically) to the steps of the checkpoint the run starts from, and temporary files an
 interrupted save left behind are removed.
@@ -39,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import (
     CKPT_FORMAT,
     TRAIN_STATE_KIND,
@@ -52,11 +56,12 @@ from .checkpoint import (
     safe_load,
     validate_train_state,
 )
-from .infer import resolve_device
+from .distributed import DistributedError, rank_slice
 from .models import losses as L
 from .models.discriminator import Discriminator
 from .models.srntt import SRNTT, validate_config
 
+BATCH_NORM_MODES = ("batch", "sync", "frozen")
 LOG_FIELDS = ["step", "elapsed_s", "lr", "loss", "rec", "per", "adv", "tex", "d_loss", "gp", "truth_rec"]
 
 
@@ -93,6 +98,9 @@ class TrainConfig:
     bn_recalibrate: int = 0  # batches to re-estimate BN statistics with at the end
     export: str | None = None  # write an fp16 inference checkpoint here at the end
     progress: bool = True
+    batch_norm: str = "batch"  # "batch" (per-rank statistics), "sync" (SyncBatchNorm, GPUs), "frozen"
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds a collective waits for the other ranks
+    tensorboard: bool = True  # rank 0 logs to <out>/tensorboard when TensorBoard is installed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +137,14 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"losses: expected 'l2' or 'full', got {cfg.losses!r}")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    if cfg.batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(f"batch_norm: expected one of {BATCH_NORM_MODES}, got {cfg.batch_norm!r}")
+    if cfg.batch_norm == "frozen" and cfg.bn_recalibrate:
+        raise ValueError("bn_recalibrate: frozen batch norm trains with fixed running statistics; "
+                         "re-estimating them would change the trained network")
+    if (isinstance(cfg.dist_timeout, bool) or not isinstance(cfg.dist_timeout, (int, float))
+            or not math.isfinite(cfg.dist_timeout) or cfg.dist_timeout <= 0):
+        raise ValueError(f"dist_timeout: expected seconds > 0, got {cfg.dist_timeout!r}")
     if not cfg.data:
         raise ValueError("data: give at least one training folder")
     if not isinstance(cfg.model, dict):
@@ -270,27 +286,55 @@ class _Stop(Exception):
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) according to ``cfg``. Returns a summary dict.
 
+    Under ``torchrun`` (the environment of :mod:`srntt_core.distributed`) every rank runs this
+    with the same ``cfg``: the generator (and critic) are wrapped in DistributedDataParallel,
+    ``cfg.batch`` is the global batch (each rank takes ``batch / world_size`` of the same global
+    samples one process would draw), and only rank 0 writes the checkpoint and the logs.
+
     ``on_step(step)`` is called after every completed step (tests use it to interrupt a run).
     KeyboardInterrupt / SIGTERM save ``last.pt`` at the last completed step and re-raise
-    KeyboardInterrupt.
+    KeyboardInterrupt. A rank that fails or cannot be reached stops the others with a
+    :class:`~srntt_core.distributed.DistributedError`.
     """
-    from . import swap
-    from .data import TrainCrops
-    from .models.vgg import VGG19Features
-
     validate_train_config(cfg)
-    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out: {out} exists and is not a folder")
     if cfg.export is not None and Path(cfg.export).is_dir():
         raise IsADirectoryError(f"export: {cfg.export} is a folder; give a file name")
+    with distributed.session(cfg.device, cfg.dist_timeout) as (ctx, device):
+        rank_slice(cfg.batch, ctx)
+        if cfg.batch_norm == "sync" and ctx.distributed and device.type != "cuda":
+            raise ValueError("batch_norm: 'sync' (SyncBatchNorm) needs GPUs; on the CPU use 'batch' "
+                             "(per-rank statistics) or 'frozen'")
+        try:
+            return _train(cfg, ctx, device, on_step)
+        except (RuntimeError, ConnectionError) as e:
+            if not ctx.distributed or isinstance(e, DistributedError):
+                raise
+            raise DistributedError(
+                f"rank {ctx.rank} of {ctx.world_size}: the job stopped, this or another rank failed or "
+                f"cannot be reached ({_first_line(e)}); run the same command again to resume from "
+                f"{out / 'last.pt'}") from e
+
+
+def _train(cfg: TrainConfig, ctx: distributed.Context, device: torch.device,
+           on_step: Callable[[int], None] | None) -> dict:
+    from . import swap
+    from .data import TrainCrops
+    from .models.vgg import VGG19Features
+
+    out = Path(cfg.out)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "last.pt", out / "loss.csv"
-    for p in (ckpt_path, log_path, out / "config.json", out / "loss.png"):
-        remove_partials(p)
+    main = ctx.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for p in (ckpt_path, log_path, out / "config.json", out / "loss.png"):
+            remove_partials(p)
+    # every rank reads the checkpoint rank 0 has finished with (none is being written now)
+    ctx.barrier()
     use_amp = cfg.amp and device.type == "cuda"
 
     state = None
@@ -306,22 +350,33 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
         perceptual = L.PerceptualLoss(cfg.perceptual_layer, cfg.perceptual_weights).to(device)
     extractor = VGG19Features(("relu1_1", "relu2_1", "relu3_1")).to(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    nets = {"model": model, "opt": opt, "scaler": scaler, "critic": critic, "perceptual": perceptual,
-            "extractor": extractor}
 
-    step, elapsed = 0, 0.0
+    step, elapsed, samples = 0, 0.0, 0
     if state is not None:
         _restore(state, ckpt_path, model, opt, critic, d_opt, scaler)
         step, elapsed = state["step"], float(state["elapsed"])
-        print(f"resuming {ckpt_path} at step {step} ({elapsed / 60:.1f} min trained)", file=sys.stderr)
-    # the log holds exactly the steps of the checkpoint this run starts from (none for a new run)
-    _truncate_log(log_path, step)
-    config_text = json.dumps(dataclasses.asdict(cfg), indent=1).encode()
-    atomic_write(out / "config.json", lambda f: f.write(config_text))
+        samples = _samples_of(state, ckpt_path)
+        if main:
+            print(f"resuming {ckpt_path} at step {step} ({elapsed / 60:.1f} min trained)", file=sys.stderr)
+    steps_seen = ctx.gather(step)
+    if len(set(steps_seen)) != 1:
+        raise DistributedError(f"{ckpt_path}: the ranks read different checkpoints (steps {steps_seen}); "
+                               "the run folder must be the same shared folder for every rank")
+    train_model, train_critic = _parallel(model, critic, cfg, ctx, device)
+    nets = {"model": train_model, "opt": opt, "scaler": scaler, "critic": critic, "perceptual": perceptual,
+            "extractor": extractor}
+    if main:
+        # the log holds exactly the steps of the checkpoint this run starts from (none for a new run)
+        _truncate_log(log_path, step)
+        config_text = json.dumps(dataclasses.asdict(cfg), indent=1).encode()
+        atomic_write(out / "config.json", lambda f: f.write(config_text))
 
     def save():
+        if not main:
+            return
         atomic_save({
             "format": CKPT_FORMAT, "kind": TRAIN_STATE_KIND, "step": step, "elapsed": elapsed,
+            "samples": samples, "world_size": ctx.world_size,
             "train_config": dataclasses.asdict(cfg), "model_config": model.config,
             "model": model.state_dict(), "opt": opt.state_dict(),
             "critic": critic.state_dict() if critic is not None else None,
@@ -332,16 +387,26 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
         if log_path.exists():
             plot_log(log_path, out / "loss.png")
 
-    if step >= cfg.steps:
+    if step >= cfg.steps and main:
         print(f"{ckpt_path}: already at step {step} >= steps={cfg.steps}; nothing to train", file=sys.stderr)
-    data = None
+    data = sampler = None
     if step < cfg.steps:
         data = TrainCrops(cfg.data, crop=cfg.crop, ref_crop=cfg.ref_crop, augment=cfg.augment)
-    new_log = not log_path.exists()
-    log_file = open(log_path, "a", newline="")
-    log = csv.DictWriter(log_file, LOG_FIELDS)
-    if new_log:
-        log.writeheader()
+        sampler = distributed.GlobalSampler(len(data), cfg.seed)
+    offset, per_rank = rank_slice(cfg.batch, ctx)
+    if main:
+        print(f"train: world size {ctx.world_size} ({ctx.backend or 'one process'}, {device}), batch "
+              f"{cfg.batch} global = {per_rank} per rank x {ctx.world_size}, batch norm {cfg.batch_norm}",
+              file=sys.stderr)
+    log_file = log = tb = None
+    if main:
+        new_log = not log_path.exists()
+        log_file = open(log_path, "a", newline="")
+        log = csv.DictWriter(log_file, LOG_FIELDS)
+        if new_log:
+            log.writeheader()
+        if cfg.tensorboard and data is not None:
+            tb = distributed.tensorboard_writer(out / "tensorboard")
 
     stop_reason = "steps"
     start = time.monotonic()
@@ -351,81 +416,99 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     if hasattr(signal, "SIGTERM") and _in_main_thread():
         old_handler = signal.signal(signal.SIGTERM, lambda s, f: received.append(s))
     bar = None
-    if cfg.progress and data is not None:
+    if cfg.progress and data is not None and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     last_step_s = 0.0
     try:
         model.train()
+        _set_bn_mode(cfg, model, critic)
         while step < cfg.steps:
-            if received:
-                raise KeyboardInterrupt
             now = time.monotonic()
-            if cfg.time_budget is not None and elapsed + last_step_s > cfg.time_budget:
+            interrupted, over_budget, near_deadline = ctx.any([
+                bool(received),
+                cfg.time_budget is not None and elapsed + last_step_s > cfg.time_budget,
+                deadline is not None and now + last_step_s * 1.5 + 60 > deadline,
+            ])
+            if interrupted:
+                raise KeyboardInterrupt
+            if over_budget:
                 stop_reason = "time_budget"
                 break
-            if deadline is not None and now + last_step_s * 1.5 + 60 > deadline:
+            if near_deadline:
                 stop_reason = "stop_at"
                 break
             t0 = time.monotonic()
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            lr_img, hr, ref = (t.to(device) for t in data.sample(cfg.batch, g))
+            torch.manual_seed(distributed.step_seed(cfg.seed, step, ctx.rank))
+            lr_img, hr, ref = (t.to(device) for t in sampler.batch(data, samples + offset, per_rank))
             lr_now = _lr_at(cfg, step, elapsed)
             for group in opt.param_groups:
                 group["lr"] = lr_now
             with torch.no_grad():
                 sw = swap.texture_swap(lr_img, ref, extractor=extractor, backend=cfg.backend)
             lr_in, hr_in = lr_img * 2 - 1, hr * 2 - 1
-            row = {"step": step + 1, "lr": f"{lr_now:.3g}"}
             full = cfg.losses == "full" and step >= cfg.pretrain_steps
 
             sr, loss, parts = _generator_step(nets, cfg, lr_in, hr_in, sw.maps, sw.weights, full, use_amp)
-            row["loss"] = f"{loss:.6g}"
-            row.update({k: f"{v:.6g}" for k, v in parts.items()})
+            values = {"loss": loss, **parts}
             if full:
-                critic.train()
-                d_real, d_fake = critic(hr_in), critic(sr)
-                gp = L.gradient_penalty(critic, hr_in, sr, generator=None)
+                train_critic.train()
+                _set_bn_mode(cfg, None, critic)
+                d_real, d_fake = train_critic(hr_in), train_critic(sr)
+                gp = L.gradient_penalty(train_critic, hr_in, sr, generator=None)
                 d_loss = L.critic_loss(d_real, d_fake) + gp
                 d_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 d_opt.step()
-                row["d_loss"], row["gp"] = f"{d_loss.item():.6g}", f"{gp.item():.6g}"
+                values["d_loss"], values["gp"] = d_loss.item(), gp.item()
             if cfg.train_with_truth and step % max(cfg.truth_every, 1) == 0:
                 with torch.no_grad():
                     truth = vgg_to_maps(extractor, hr)
                 _, _, parts = _generator_step(nets, cfg, lr_in, hr_in, truth, None, full, use_amp)
-                row["truth_rec"] = f"{parts['rec']:.6g}"
+                values["truth_rec"] = parts["rec"]
+            values = ctx.mean(values)  # the losses of the global batch
             step += 1
+            samples += cfg.batch
             last_step_s = time.monotonic() - t0
             elapsed += last_step_s
-            row["elapsed_s"] = f"{elapsed:.1f}"
-            log.writerow(row)
-            log_file.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=row.get("loss"), lr=row["lr"])
+            if main:
+                row = {"step": step, "lr": f"{lr_now:.3g}", "elapsed_s": f"{elapsed:.1f}"}
+                row.update({k: f"{v:.6g}" for k, v in values.items()})
+                log.writerow(row)
+                log_file.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=row.get("loss"), lr=row["lr"])
+                if tb is not None:
+                    _tensorboard_step(tb, step, values, lr_now, last_step_s)
             if step % cfg.save_every == 0:
                 save()
+                if tb is not None:
+                    _tensorboard_images(tb, step, model, data, cfg, extractor, device)
             if on_step is not None:
                 on_step(step)
     except KeyboardInterrupt:
         stop_reason = "interrupted"
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
         save()
-        print(f"\ninterrupted: saved {ckpt_path} at step {step}; run again to resume", file=sys.stderr)
+        if main:
+            print(f"\ninterrupted: saved {ckpt_path} at step {step}; run again to resume", file=sys.stderr)
         raise
     finally:
         if bar is not None:
             bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-        if not log_file.closed:
+        if log_file is not None and not log_file.closed:
             log_file.close()
+        if tb is not None:
+            tb.close()
     save()
-    summary = {"step": step, "elapsed_s": elapsed, "stop_reason": stop_reason, "checkpoint": str(ckpt_path)}
-    if cfg.export:
+    summary = {"step": step, "elapsed_s": elapsed, "stop_reason": stop_reason, "checkpoint": str(ckpt_path),
+               "world_size": ctx.world_size, "rank": ctx.rank}
+    if cfg.export and main:
         if cfg.bn_recalibrate and data is not None:
             batches = []
             for i in range(cfg.bn_recalibrate):
@@ -439,11 +522,91 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
                 "data": [str(d) for d in cfg.data], "batch": cfg.batch, "crop": cfg.crop,
                 "ref_crop": cfg.ref_crop, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "losses": cfg.losses,
                 "train_with_truth": cfg.train_with_truth, "truth_every": cfg.truth_every,
-                "bn_recalibrate": cfg.bn_recalibrate, "seed": cfg.seed}
-        export_model(model, cfg.export, fp16=True, meta=meta)
+                "bn_recalibrate": cfg.bn_recalibrate, "seed": cfg.seed, "world_size": ctx.world_size}
+        export_model(_plain_bn(model), cfg.export, fp16=True, meta=meta)
         summary["export"] = cfg.export
-    print(json.dumps(summary), file=sys.stderr)
+    # the other ranks leave once rank 0's files are complete
+    ctx.barrier()
+    if main:
+        print(json.dumps(summary), file=sys.stderr)
     return summary
+
+
+def _parallel(model: nn.Module, critic: nn.Module | None, cfg: TrainConfig, ctx: distributed.Context,
+              device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+    """The modules the steps call: DistributedDataParallel wrappers (gradients all-reduced in
+    backward) in a process group, the modules themselves otherwise."""
+    if not ctx.distributed:
+        return model, critic
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if cfg.batch_norm == "sync":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        critic = nn.SyncBatchNorm.convert_sync_batchnorm(critic) if critic is not None else None
+    ids = [device.index] if device.type == "cuda" else None
+    wrapped_critic = DDP(critic, device_ids=ids) if critic is not None else None
+    # the generator's SISR head (ContentExtractor.sisr) takes no part in Ref-SR training
+    return DDP(model, device_ids=ids, find_unused_parameters=True), wrapped_critic
+
+
+def _plain_bn(model: nn.Module) -> nn.Module:
+    """``model`` with SyncBatchNorm layers (``batch_norm="sync"``) back to BatchNorm2d for export."""
+    for name, m in model.named_children():
+        if isinstance(m, nn.SyncBatchNorm):
+            bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+            bn.load_state_dict(m.state_dict())
+            setattr(model, name, bn.to(m.weight.device))
+        else:
+            _plain_bn(m)
+    return model
+
+
+def _set_bn_mode(cfg: TrainConfig, *modules: nn.Module | None) -> None:
+    """``batch_norm="frozen"``: BN layers use their running statistics in training too, so a step
+    does not depend on how the global batch is split over ranks (the affine terms still learn)."""
+    if cfg.batch_norm != "frozen":
+        return
+    for module in modules:
+        for m in module.modules() if module is not None else ():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _samples_of(state: dict, path: Path) -> int:
+    samples = state.get("samples", state["step"] * state["train_config"].get("batch", 1))
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise CheckpointError(f"{path}: not a valid training state: samples is {samples!r}")
+    return samples
+
+
+def _tensorboard_step(tb, step: int, values: dict[str, float], lr: float, step_s: float) -> None:
+    for k, v in values.items():
+        tb.add_scalar(f"loss/{k}", v, step)
+    tb.add_scalar("lr", lr, step)
+    tb.add_scalar("steps_per_s", 1 / max(step_s, 1e-9), step)
+
+
+@torch.no_grad()
+def _tensorboard_images(tb, step: int, model: nn.Module, data, cfg: TrainConfig, extractor, device) -> None:
+    """A few fixed validation crops: bicubic x4 | SR | HR, side by side."""
+    from . import swap
+    from .data import bicubic_up
+
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 20_000_000)
+    lr_img, hr, ref = (t.to(device) for t in data.sample(min(cfg.batch, 4), g))
+    maps = swap.texture_swap(lr_img, ref, extractor=extractor, backend=cfg.backend).maps
+    was = model.training
+    model.eval()
+    sr = ((model(lr_img * 2 - 1, maps) + 1) / 2).clamp(0, 1)
+    model.train(was)
+    _set_bn_mode(cfg, model)
+    bic = torch.stack([bicubic_up(x.cpu()) for x in lr_img]).to(device)
+    tb.add_images("val/bicubic|sr|hr", torch.cat([bic, sr, hr], dim=-1).cpu(), step)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _load_train_state(path: Path, cfg: TrainConfig) -> dict:

@@ -267,3 +267,23 @@ def test_eval_names_the_unusable_image(tmp_path, tiny_ckpt, capsys):
     Image.new("RGB", (2, 2)).save(data / "tiny.png")
     assert cli.main(["eval", str(data), "--checkpoint", tiny_ckpt]) == 2
     _one_line_error(capsys, "tiny.png", "smaller")
+
+
+def test_sr_folder_input_is_checked_before_work(tmp_path, tiny_ckpt, capsys):
+    inputs, refs = tmp_path / "lr", tmp_path / "refs"
+    inputs.mkdir()
+    refs.mkdir()
+    for name in ("a", "b"):
+        _img(inputs / f"{name}.png", 12, 12)
+    _img(refs / "a.jpg", 30, 30, 1)
+    out = tmp_path / "out"
+    rc = cli.main(["sr", str(inputs), "--ref", str(refs), "-o", str(out), "--checkpoint", tiny_ckpt])
+    assert rc == 2 and "no reference named like b.png" in capsys.readouterr().err and not out.exists()
+    _img(refs / "b.png", 30, 30, 2)
+    (tmp_path / "file.png").write_bytes(b"")
+    rc = cli.main(["sr", str(inputs), "--ref", str(refs), "-o", str(tmp_path / "file.png"),
+                   "--checkpoint", tiny_ckpt])
+    assert rc == 2 and "needs an output folder" in capsys.readouterr().err
+    rc = cli.main(["sr", str(inputs), "-o", str(out), "--checkpoint", tiny_ckpt, "--device", "cpu"])
+    assert rc == 0 and "2 written" in capsys.readouterr().out  # no --ref: no-reference mode
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]

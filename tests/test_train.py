@@ -158,7 +158,8 @@ def test_resume_checks_the_optimizer_state(folder, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("batch", 0), ("save_every", 0), ("steps", -1), ("truth_every", 0),
-                                         ("crop", 8), ("lr", float("nan")), ("model", {"ch": 10**5})])
+                                         ("crop", 8), ("lr", float("nan")), ("model", {"ch": 10**5}),
+                                         ("batch_norm", "group"), ("dist_timeout", 0)])
 def test_bad_settings_refused_before_work(folder, tmp_path, field, value):
     with pytest.raises(ValueError, match=field if field != "model" else "ch"):
         T.train(_cfg(folder, tmp_path / "run", **{field: value}))
@@ -197,3 +198,26 @@ def test_amp_step_on_gpu(folder, tmp_path):
     state = _state(tmp_path / "gpu")
     assert state["scaler"] is not None
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_frozen_batch_norm_keeps_the_running_statistics(folder, tmp_path):
+    with pytest.raises(ValueError, match="bn_recalibrate"):
+        T.train(_cfg(folder, tmp_path / "bad", batch_norm="frozen", bn_recalibrate=2))
+    T.train(_cfg(folder, tmp_path / "run", steps=2, batch_norm="frozen"))
+    model = _state(tmp_path / "run")["model"]
+    means = [v for k, v in model.items() if k.endswith("running_mean")]
+    assert means and all(torch.count_nonzero(m) == 0 for m in means)
+    assert any(not torch.all(v == 1) for k, v in model.items() if k.endswith(".weight") and v.dim() == 1)
+
+
+def test_tensorboard_log_when_installed(folder, tmp_path):
+    pytest.importorskip("tensorboard")
+    T.train(_cfg(folder, tmp_path / "run", steps=2, save_every=1))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"loss/rec", "lr", "steps_per_s"} <= set(events.Tags()["scalars"])
+    assert len(events.Images("val/bicubic|sr|hr")) == 2  # at both saves
+    T.train(_cfg(folder, tmp_path / "off", steps=1, tensorboard=False))
+    assert not (tmp_path / "off" / "tensorboard").exists()
