@@ -23,6 +23,11 @@ TILE_BYTES = 64 << 20
 # within TIE_ULPS ulps of |q| (the largest possible unnormalized score) count as ties, which go to
 # the smallest index. That is ~1e-6 relative in float32, far inside the 1e-5 "highest" contract.
 TIE_ULPS = 16
+# Below float64, a query whose runner-up scores within NEAR_ULPS rounding steps of |q| of its best
+# is re-scored in float64. The float32 GEMM error of a 2304-long dot product is a few ulps of |q|
+# in practice (its worst case grows with the length): 64 covers what real features show, and the
+# re-scored candidates are then ordered exactly.
+NEAR_ULPS = 64
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,8 +75,14 @@ def _ieee_fp32_matmul():
 
 
 def patch_match(query, keys, patch_size, stride, padding, precision="highest"):
-    """Exact patch matching (docs/CONTRACT.md §2) in the dtype of the inputs; ties (within TIE_ULPS rounding)
-    go to the smallest index."""
+    """Exact patch matching (docs/CONTRACT.md §2): the key with the largest cosine, ties to the
+    smallest index.
+
+    Scores are computed in the inputs' dtype. Below float64, every query whose runner-up key comes
+    within NEAR_ULPS rounding steps of its best is re-scored in float64 (:func:`_rescore_exact`), so
+    near-ties go to the true maximum, as a float64 search would pick it, and only exact ties go to
+    the smallest index.
+    """
     del precision  # plain torch arithmetic in the input dtype is always "highest"
     b = query.shape[0]
     gqh = grid_size(query.shape[-2], patch_size, stride, padding)
@@ -80,11 +91,16 @@ def patch_match(query, keys, patch_size, stride, padding, precision="highest"):
     best_index = torch.zeros((b, gqh * gqw), dtype=torch.long, device=query.device)
     q_norm = query.new_empty((b, gqh * gqw))
     tol = query.new_empty((b, gqh * gqw))
+    exact = query.dtype == torch.float64
+    # Keys within `near` of the best so far (counted conservatively: a re-score costs little).
+    near_count = torch.zeros((b, gqh * gqw), dtype=torch.long, device=query.device)
+    ulp = torch.finfo(query.dtype).eps
     q_rows = _rows_per_band(query, patch_size, stride, padding)
     for q0, q in _bands(query, patch_size, stride, padding, q_rows):
         nq = q.shape[-1]
         q_norm[:, q0 : q0 + nq] = q.norm(dim=1)
-        tol[:, q0 : q0 + nq] = q_norm[:, q0 : q0 + nq] * TIE_ULPS * torch.finfo(query.dtype).eps
+        tol[:, q0 : q0 + nq] = q_norm[:, q0 : q0 + nq] * TIE_ULPS * ulp
+        near = q_norm[:, q0 : q0 + nq, None] * NEAR_ULPS * ulp
         qt = q.transpose(1, 2)
         offset = 0
         for key in keys:
@@ -98,6 +114,12 @@ def patch_match(query, keys, patch_size, stride, padding, precision="highest"):
                 tile_arg = (tile >= tile_max - tol[:, q0 : q0 + nq, None]).to(torch.uint8).argmax(dim=2)
                 tile_val = tile.gather(2, tile_arg.unsqueeze(2)).squeeze(2)
                 cur = best[:, q0 : q0 + nq]
+                if not exact:
+                    in_tile = (tile >= tile_max - near).sum(dim=2)
+                    count = near_count[:, q0 : q0 + nq]
+                    gap = tile_max.squeeze(2) - cur
+                    count.copy_(torch.where(gap > near.squeeze(2), in_tile,
+                                            torch.where(gap >= -near.squeeze(2), count + in_tile, count)))
                 better = tile_val > cur + tol[:, q0 : q0 + nq]  # strict: earlier keys keep ties
                 cur.copy_(torch.where(better, tile_val, cur))
                 idx = best_index[:, q0 : q0 + nq]
@@ -105,7 +127,59 @@ def patch_match(query, keys, patch_size, stride, padding, precision="highest"):
             offset += grid_size(key.shape[-2], patch_size, stride, padding) * grid_size(
                 key.shape[-1], patch_size, stride, padding)
     score = best / q_norm.clamp_min(EPS)
+    if not exact:
+        # A zero query patch scores 0 against every key: its tie (index 0) is exact already.
+        ambiguous = (near_count > 1) & (q_norm > EPS)
+        _rescore_exact(query, keys, patch_size, stride, padding, ambiguous, best_index, score)
     return best_index.view(b, gqh, gqw), score.view(b, gqh, gqw).to(score_dtype(query.dtype))
+
+
+def _rescore_exact(query, keys, patch_size, stride, padding, ambiguous, best_index, score):
+    """Re-scores the ``ambiguous`` (B, Nq) query cells against every key in float64, in place.
+
+    The same banded search as :func:`patch_match`, on the gathered descriptors of those cells only.
+    NB: a float64 GEMM still rounds by position (see TIE_ULPS), ~1e-16: scores within TIE_ULPS
+    float64 rounding steps of |q| are exact ties and go to the smallest index.
+    """
+    ulp = torch.finfo(torch.float64).eps
+    for bi in range(query.shape[0]):
+        cells = ambiguous[bi].nonzero().squeeze(1)
+        if cells.numel() == 0:
+            continue
+        q = _gather_cells(query[bi : bi + 1], cells, patch_size, stride, padding)  # (D, n) float64
+        q_norm = q.norm(dim=0)
+        tol = q_norm * TIE_ULPS * ulp
+        best = q.new_full((cells.numel(),), float("-inf"))
+        arg = torch.zeros(cells.numel(), dtype=torch.long, device=q.device)
+        offset = 0
+        for key in keys:
+            k64 = key[bi : bi + 1].double()
+            k_rows = _rows_per_band(k64, patch_size, stride, padding, other_cells=cells.numel())
+            for k0, k in _bands(k64, patch_size, stride, padding, k_rows):
+                k = k[0] / k[0].norm(dim=0, keepdim=True).clamp_min(EPS)
+                tile = q.t() @ k
+                tile_max = tile.amax(dim=1, keepdim=True)
+                tile_arg = (tile >= tile_max - tol[:, None]).to(torch.uint8).argmax(dim=1)
+                tile_val = tile.gather(1, tile_arg.unsqueeze(1)).squeeze(1)
+                better = tile_val > best + tol
+                best = torch.where(better, tile_val, best)
+                arg = torch.where(better, tile_arg + offset + k0, arg)
+            offset += grid_size(key.shape[-2], patch_size, stride, padding) * grid_size(
+                key.shape[-1], patch_size, stride, padding)
+        best_index[bi, cells] = arg
+        score[bi, cells] = (best / q_norm.clamp_min(EPS)).to(score.dtype)
+
+
+def _gather_cells(x, cells, patch_size, stride, padding):
+    """Float64 descriptors (D, n) of the patch-grid ``cells`` (flat indices) of a (1, C, H, W) map,
+    unfolded band by band so that no more than one band of descriptors exists at a time."""
+    out = x.new_empty((x.shape[1] * patch_size * patch_size, cells.numel()), dtype=torch.float64)
+    rows = _rows_per_band(x, patch_size, stride, padding)
+    for c0, d in _bands(x, patch_size, stride, padding, rows):
+        sel = ((cells >= c0) & (cells < c0 + d.shape[-1])).nonzero().squeeze(1)
+        if sel.numel():
+            out[:, sel] = d[0][:, cells[sel] - c0].double()
+    return out
 
 
 def unfold_all(x, patch_size, stride, padding):
