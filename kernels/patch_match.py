@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-EPS = 1e-12
+from ..geometry import EPS, grid_size
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Score float32 "highest" with exact fp32 dots everywhere instead of TF32 candidates + fp32 re-scoring.
 EXACT_FP32 = os.environ.get("SRNTT_TRITON_EXACT_FP32") == "1"
@@ -107,10 +108,6 @@ def register_op(name: str):
         return op
 
     return register
-
-
-def grid_size(size: int, patch_size: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - patch_size) // stride + 1
 
 
 def _padded_channels_last(x: torch.Tensor, padding: int, dtype: torch.dtype) -> torch.Tensor:

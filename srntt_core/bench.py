@@ -18,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-12
+from .geometry import EPS
+
 # relu3_1 (H, W) of a 160x160 training crop and of a 500x332 CUFED5-size image
 SHAPES = {"small": (40, 40), "medium": (83, 125), "large": (270, 480)}
 # The TTSR peer holds the whole N_key x N_query matrix; beyond this it is skipped.

@@ -265,7 +265,7 @@ def test_feature_swap_mean_is_correctly_rounded():
 
 def test_launch_device_is_the_tensors_device():
     """Triton launches run under a guard for the device of their first CUDA tensor."""
-    module = sys.modules["kernels.patch_match"]
+    module = sys.modules["srntt_core._triton.patch_match"]
     cpu = torch.zeros(1)
     assert module.launch_device([cpu, 3, "x"]) is None
     fake = torch.empty(1, device="meta")
@@ -293,7 +293,7 @@ def test_kernels_on_second_device():
 @pytest.mark.skipif(INTERPRET, reason="cuDNN TF32 is a GPU matter")
 def test_patch_norms_immune_to_tf32(monkeypatch):
     """Patch norms are exact fp32 sums even with TF32 allowed everywhere (cuDNN allows it by default)."""
-    module = sys.modules["kernels.patch_match"]
+    module = sys.modules["srntt_core._triton.patch_match"]
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     x = rand(1, 256, 40, 50, seed=30) * 10
