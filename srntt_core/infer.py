@@ -5,7 +5,11 @@
 - Several references: their patches form one pool (one global argmax, SRNTT_METHOD 3).
 - Large inputs are cut into overlapping LR tiles; outputs are blended with linear ramps in
   the overlaps, so memory is bounded by the tile size (plus the reference features, which
-  are computed once).
+  are computed once: a :class:`ReferenceBank`, which may also be passed in to share them
+  across inputs).
+- The inference path does the least work: the generator runs as a BatchNorm-folded copy
+  (:func:`srntt_core.models.fuse.inference_copy`); ``fast=False`` runs the model as given
+  (the straightforward path, which the fast one matches to 1e-4 per pixel).
 - Errors: missing / corrupt images raise from :mod:`srntt_core.data`; a checkpoint that is
   refused or does not fit the network raises :class:`srntt_core.checkpoint.CheckpointError`.
 """
@@ -179,12 +183,16 @@ def super_resolve(
     overlap: int = 16,
     extractor: nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fast: bool = True,
 ) -> torch.Tensor:
     """x4 SR of ``lr`` (3, h, w) in [0, 1] with reference images ``refs`` (each (3, H, W) in [0, 1]).
 
     Returns (3, 4h, 4w) in [0, 1] on the model's device. ``tile``: LR tile size (None: whole
     image at once); tiles overlap by ``overlap`` LR pixels and are blended linearly.
-    ``progress(done, total)`` is called after each tile.
+    ``progress(done, total)`` is called after each tile. ``refs`` may be a :class:`ReferenceBank`
+    built once for several inputs sharing references (its backend and extractor are then used).
+    ``fast``: run a BatchNorm-folded copy of ``model`` (a model without BatchNorm runs as is);
+    False: ``model`` itself, unchanged (the straightforward path).
     """
     if lr.dim() == 4:
         if lr.shape[0] != 1:
@@ -194,16 +202,25 @@ def super_resolve(
         raise ValueError(f"lr: expected (3, h, w) RGB, got shape {tuple(lr.shape)}")
     if isinstance(refs, torch.Tensor):
         refs = [refs] if refs.dim() == 3 else list(refs)
-    if not refs:
+    if not isinstance(refs, ReferenceBank) and not refs:
         raise ValueError("refs: give at least one reference image (or the LR upsampled, for no reference)")
     check_tiling(tile, overlap)
     device = next(model.parameters()).device
     lr = lr.to(device, torch.float32)
-    if extractor is None:
-        from .swap import default_extractor
+    if isinstance(refs, ReferenceBank):
+        bank = refs
+    else:
+        if extractor is None:
+            from .swap import default_extractor
 
-        extractor = default_extractor().to(device)
-    bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor, backend)
+            extractor = default_extractor().to(device)
+        bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor,
+                             backend)
+    if fast:
+        from .models.fuse import has_batchnorm, inference_copy
+
+        if has_batchnorm(model):
+            model = inference_copy(model)
     h, w = lr.shape[-2:]
 
     def run(x: torch.Tensor) -> torch.Tensor:
