@@ -112,7 +112,7 @@ def test_a_reference_bank_is_shared_across_inputs(zebra):
     hr, lr, ref = zebra
     torch.manual_seed(2)
     model = _randomize_bn(SRNTT(**TINY)).eval()
-    bank = I.ReferenceBank([I.prepare_reference(ref)])
+    bank = I.ReferenceBank([I.prepare_reference(ref)], channels_last=True)  # as super_resolve builds it
     calls = []
     hook = bank.extractor.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape[-2:])))
     try:
