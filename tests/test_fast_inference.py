@@ -125,15 +125,17 @@ def test_a_reference_bank_is_shared_across_inputs(zebra):
 
 
 def test_import_swap_and_build_the_extractor_stay_light(tmp_path):
-    """Neither ``import srntt_core.swap`` nor building the VGG extractor loads torchvision,
-    Triton, matplotlib, PIL or training code (start-up time of ``srntt sr``; tqdm comes with torch.hub)."""
+    """Neither ``import srntt_core.swap``, building the VGG extractor nor loading the generator loads
+    torchvision, Triton, matplotlib, PIL, torch._dynamo or training code (start-up time of
+    ``srntt sr``; tqdm comes with torch.hub)."""
     fake = tmp_path / "torchvision"
     fake.mkdir()
     (fake / "__init__.py").write_text("")  # importable, so an import attempt shows in sys.modules
     code = (
         "import sys; import srntt_core.swap as sw; sw.default_extractor(); "
+        "import srntt_core.infer as I; I.load_model(); "
         "heavy = ['torchvision', 'triton', 'kernels', 'matplotlib', 'PIL', 'srntt_core.train', "
-        "'srntt_core.models.losses']; "
+        "'srntt_core.models.losses', 'torch._dynamo']; "
         "print([m for m in heavy if m in sys.modules])"
     )
     env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
