@@ -1,4 +1,5 @@
-"""texture_swap end to end: VGG19 (three passes) + relu3_1 match + swaps at three levels.
+"""texture_swap end to end: VGG19 (three passes) + relu3_1 match + swaps at three levels; then the
+whole super-resolution (``infer.super_resolve``: swap stage + generator) and the ``srntt sr`` process.
 
 Real images only (the two halves of a Sun80 image, LR = bicubic x1/4 of the target half).
 Providers: ``srntt_core.swap.texture_swap`` on each backend, and the same stage built from the
@@ -8,11 +9,15 @@ Python-loop swap). All share one VGG19 extractor, so the differences are the mat
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import peers
 import pytest
+import torch
 
 import srntt_core.swap as sw
-from srntt_core import dispatch
+from srntt_core import dispatch, infer
 
 BACKENDS = list(dispatch.BACKENDS)
 PEER_STAGES = {
@@ -49,3 +54,123 @@ def test_texture_swap(bench, data, shape, provider):
     bench.run(fn, group=f"texture_swap {shape} real", provider=provider, shape=shape, features="real",
               n_query=n, n_key=n, rounds=ROUNDS[shape], flops=sw.similarity_flops(n, n, data.CHANNELS))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole super-resolution: generator + swap stage, and the `srntt sr` process
+
+SR_PROVIDERS = ("optimized", "straightforward", "ttsr")
+SR_LARGE_DEFAULT: set = set()  # 1080p SR is opt-in: SRNTT_BENCH_LARGE=1
+SR_ROUNDS = {"cufed5": 3, "1080p": 1}
+SGEMM_N = 2048
+
+
+_MEMO: dict = {}
+
+
+def _memo(key, make):
+    # NB: the ``data`` namespace is not hashable, so functools.cache cannot key on it.
+    if key not in _MEMO:
+        _MEMO[key] = make()
+    return _MEMO[key]
+
+
+def _generator():
+    return _memo("generator", infer.load_model)
+
+
+def _sr_inputs(data, shape):
+    """(lr (3, h, w), ref (3, 4h', 4w')): LR = bicubic x1/4 of the target half, the other half as Ref."""
+    def make():
+        target, ref = data.real_images(shape)
+        return data.bicubic(target, 0.25)[0], ref[0]
+
+    return _memo(("inputs", shape), make)
+
+
+def _sr_fn(data, shape, provider):
+    model, (lr, ref) = _generator(), _sr_inputs(data, shape)
+    if provider == "optimized":
+        return lambda: infer.super_resolve(model, lr, [ref])
+    if provider == "straightforward":
+        return lambda: infer.super_resolve(model, lr, [ref], fast=False)
+    extractor = data.vgg()
+
+    def ttsr():
+        maps, _, _ = peers.peer_texture_swap(lr[None], ref[None], extractor, peers.ttsr_patch_match,
+                                             peers.ttsr_fold_swap)
+        return ((model(lr[None] * 2 - 1, maps) + 1) / 2).clamp(0, 1)[0]
+
+    return ttsr
+
+
+def _sr_reference_output(data, shape):
+    def make():
+        with torch.no_grad():
+            return _sr_fn(data, shape, "straightforward")()
+
+    return _memo(("straightforward", shape), make)
+
+
+def _sr_flops(data, shape) -> float:
+    """FLOPs of the optimized path (torch's FlopCounterMode: convolutions, matmuls), for GFLOP/s."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def make():
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            _sr_fn(data, shape, "optimized")()
+        return float(counter.get_total_flops())
+
+    return _memo(("flops", shape), make)
+
+
+def test_sgemm(bench):
+    """The machine's sgemm speed in this run: SR times normalize by it (the machine is shared)."""
+    a, b = torch.randn(SGEMM_N, SGEMM_N), torch.randn(SGEMM_N, SGEMM_N)
+    bench.run(lambda: a @ b, group="sgemm", provider="torch.mm", shape="cufed5", features="random",
+              n_query=SGEMM_N, n_key=SGEMM_N, rounds=10, warmup=2, flops=2.0 * SGEMM_N**3)
+
+
+@pytest.mark.parametrize("provider", SR_PROVIDERS)
+def test_super_resolve(bench, data, shape, provider):
+    """x4 SR of the LR half with the other half as reference: the optimized path (BN folded,
+    reference features once), the straightforward one (same weights, BN unfolded), and a TTSR-style
+    pipeline (bmm relevance matrix + fold swaps, same VGG and generator)."""
+    if shape not in SR_ROUNDS:
+        pytest.skip(f"super_resolve runs at {', '.join(SR_ROUNDS)}")
+    h, w = data.SHAPES[shape]
+    n = (h - 2) * (w - 2)
+    if provider == "ttsr":
+        data.skip_if_too_big(peers.ttsr_patch_match_bytes(n, n, data.CHANNELS), "the N x N relevance matrix")
+    data.skip_large(shape, (provider,), SR_LARGE_DEFAULT, "several minutes per provider")
+    fn = _sr_fn(data, shape, provider)
+    out = bench.run(fn, group=f"super_resolve {shape} real", provider=provider, shape=shape, features="real",
+                    n_query=n, n_key=n, rounds=SR_ROUNDS[shape], flops=_sr_flops(data, shape))
+    bench.benchmark.extra_info["max_abs_diff_vs_straightforward"] = float(
+        (out - _sr_reference_output(data, shape)).abs().max())
+
+
+def test_sr_process(bench, data, tmp_path):
+    """``srntt sr`` as a user runs it (CUFED5 size: 125x83 LR, 500x332 reference), start-up included."""
+    from srntt_core.data import save_image
+
+    lr, ref = _sr_inputs(data, "cufed5")
+    save_image(lr, tmp_path / "lr.png")
+    save_image(ref, tmp_path / "ref.png")
+    cmd = [sys.executable, "-m", "srntt_core", "sr", str(tmp_path / "lr.png"),
+           "--ref", str(tmp_path / "ref.png"), "-o", str(tmp_path / "sr.png"), "--overwrite"]
+
+    def run():
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+
+    bench.run(run, group="srntt sr process cufed5", provider="srntt sr", shape="cufed5", features="real",
+              n_query=0, n_key=0, rounds=3)
+
+
+def test_import_process(bench):
+    """Start-up alone: a Python process that imports ``srntt_core.swap``."""
+    cmd = [sys.executable, "-c", "import srntt_core.swap"]
+    bench.run(lambda: subprocess.run(cmd, check=True, capture_output=True, timeout=600),
+              group="srntt sr process cufed5", provider="import srntt_core.swap", shape="cufed5",
+              features="random", n_query=0, n_key=0, rounds=3)

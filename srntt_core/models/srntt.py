@@ -74,7 +74,14 @@ def conv3x3(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """N(0, std) weights, zero biases, BN scale 1 / shift 0 (the original code's initializers)."""
+    """N(0, std) weights, zero biases, BN scale 1 / shift 0 (the original code's initializers).
+
+    A module on the meta device (a shape-only skeleton, as checkpoint loading builds) is left
+    alone: it holds no values, and torch's meta ``normal_`` runs through its Python decompositions,
+    which import torch._dynamo (~1.5 s of ``srntt sr`` start-up).
+    """
+    if any(p.is_meta for p in module.parameters()):
+        return
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.normal_(m.weight, 0.0, std)
@@ -193,7 +200,7 @@ class SRNTT(nn.Module):
         self.content_extractor = ContentExtractor(ch, content_blocks)
         self.texture_transfer = TextureTransfer(ch, tuple(transfer_blocks))
         init_weights(self)
-        if residual == "bicubic":
+        if residual == "bicubic" and not self.texture_transfer.out[-1].weight.is_meta:
             last = self.texture_transfer.out[-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
