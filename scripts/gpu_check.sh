@@ -6,8 +6,10 @@
 #
 #   bash scripts/gpu_check.sh [--dry-run] [--skip-build] [--out DIR] [--data DIR] [--budget SECONDS]
 #
-#   --out DIR     results folder (default: $GPU_CHECK_OUT, else $OUT/gpu-check when $OUT is set,
-#                 else build/gpu-check); logs, junit XML, sanitizer output, benchmark JSON, summary
+#   --out DIR     results folder (default: $GPU_CHECK_OUT, else build/gpu-check): logs, junit XML,
+#                 sanitizer output, benchmark JSON, summary. With $OUT set (the device tool's return
+#                 folder, which brings back at most 8 files) it is also packed into
+#                 $OUT/gpu-check.tgz, next to summary.txt and predicted_vs_measured.txt
 #   --data DIR    dataset folder with images/Sun80/ for the real-feature benchmarks (exported as
 #                 SRNTT_DATA; without it those cases skip and the random-feature ones run)
 #   --dry-run     on any machine: parse, create the folders, print every command with its time cap,
@@ -44,7 +46,6 @@ while [ $# -gt 0 ]; do
 done
 if [ -z "$RESULTS" ]; then
   if [ -n "${GPU_CHECK_OUT:-}" ]; then RESULTS="$GPU_CHECK_OUT"
-  elif [ -n "${OUT:-}" ]; then RESULTS="$OUT/gpu-check"
   else RESULTS=build/gpu-check; fi
 fi
 if [ -n "$DATA_DIR" ]; then
@@ -186,5 +187,12 @@ fi
 
 echo "== summary ($(( $(date +%s) - START ))s)"
 cat "$SUMMARY"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ "$RESULTS" != "$(cd "$OUT" && pwd)" ]; then
+  # The device tool returns at most 8 files from $OUT: one archive and the two short reports.
+  tar czf "$OUT/gpu-check.tgz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" -C "$ROOT" "$BENCH_DIR" 2>/dev/null
+  cp "$SUMMARY" "$OUT/" 2>/dev/null
+  [ -f "$RESULTS/predicted_vs_measured.txt" ] && cp "$RESULTS/predicted_vs_measured.txt" "$OUT/"
+  echo "gpu_check: packed into $OUT/gpu-check.tgz"
+fi
 [ $STATUS -eq 0 ] && echo "gpu_check: OK" || echo "gpu_check: FAILED"
 exit $STATUS
