@@ -440,8 +440,12 @@ def _patch_match_rescore_kernel(
 SCAN_CONFIGS = {
     "max": ((64, 64, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 8, 3)),
     "collect": ((64, 64, 32, 8, 3), (128, 64, 32, 8, 3)),
-    "prune": ((64, 64, 32, 8, 3),),
+    "prune": ((64, 32, 32, 8, 3),),
 }
+# Configs that spill registers on an arch family (ptxas, `make gpu-compile-check`): not offered
+# there. sm_8x has the 255-register cap of sm_90 but no wgmma, whose accumulators live in fewer
+# registers per thread.
+SCAN_SPILLS = {8: {"max": {(128, 128, 32, 8, 4)}}}
 # Shared memory per block (bytes) of the archs the launcher knows; others get the smallest.
 SMEM_LIMITS = {
     (8, 0): 163 << 10,
@@ -468,10 +472,13 @@ def scan_smem_bytes(
     return stages * (block_m + block_n) * block_k * operand_bytes * (2 if mode == "prune" else 1)
 
 
-def scan_configs(smem_limit: int, operand_bytes: int, mode: str) -> list:
-    """The configs of ``mode`` that fit ``smem_limit`` bytes of shared memory (the first always stays)."""
+def scan_configs(smem_limit: int, operand_bytes: int, mode: str, arch: tuple | None = None) -> list:
+    """The configs of ``mode`` that fit ``smem_limit`` bytes of shared memory and do not spill on
+    ``arch`` (compute capability; None: any), the first always kept."""
     first, *rest = SCAN_CONFIGS[mode]
-    fits = [first] + [c for c in rest if scan_smem_bytes(*c[:3], c[4], operand_bytes, mode) <= smem_limit]
+    spills = SCAN_SPILLS.get(arch[0], {}).get(mode, set()) if arch else set()
+    fits = [first] + [c for c in rest if scan_smem_bytes(*c[:3], c[4], operand_bytes, mode) <= smem_limit
+                      and c not in spills]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
         for bm, bn, bk, w, st in fits
@@ -491,7 +498,8 @@ def _prune_configs(configs, named_args, **kwargs):
     q = named_args["q_ptr"]
     operand_bytes = 2 if named_args["ql_ptr"].dtype == torch.bfloat16 else q.element_size()
     mode = scan_mode(bool(kwargs.get("COLLECT")), bool(kwargs.get("PRUNE")))
-    keep = {_config_key(c) for c in scan_configs(_device_smem_limit(q.device), operand_bytes, mode)}
+    arch = torch.cuda.get_device_capability(q.device)
+    keep = {_config_key(c) for c in scan_configs(_device_smem_limit(q.device), operand_bytes, mode, arch)}
     return [c for c in configs if _config_key(c) in keep]
 
 

@@ -34,8 +34,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# The kernels are compiled for a GPU, not run by the interpreter (which also changes their tiles).
-os.environ.pop("TRITON_INTERPRET", None)
 ARCH_SMEM = {80: 163 << 10, 86: 99 << 10, 89: 99 << 10, 90: 227 << 10}
 TC_PTX = re.compile(r"\b(?:mma\.sync|wmma\.mma\.sync|wgmma\.mma_async)\.")
 
@@ -108,7 +106,8 @@ def triton_variants(arch: int, subset: bool) -> list[dict]:
             configs = [(32, 32, 8, 4, 1)]
         else:
             mode = pm.scan_mode(collect, prune)
-            configs = [pm._config_key(c) for c in pm.scan_configs(limit, 2 if low == "bf16" else 4, mode)]
+            configs = [pm._config_key(c) for c in pm.scan_configs(limit, 2 if low == "bf16" else 4, mode,
+                                                                  (arch // 10, arch % 10))]
         if subset:
             configs = configs[-1:]
         for bm, bn, bk, warps, stages in configs:
@@ -511,4 +510,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The kernels are compiled for a GPU, not run by the interpreter (which also changes their
+    # tiles). NB: only when run as a script: a test session that imports this module keeps its
+    # interpreter for the Triton tests.
+    os.environ.pop("TRITON_INTERPRET", None)
     sys.exit(main())
