@@ -370,8 +370,8 @@ def run_eval(args) -> int:
     with distributed.session(args.device) as (ctx, device):
         model = load_model(args.checkpoint, device)
         result = evaluate_folder(model, args.dataset_dir, layout=args.layout, limit=args.limit, rows=rows,
-                                 backend=args.backend, tile=args.tile or None, max_pixels=args.max_pixels,
-                                 ctx=ctx)
+                                 backend=args.backend, tile=args.tile or None, overlap=args.overlap,
+                                 max_pixels=args.max_pixels, ctx=ctx)
     if not ctx.is_main:
         return 0
     print(result.table())

@@ -69,7 +69,7 @@ class EvalResult:
 
 
 def evaluate_pairs(model, pairs: Sequence[Pair], *, rows: Sequence[str] = ROWS, backend: str = "auto",
-                   tile: int | None = 128, dataset: str = "", layout: str = "",
+                   tile: int | None = 128, overlap: int = 16, dataset: str = "", layout: str = "",
                    verbose: bool = True) -> EvalResult:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -86,7 +86,8 @@ def evaluate_pairs(model, pairs: Sequence[Pair], *, rows: Sequence[str] = ROWS, 
         refs_for = {"srntt_ref": pair.refs, "srntt_noref": [bic], "srntt_oracle": [hr]}
         for r in ("srntt_ref", "srntt_noref", "srntt_oracle"):
             if r in rows:
-                outputs[r] = super_resolve(model, lr, refs_for[r], backend=backend, tile=tile).cpu()
+                outputs[r] = super_resolve(model, lr, refs_for[r], backend=backend, tile=tile,
+                                           overlap=overlap).cpu()
         rec = {"name": pair.name}
         for r, out in outputs.items():
             out = quantize(out)

@@ -86,6 +86,24 @@ def test_eval_table(tmp_path, tiny_ckpt, capsys):
     assert rc == 2
 
 
+def test_eval_passes_tiling_on(tmp_path, tiny_ckpt, monkeypatch):
+    data = tmp_path / "set"
+    data.mkdir()
+    _img(data / "a.png", 48, 96)
+    seen = []
+    real = evaluate.super_resolve
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("tile"), kwargs.get("overlap")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "super_resolve", spy)
+    rc = cli.main(["eval", str(data), "--checkpoint", tiny_ckpt, "--tile", "16", "--overlap", "4",
+                   "--rows", "srntt_ref"])
+    assert rc == 0
+    assert seen and all(s == (16, 4) for s in seen), seen
+
+
 def test_demo_with_given_checkpoint(tmp_path, tiny_ckpt, capsys):
     image = _img(tmp_path / "sample.png", 64, 120)
     rc = cli.main(["demo", "-o", str(tmp_path / "demo"), "--checkpoint", tiny_ckpt, "--image", image])
