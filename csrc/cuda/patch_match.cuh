@@ -10,8 +10,8 @@
 // Two tile kernels:
 //  * match_exact_kernel: CUDA cores, arithmetic in the input dtype (double; float below sm_80).
 //  * match_tc_kernel: tensor cores via wmma, TF32 ("highest", "high") or BF16 ("medium"), fp32
-//    accumulation; every precision of float inputs runs here on sm_80+ (issue 4/5 design: even
-//    "highest" holds its contract at tensor-core speed, through the re-scoring below).
+//    accumulation; every precision of float inputs runs here on sm_80+, so that even "highest"
+//    runs at tensor-core speed and still holds its contract, through the re-scoring below.
 //    Its scores s~ are only candidates. NB: with unit roundoff u of the rounded inputs and D
 //    descriptor entries, |s~ - s| <= delta = 2u + u^2 + D * 2^-22 for every pair (Cauchy-Schwarz
 //    bounds sum |q_i k_i| by |q| |k|; the D term covers fp32 accumulation and the norms). Let M~ be
