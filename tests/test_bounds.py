@@ -218,7 +218,7 @@ def test_ops_check_the_bounds(backend, name, top):
                                        ("out_h", geometry.SIDE_MAX),
                                        ("out_w", geometry.SIDE_MAX)])
 def test_kernel_bounds_agree_with_geometry(name, top):
-    """csrc/srntt_limits.h and srntt_core/ops/geometry.py state the same bounds: the C++ ops accept
+    """csrc/srntt_geometry.h and srntt_core/ops/geometry.py state the same bounds: the C++ ops accept
     the top value and reject the next with a ValueError naming the argument and the bound."""
     args = dict(patch_size=1, stride=1, padding=0, scale=1, out_h=1, out_w=1)
     v = features(1, 1, top if name == "scale" else 2, top if name == "scale" else 2, seed=2)
