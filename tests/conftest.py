@@ -69,11 +69,12 @@ REGISTRY = (
 )
 
 
-def backend_cases(interpreted: bool = False) -> list:
-    """pytest params of the registered backends on the devices of this machine; the Triton
-    interpreter (set up by this file without a GPU) only where ``interpreted`` asks for it."""
+def backend_cases(interpreted: bool = False, every_device: bool = False) -> list:
+    """pytest params of the registered backends on the devices of this machine (of every device
+    with ``every_device``: those of a missing device skip); the Triton interpreter (set up by this
+    file without a GPU) only where ``interpreted`` asks for it."""
     cuda = torch.cuda.is_available()
-    cases = [c for c in REGISTRY if c.device == "cpu" or cuda]
+    cases = [c for c in REGISTRY if c.device == "cpu" or cuda or (every_device and not c.interpreted)]
     cases = [c for c in cases if not c.interpreted or (interpreted and not cuda)]
     return [pytest.param(c, id=str(c), marks=[getattr(pytest.mark, c.mark)] if c.mark else []) for c in cases]
 
@@ -90,6 +91,8 @@ def pytest_generate_tests(metafunc):
 
 
 def skip_unless_runs(case: BackendCase) -> BackendCase:
+    if case.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     reasons = dispatch.get(case.name).not_supported_reasons(torch.device(case.device))
     if reasons:
         pytest.skip(f"backend {case.name!r} cannot run on {case.device}: {'; '.join(reasons)}")

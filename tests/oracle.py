@@ -84,14 +84,16 @@ def exact_match(query, keys, patch_size=3, stride=1, padding=0) -> Exact:
 
 def assert_match(result, exact: Exact, tol: float = TOL, *, margin: float | None = None,
                  score_tol: float | None = None) -> None:
-    """docs/CONTRACT.md §4 comparison of a backend's ``(index, score)`` against the float64 oracle.
+    """docs/CONTRACT.md §4 comparison of a backend's ``(index, score)`` (or a result with those
+    attributes) against the float64 oracle.
 
     Indices must equal the exact ones where the exact top-2 margin exceeds ``margin`` (default
     ``tol``); everywhere, the chosen key's exact score is within ``tol`` of the exact maximum. The
     returned score is compared with the exact maximum within ``tol``, or, with ``score_tol``, with
     the chosen key's exact score within ``score_tol``.
     """
-    index, score = result[0].cpu(), result[1].detach().cpu()
+    index, score = (result.index, result.score) if hasattr(result, "index") else result
+    index, score = index.cpu(), score.detach().cpu()
     margin = tol if margin is None else margin
     assert index.dtype == torch.int64, index.dtype
     assert index.shape == exact.index.shape and score.shape == exact.index.shape

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from srntt_core import _triton  # noqa: F401  (registers the srntt::_*_triton ops it has)
 from srntt_core.ops import dispatch, extension, torch_backend
 
-KERNELS = [p.values[0] for p in backend_cases(interpreted=True)]
+KERNELS = [p.values[0] for p in backend_cases(interpreted=True, every_device=True)]
 
 
 class Kernel:
