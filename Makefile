@@ -44,8 +44,9 @@ cuda-check:
 # under build/asan, which PYTHONPATH puts first; the Python host needs libasan preloaded (and
 # libstdc++, for ASan's C++-exception interceptor). Reports: build/asan/report.<pid>.
 ASAN_DIR := build/asan
-ASAN_TESTS ?= tests/test_cpu_kernels.py tests/test_bounds.py tests/test_hardening_props.py \
-	tests/test_bad_input.py tests/test_opcheck.py tests/test_feature_swap.py tests/test_patch_match.py
+ASAN_TESTS ?= tests/test_cpu_kernels.py tests/test_conformance.py tests/test_bounds.py \
+	tests/test_hardening_props.py tests/test_bad_input.py tests/test_opcheck.py tests/test_feature_swap.py \
+	tests/test_patch_match.py
 asan-test: $(STAMP)
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/lib
 	cp -r srntt_core $(ASAN_DIR)/lib/ && rm -f $(ASAN_DIR)/lib/srntt_core/_C*.so
@@ -57,7 +58,7 @@ asan-test: $(STAMP)
 		ASAN_OPTIONS=detect_leaks=0:log_path=$(CURDIR)/$(ASAN_DIR)/report \
 		UBSAN_OPTIONS=print_stacktrace=1:log_path=$(CURDIR)/$(ASAN_DIR)/report && \
 	$(PY) -P -c "import srntt_core._C as c; assert '$(ASAN_DIR)' in c.__file__, c.__file__" && \
-	$(VENV)/bin/pytest -q -p no:cacheprovider -x $(ASAN_TESTS) -k "not torch and not compile and not first_call" \
+	$(VENV)/bin/pytest -q -p no:cacheprovider -x $(ASAN_TESTS) -k "not torch and not triton and not compile and not first_call" \
 		|| { cat $(ASAN_DIR)/report.* 2>/dev/null; exit 1; }
 
 # Every Triton and CUDA kernel compiled for sm_80 and sm_90 without a GPU: registers, spills, shared

@@ -19,7 +19,7 @@ reference as values):
 
 ``extra_info`` adds ``index_agreement`` (share of the original's indices that srntt_core reproduces)
 and ``peak_mem_mb_isolated``: the peak measured again in a separate process with
-``srntt_core.compat._memory`` and ``fix_allocator()`` (glibc told to map and unmap every block of
+``peak_memory.py`` and ``fix_allocator()`` (glibc told to map and unmap every block of
 64 KiB or more, so freed memory cannot hide a peak), which leaves this process's allocator, and so
 the other benchmarks' timings, untouched. The 1080p shape is skipped: the originals' N x N buffers would need
 ~67 GB there, and an exact search takes minutes on a CPU.
@@ -32,11 +32,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+import peak_memory
 import pytest
 import torch
 import torch.nn.functional as F
 
-from srntt_core.compat import _memory
 from srntt_core.compat.c2matching import correspondence_match
 from srntt_core.compat.masa import masa_warp, search_org
 from srntt_core.compat.srntt import srntt_swap
@@ -191,7 +191,7 @@ def measure_peaks(shape: str, family: str) -> None:
     import conftest
 
     data = types.SimpleNamespace(match_inputs=conftest.match_inputs, swap_values=conftest.swap_values)
-    _memory.fix_allocator()
+    peak_memory.fix_allocator()
     query, key, lv3, lv2, lv1 = _inputs(data, shape)
     peaks = {}
     with torch.no_grad():
@@ -201,22 +201,22 @@ def measure_peaks(shape: str, family: str) -> None:
         if family == "masa":
             masa = _masa_inputs(data, shape)
             for provider in MASA_PROVIDERS:
-                peaks[f"masa/{provider}"] = _memory.peak_bytes(_masa_runner(provider, *masa))
+                peaks[f"masa/{provider}"] = peak_memory.peak_bytes(_masa_runner(provider, *masa))
         else:
             for module in MODULES:
                 for provider in PROVIDERS:
                     fn = _runner(module, provider, query, key, lv3, lv2, lv1)[0]
-                    peaks[f"{module}/{provider}"] = _memory.peak_bytes(fn)
+                    peaks[f"{module}/{provider}"] = peak_memory.peak_bytes(fn)
     print(json.dumps(peaks))
 
 
 @functools.cache
 def isolated_peaks(shape: str, family: str = "others") -> dict:
-    if not _memory.supported():
+    if not peak_memory.supported():
         return {}
     code = f"import sys; sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]; import bench_compat as b; " \
            f"b.measure_peaks({shape!r}, {family!r})"
-    return _memory.run_child(code, cwd=str(HERE.parent))
+    return peak_memory.run_child(code, cwd=str(HERE.parent))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

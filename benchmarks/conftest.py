@@ -8,7 +8,8 @@
   protocol, docs/CONTRACT.md §10: one half is the target, the other the reference), ``random`` ones
   are standard normal.
 - ``bench``: wraps pytest-benchmark's fixture; times with ``benchmark.pedantic``, measures peak
-  memory per round and fills ``extra_info`` (backend, shape, n_query, n_key, GFLOP/s, peak_mem_mb, device).
+  memory per round (peak_memory.py) and fills ``extra_info`` (backend, shape, n_query, n_key,
+  GFLOP/s, peak_mem_mb, device).
 - ``SRNTT_BENCH_SHAPES=train,cufed5`` restricts the shapes (quick checks).
 - The 1080p shape is partly opt-in: ``SRNTT_BENCH_LARGE=1`` runs every provider that fits there,
   ``SRNTT_BENCH_LARGE=0`` none; by default only each file's ``LARGE_DEFAULT`` cases run.
@@ -17,7 +18,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import re
@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from peak_memory import PeakMemory
 
 from srntt_core.cli.machine import machine_name
 
@@ -241,64 +242,6 @@ def swap_index(shape: str, features: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# peak memory
-
-_LIBC = None
-
-
-def _malloc_trim() -> None:
-    global _LIBC
-    try:
-        _LIBC = _LIBC or ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-class PeakMemory:
-    """Extra memory (MB) a call needs on top of what was resident before it.
-
-    CPU: the process' resident high-water mark (VmHWM) is reset through /proc/self/clear_refs
-    and freed heap memory is returned to the OS first (malloc_trim), so the mark measures this call
-    only. CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
-    Returns None where neither works (non-Linux).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.base = None
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return
-        _malloc_trim()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # "5": reset the peak RSS (Linux >= 4.0)
-            self.base = _status_kb("VmRSS")
-        except (OSError, AttributeError):
-            self.base = None
-
-    def stop(self) -> float | None:
-        if self.base is None:
-            return None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        else:
-            peak = (_status_kb("VmHWM") - self.base) / 1024
-        self.base = None
-        return max(0.0, peak)
-
-
-# ---------------------------------------------------------------------------------------------
 # the fixture
 
 class Bench:
@@ -341,7 +284,7 @@ class Bench:
             "n_key": n_key,
             "gflops": round(flops / best / 1e9, 2) if flops and best else None,
             "gbps": round(nbytes / best / 1e9, 2) if nbytes and best else None,
-            "peak_mem_mb": round(max(measured), 1) if measured else None,
+            "peak_mem_mb": round(max(measured) / 2**20, 1) if measured else None,
             "device": machine_name(str(DEVICE)),
             "threads": torch.get_num_threads(),
             "load_1m": round(os.getloadavg()[0], 2),

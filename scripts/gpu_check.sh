@@ -146,7 +146,8 @@ stage bench_swap_cufed5 40 "$RESULTS/bench_swap_cufed5.log" env SRNTT_BENCH_SHAP
 
 # 4. compute-sanitizer memcheck on a small subset of the CUDA tests (caching allocator off, so an
 # out-of-bounds access inside a cached block is seen)
-MEMCHECK_SEL=(tests/test_cuda_backend.py -m cuda -k "zero_patches or many_tiles or many_references or one_hot_key or float16")
+MEMCHECK_SEL=(tests/test_conformance.py -m cuda
+  -k "not torch and (zero_patches or many-tiles or many_values or one_key or half)")
 stage memcheck 60 "$RESULTS/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 50 \
   "${PYTEST[@]}" "${PER_TEST[@]}" "${MEMCHECK_SEL[@]}" --junitxml="$RESULTS/memcheck.xml"

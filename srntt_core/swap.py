@@ -137,8 +137,9 @@ def patch_match(
             raise ValueError(f"{name}: has {k.shape[1]} channels, but query has {query.shape[1]}")
         geometry.map_grid(name, k.shape[-2], k.shape[-1], patch_size, stride, padding)
     geometry.map_grid("query", query.shape[-2], query.shape[-1], patch_size, stride, padding)
-    name = dispatch.resolve(backend, query.device)
     dtype = _compute_dtype([query, *keys])
+    inputs = dispatch.patch_match_inputs(query, keys, patch_size, stride, padding, dtype)
+    name = dispatch.resolve(backend, inputs)
     return library.patch_match(
         query.to(dtype).contiguous(), [k.to(dtype).contiguous() for k in keys],
         patch_size, stride, padding, name, precision,
@@ -223,7 +224,8 @@ def feature_swap(
             raise TypeError(f"out_size: expected (H, W), got {out_size!r}")
         out_h, out_w = (check_side("out_size", s) for s in out_size)
     geometry.check_elements("out_size", (b, cv, out_h, out_w), value_list[0].element_size())
-    name = dispatch.resolve(backend, value_list[0].device)
+    inputs = dispatch.feature_swap_inputs(value_list, index, patch_size, stride, padding, scale)
+    name = dispatch.resolve(backend, inputs)
     return library.feature_swap(
         [v.contiguous() for v in value_list], index.to(torch.int64).contiguous(),
         patch_size, stride, padding, scale, out_h, out_w, reduce, name,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 
+import peak_memory
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_image
 
-from srntt_core.compat import _memory
 from srntt_core.compat.c2matching import (
     Correspondence,
     CorrespondenceMatcher,
@@ -181,14 +181,14 @@ def test_unsupported_modes_are_errors():
 # ---------------------------------------------------------------------------------------------
 # memory: the original's conv output holds N_ref x N_in scores (its batches cap that at 2 GiB).
 
-@pytest.mark.skipif(not _memory.supported(), reason="needs Linux, glibc and /proc/self/clear_refs")
-@pytest.mark.skipif(not _memory.kernels_available(), reason=_memory.KERNELS_REASON)
+@pytest.mark.skipif(not peak_memory.supported(), reason="needs Linux, glibc and /proc/self/clear_refs")
+@pytest.mark.skipif(not peak_memory.kernels_available(), reason=peak_memory.KERNELS_REASON)
 def test_memory_is_far_below_the_correlation():
     g = torch.Generator().manual_seed(5)
     feat_in, feat_ref = torch.randn(1, 16, 66, 66, generator=g), torch.randn(1, 16, 66, 66, generator=g)
     with torch.no_grad():
-        ours = _memory.peak_bytes(lambda: correspondence_match(feat_in, feat_ref))
-        original = _memory.peak_bytes(lambda: correspondence_original(feat_in, feat_ref))
+        ours = peak_memory.peak_bytes(lambda: correspondence_match(feat_in, feat_ref))
+        original = peak_memory.peak_bytes(lambda: correspondence_original(feat_in, feat_ref))
     nxn = (64 * 64) ** 2 * 4
     assert original >= nxn
     assert ours < nxn / 8

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import peak_memory
 import pytest
 import torch
 import torch.nn.functional as F
 
 from srntt_core.cli import SAMPLE_IMAGE
-from srntt_core.compat import _memory
 from srntt_core.compat.masa import MASAMethods, MASAWarp, masa_warp, search, search_org, transfer
 
 ASSET = SAMPLE_IMAGE
@@ -368,15 +368,15 @@ def test_search_and_transfer_gradients_match_masa():
 # ---------------------------------------------------------------------------------------------
 # memory: MASA unfolds every block's x4 window (C x 144 values per window cell); the drop-in never does.
 
-@pytest.mark.skipif(not _memory.supported(), reason="needs Linux, glibc and /proc/self/clear_refs")
-@pytest.mark.skipif(not _memory.kernels_available(), reason=_memory.KERNELS_REASON)
+@pytest.mark.skipif(not peak_memory.supported(), reason="needs Linux, glibc and /proc/self/clear_refs")
+@pytest.mark.skipif(not peak_memory.kernels_available(), reason=peak_memory.KERNELS_REASON)
 def test_memory_is_far_below_the_unfolded_windows():
     fea_lr, fea_reflr, fea_ref = random_case(n=1, c=32, h=48, w=48, hr=48, wr=48, seed=11,
                                              channels=(32, 32, 32))
     with torch.no_grad():
         masa_warp(fea_lr[..., :8, :8], fea_reflr, fea_ref)  # first call: loads the custom ops
-        ours = _memory.peak_bytes(lambda: masa_warp(fea_lr, fea_reflr, fea_ref))
-        original = _memory.peak_bytes(lambda: warp_original(fea_lr, fea_reflr, fea_ref))
+        ours = peak_memory.peak_bytes(lambda: masa_warp(fea_lr, fea_reflr, fea_ref))
+        original = peak_memory.peak_bytes(lambda: warp_original(fea_lr, fea_reflr, fea_ref))
     unfolded = 36 * 32 * 144 * 13 * 13 * 4  # 36 blocks, 13 x 13 window cells (window of 15)
     assert original >= unfolded
     assert ours < unfolded / 3

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import peak_memory
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_image
 
-from srntt_core.compat import _memory
 from srntt_core.compat.srntt import Swap, Swapper, srntt_swap, srntt_weight_maps, tf_resize_bicubic
 
 MARGIN = 1e-5
@@ -199,13 +199,13 @@ def test_bad_arguments_are_errors():
 # ---------------------------------------------------------------------------------------------
 # memory: the original forms the N_ref x N_in correlation twice (argmax, then weights).
 
-@pytest.mark.skipif(not _memory.supported(), reason="needs Linux, glibc and /proc/self/clear_refs")
-@pytest.mark.skipif(not _memory.kernels_available(), reason=_memory.KERNELS_REASON)
+@pytest.mark.skipif(not peak_memory.supported(), reason="needs Linux, glibc and /proc/self/clear_refs")
+@pytest.mark.skipif(not peak_memory.kernels_available(), reason=peak_memory.KERNELS_REASON)
 def test_memory_is_far_below_the_correlation():
     content, styles, conditions, _ = random_levels(b=1, c=8, h=66, w=66, ref_sizes=((66, 66),), seed=5)
     with torch.no_grad():
-        ours = _memory.peak_bytes(lambda: srntt_swap(content, styles, conditions, is_weight=True))
-        original = _memory.peak_bytes(
+        ours = peak_memory.peak_bytes(lambda: srntt_swap(content, styles, conditions, is_weight=True))
+        original = peak_memory.peak_bytes(
             lambda: _matching_original(content[0], styles[0][0], conditions[0][0]))
     nxn = (64 * 64) ** 2 * 4
     assert original >= nxn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import peak_memory
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,6 @@ from conftest import load_image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srntt_core.compat import _memory
 from srntt_core.compat.ttsr import SearchTransfer, SearchTransformer
 
 MARGIN = 1e-5  # indices are compared where the best cosine beats the runner-up by more than this
@@ -149,15 +149,15 @@ def test_no_parameters_so_checkpoints_load():
 MEMORY_SIZE = 64  # a 64 x 64 level 3: N = 4096 cells, the relevance matrix is 64 MiB in fp32
 
 
-@pytest.mark.skipif(not _memory.supported(), reason="needs Linux, glibc and /proc/self/clear_refs")
-@pytest.mark.skipif(not _memory.kernels_available(), reason=_memory.KERNELS_REASON)
+@pytest.mark.skipif(not peak_memory.supported(), reason="needs Linux, glibc and /proc/self/clear_refs")
+@pytest.mark.skipif(not peak_memory.kernels_available(), reason=peak_memory.KERNELS_REASON)
 def test_memory_is_far_below_the_relevance_matrix():
     n = MEMORY_SIZE
     inputs = random_inputs(b=1, c=8, h=n, w=n, hr=n, wr=n)
     module = SearchTransfer()
     with torch.no_grad():
-        ours = _memory.peak_bytes(lambda: module(*inputs))
-        original = _memory.peak_bytes(lambda: ttsr_original(*inputs)[:2])
+        ours = peak_memory.peak_bytes(lambda: module(*inputs))
+        original = peak_memory.peak_bytes(lambda: ttsr_original(*inputs)[:2])
     nxn = (n * n) ** 2 * 4
     assert original >= nxn  # the N x N relevance matrix really is there
     assert ours < nxn / 8

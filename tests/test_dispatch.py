@@ -169,3 +169,93 @@ def test_auto_and_explicit_give_the_same_answer():
     auto = sw.patch_match(query, key, padding=1)
     explicit = sw.patch_match(query, key, padding=1, backend=dispatch.resolve("auto", CPU))
     assert torch.equal(auto.index, explicit.index) and torch.equal(auto.score, explicit.score)
+
+
+# ---------------------------------------------------------------------------------------------
+# per input: each backend states its limits, `auto` takes the next backend, an explicit one says why
+
+def _fake_cuda_kernels(monkeypatch):
+    """The cuda backend as on a GPU with a matching build (no GPU needed to ask it about inputs)."""
+    monkeypatch.setattr(extension, "LOADED", True)
+    monkeypatch.setattr(dispatch.get("cuda"), "has_kernels", True)
+    monkeypatch.setattr(extension, "cuda_kernel_image", lambda index: 90)
+    monkeypatch.setattr(dispatch.get("triton"), "not_supported_reasons", lambda inputs: ["no triton here"])
+
+
+def test_auto_skips_a_kernel_whose_dtypes_exclude_the_inputs(monkeypatch, calls):
+    if "cpu" not in sw.available("cpu"):
+        pytest.skip("the cpu backend cannot run here")
+    monkeypatch.setitem(dispatch.KERNEL_DTYPES, "patch_match", (torch.float64,))
+    query, key = features(1, 3, 7, 8, seed=1), features(1, 3, 6, 9, seed=2)
+    sw.patch_match(query, key)
+    sw.patch_match(query.double(), key.double())
+    assert calls == [("torch", "patch_match"), ("cpu", "patch_match")]
+    with pytest.raises(BackendUnavailableError, match="cpu patch_match kernels take float64, got float32"):
+        sw.patch_match(query, key, backend="cpu")
+
+
+def test_auto_skips_a_kernel_for_feature_swap_inputs(monkeypatch, calls):
+    if "cpu" not in sw.available("cpu"):
+        pytest.skip("the cpu backend cannot run here")
+    monkeypatch.setitem(dispatch.KERNEL_DTYPES, "feature_swap", (torch.float32, torch.float64))
+    values = features(1, 3, 6, 9, seed=2)
+    index = torch.zeros(1, 5, 6, dtype=torch.long)
+    sw.feature_swap(values.half(), index)
+    sw.feature_swap(values, index)
+    assert calls == [("torch", "feature_swap"), ("cpu", "feature_swap")]
+    with pytest.raises(BackendUnavailableError, match="float16"):
+        sw.feature_swap(values.half(), index, backend="cpu")
+
+
+def test_cuda_grid_limit_falls_back_instead_of_failing(monkeypatch):
+    """A batch beyond the match kernels' grid (a TORCH_CHECK in the CUDA binding) goes to the next
+    backend under `auto`; asked for explicitly, cuda says why."""
+    _fake_cuda_kernels(monkeypatch)
+    device = torch.device("cuda", 0)
+    small = dispatch.Inputs(device, "patch_match", torch.float32, 2, 8, (9, 9), ((9, 9),))
+    large = small._replace(batch=dispatch.GRID_YZ_MAX + 1)
+    assert dispatch.resolve("auto", small) == "cuda"
+    assert dispatch.resolve("auto", large) == "torch"
+    with pytest.raises(BackendUnavailableError, match=f"batch {dispatch.GRID_YZ_MAX + 1} > 65535") as info:
+        dispatch.resolve("cuda", large)
+    assert "torch: ok" in str(info.value) and "no triton here" in str(info.value)
+
+
+def test_cuda_swap_backward_buckets_limit(monkeypatch):
+    _fake_cuda_kernels(monkeypatch)
+    inputs = dispatch.Inputs(torch.device("cuda", 0), "feature_swap", torch.float32, 4, 8, (9, 9),
+                             ((30000, 30000),))  # 4 x 899.9M key cells
+    reasons = dispatch.get("cuda").not_supported_reasons(inputs)
+    assert any("int32 buckets" in r for r in reasons), reasons
+    assert dispatch.resolve("auto", inputs) == "torch"
+    assert not dispatch.get("cuda").not_supported_reasons(inputs._replace(key_sizes=((300, 300),)))
+
+
+def test_top_k_needs_a_top_k_kernel(monkeypatch):
+    monkeypatch.setattr(dispatch.get("cpu"), "has_topk", False)
+    inputs = dispatch.Inputs(CPU, "patch_match", torch.float32, 1, 4, (9, 9), ((9, 9),), k=3)
+    assert "cpu: no top-k kernel (k=3)" in dispatch.get("cpu").not_supported_reasons(inputs)
+    assert dispatch.resolve("auto", inputs) == "torch"
+    assert dispatch.resolve("auto", inputs._replace(k=1)) in ("cpu", "torch")
+    assert dispatch.get("torch").not_supported_reasons(inputs) == []
+
+
+def test_triton_candidate_list_limit():
+    """The Triton match keeps a candidate list per query cell: a query map beyond its int32 range
+    is refused before the kernel (which raises the same)."""
+    huge = dispatch.Inputs(CPU, "patch_match", torch.float32, 1, 4, (30000, 30000), ((9, 9),))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        if dispatch.get("triton").not_supported_reasons(CPU):
+            pytest.skip("triton cannot run here")
+        reasons = dispatch.get("triton").not_supported_reasons(huge)
+        assert any("candidate lists" in r for r in reasons), reasons
+        with pytest.raises(BackendUnavailableError, match="candidate lists"):
+            dispatch.resolve("triton", huge)
+        assert not dispatch.get("triton").not_supported_reasons(huge._replace(query_size=(90, 90)))
+
+
+def test_device_only_questions_ignore_input_limits():
+    """available()/backend_report() (build_info) answer for the device: no dtype or size limits."""
+    assert dispatch.available(CPU) == dispatch.available(dispatch.Inputs(CPU))
+    assert dispatch.backend_report("cpu") == dispatch.backend_report(dispatch.Inputs(CPU))

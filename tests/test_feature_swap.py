@@ -1,14 +1,14 @@
 """srntt_core.swap.feature_swap on every backend against the float64 oracle and a literal
 loop-over-cells transcription of docs/CONTRACT.md §3; gradients and determinism of the backward."""
 
+import oracle
 import pytest
 import torch
-from conftest import features, grid, naive_feature_swap, random_index
+from conftest import features, random_index
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import srntt_core.swap as sw
-from srntt_core.ops import torch_backend
 
 CASES = [
     # B, Cv, query grid (Gq_h, Gq_w), key map sizes [(Hk, Wk)...], patch_size, stride, padding, scale
@@ -30,11 +30,6 @@ def _values(b, cv, k_sizes, scale, dtype=torch.float32, device="cpu", seed=0):
             for i, (h, w) in enumerate(k_sizes)]
 
 
-def _oracle(values, index, **kw):
-    """The float64 ``torch`` reference (the oracle)."""
-    return sw.feature_swap([v.double() for v in values], index, backend="torch", **kw)
-
-
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 @pytest.mark.parametrize("b, cv, q_grid, k_sizes, patch_size, stride, padding, scale", CASES)
 def test_against_oracle_and_literal_spec(backend, b, cv, q_grid, k_sizes, patch_size, stride, padding,
@@ -47,10 +42,9 @@ def test_against_oracle_and_literal_spec(backend, b, cv, q_grid, k_sizes, patch_
     want_h = ((q_grid[0] - 1) * stride + patch_size - 2 * padding) * scale
     want_w = ((q_grid[1] - 1) * stride + patch_size - 2 * padding) * scale
     assert out.shape == (b, cv, want_h, want_w)
-    oracle = _oracle(values, index, **kw)
-    literal = naive_feature_swap(values, index, **kw)
-    torch.testing.assert_close(oracle.cpu(), literal, atol=1e-12, rtol=0)
-    torch.testing.assert_close(out.double().cpu(), literal, atol=1e-5, rtol=1e-6)
+    want = oracle.feature_swap(values, index, **kw)
+    torch.testing.assert_close(want, oracle.literal_feature_swap(values, index, **kw), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out.double().cpu(), want, atol=1e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("out_size", [(9, 14), (3, 4), (12, 5)], ids=["larger", "smaller", "mixed"])
@@ -61,7 +55,8 @@ def test_out_size_override(backend, out_size, reduce):
     kw = dict(padding=1, out_size=out_size, reduce=reduce)
     out = sw.feature_swap(values, index, backend=backend.name, **kw)
     assert out.shape[-2:] == out_size
-    torch.testing.assert_close(out.double().cpu(), naive_feature_swap(values, index, **kw), atol=1e-5, rtol=0)
+    want = oracle.feature_swap(values, index, **kw)
+    torch.testing.assert_close(out.double().cpu(), want, atol=1e-5, rtol=0)
     if out_size == (9, 14):  # pixels no window covers are zero
         # Query windows cover rows/cols up to (G - 1) + patch_size - padding.
         assert (out[..., 7:, :] == 0).all() and (out[..., :, 10:] == 0).all()
@@ -74,7 +69,7 @@ def test_float64_values(backend):
         kw = dict(padding=1, scale=2, reduce=reduce)
         out = sw.feature_swap(values, index, backend=backend.name, **kw)
         assert out.dtype == torch.float64
-        torch.testing.assert_close(out.cpu(), naive_feature_swap(values, index, **kw), atol=1e-12, rtol=0)
+        torch.testing.assert_close(out.cpu(), oracle.feature_swap(values, index, **kw), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
@@ -104,7 +99,7 @@ def test_non_contiguous_values_and_index(backend):
         want = sw.feature_swap([v.contiguous() for v in values], index_t.contiguous(), scale=2,
                                backend=backend.name)
         assert torch.equal(out, want)
-        torch.testing.assert_close(out.double().cpu(), naive_feature_swap(values, index_t, scale=2),
+        torch.testing.assert_close(out.double().cpu(), oracle.feature_swap(values, index_t, scale=2),
                                    atol=1e-5, rtol=0)
 
 
@@ -130,7 +125,7 @@ def test_self_match_reconstructs_the_map(backend, padding):
     """Swapping a map into its own layout along its own self-match returns it (mean reduce)."""
     key = features(1, 8, 9, 13, seed=4, device=backend.device)
     match = sw.patch_match(key, key, padding=padding, backend=backend.name)
-    n_w = grid(13, 3, 1, padding)
+    n_w = oracle.grid(13, 3, 1, padding)
     ii, jj = torch.meshgrid(torch.arange(match.index.shape[1]), torch.arange(n_w), indexing="ij")
     assert torch.equal(match.index[0].cpu(), ii * n_w + jj)
     out = sw.feature_swap(key, match.index, padding=padding, backend=backend.name)
@@ -148,8 +143,8 @@ def test_real_features_all_levels(backend, real_features):
         out_size = (query.shape[-2] * scale, query.shape[-1] * scale)
         out = sw.feature_swap(values, index, scale=scale, out_size=out_size, backend=backend.name)
         assert out.shape == (1, values[0].shape[1], *out_size)
-        oracle = _oracle(values, index, scale=scale, out_size=out_size)
-        torch.testing.assert_close(out.double().cpu(), oracle.cpu(), atol=1e-5, rtol=1e-6)
+        want = oracle.feature_swap(values, index, scale=scale, out_size=out_size)
+        torch.testing.assert_close(out.double().cpu(), want, atol=1e-5, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +201,8 @@ def test_double_backward_is_the_swap(backend):
     grad_values, = torch.autograd.grad(out, values, grad_out, create_graph=True)
     w = features(*values.shape, seed=6, dtype=torch.float64, device=dev)
     second, = torch.autograd.grad((grad_values * w).sum(), grad_out)
-    expected = sw.feature_swap(w, index, padding=1, scale=2, backend="torch")
-    torch.testing.assert_close(second, expected, atol=1e-12, rtol=0)
+    expected = oracle.feature_swap(w, index, padding=1, scale=2)
+    torch.testing.assert_close(second.cpu(), expected, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
@@ -223,8 +218,8 @@ def test_backward_is_the_adjoint(backend, reduce):
     lhs = (out * g).sum()
     rhs = sum((v * gv).sum() for v, gv in zip(values, grads, strict=True))
     torch.testing.assert_close(lhs, rhs, atol=1e-10, rtol=1e-12)
-    oracle = torch_backend.feature_swap_backward(g.cpu(), index.cpu(), [14, 18, 10, 6], 3, 1, 1, 2, reduce)
-    for gv, go in zip(grads, oracle, strict=True):
+    want = oracle.feature_swap_grads(values, index, g, padding=1, scale=2, reduce=reduce)
+    for gv, go in zip(grads, want, strict=True):
         torch.testing.assert_close(gv.cpu(), go, atol=1e-12, rtol=0)
 
 
@@ -252,8 +247,7 @@ def test_backward_is_deterministic(backend, reduce):
             torch.set_num_threads(threads)
         for a, b in zip(first, single, strict=True):
             assert torch.equal(a, b)
-    ref = torch_backend.feature_swap_backward(g.double().cpu(), index.cpu(), [24, 20, 12, 16], 3, 1, 1, 2,
-                                              reduce)
+    ref = oracle.feature_swap_grads(values, index, g, padding=1, scale=2, reduce=reduce)
     for a, r in zip(first, ref, strict=True):
         torch.testing.assert_close(a.double().cpu(), r, atol=1e-4, rtol=1e-5)
 
@@ -293,4 +287,5 @@ def test_hypothesis_shapes(backend, problem):
             sw.feature_swap(values, index, backend=backend.name, **kw)
         kw["out_size"] = (q_grid[0] * stride * scale, q_grid[1] * stride * scale)
     out = sw.feature_swap(values, index, backend=backend.name, **kw)
-    torch.testing.assert_close(out.double().cpu(), _oracle(values, index, **kw).cpu(), atol=1e-5, rtol=1e-6)
+    want = oracle.feature_swap(values, index, **kw)
+    torch.testing.assert_close(out.double().cpu(), want, atol=1e-5, rtol=1e-6)

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import EPS, TOL, assert_match, exact_match, features, grid
+from conftest import features
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import EPS, TOL, assert_match, exact_match, first_copies, grid
 
 import srntt_core.swap as sw
 
@@ -207,9 +208,7 @@ def test_duplicate_key_patches_smallest_index_wins(backend, dtype, stride, paddi
     query = query.to(dev)
     result = sw.patch_match(query, [key, key], stride=stride, padding=padding, backend=backend.name)
     assert_match(result, exact_match(query, [key, key], 3, stride, padding))
-    unfold = torch.nn.functional.unfold
-    desc = torch.cat([unfold(key.cpu(), 3, padding=padding, stride=stride)] * 2, dim=2)[0].T
-    first_copy = (desc[:, None, :] == desc[None, :, :]).all(-1).float().argmax(1)
+    first_copy = first_copies([key, key], 3, stride, padding)[0]
     index = result.index.cpu()
     later = first_copy[index] != index
     assert not later.any(), (

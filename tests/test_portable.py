@@ -38,7 +38,8 @@ def test_capability_is_reported():
 BASELINE_CHECK = textwrap.dedent("""
     import torch
     import srntt_core.swap as sw
-    from conftest import assert_match, exact_match, features, naive_feature_swap, random_index
+    from conftest import features, random_index
+    from oracle import assert_match, exact_match, feature_swap, feature_swap_grads
 
     print("capability", torch.ops.srntt._cpu_capability())
     for dtype, stride, padding in [(torch.float32, 1, 0), (torch.float32, 1, 1), (torch.float32, 2, 1),
@@ -53,13 +54,11 @@ BASELINE_CHECK = textwrap.dedent("""
         values = [features(2, 16, 11 * scale, 9 * scale, seed=4, dtype=dtype).requires_grad_()]
         index = random_index(values, (10, 12), scale=scale, seed=5)
         out = sw.feature_swap(values, index, scale=scale, backend="cpu")
-        want = naive_feature_swap(values, index, scale=scale)
+        want = feature_swap(values, index, scale=scale)
         torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
         grad = torch.rand_like(out)
         (got,) = torch.autograd.grad(out, values, grad)
-        oracle = [v.detach().double().requires_grad_() for v in values]
-        (exact,) = torch.autograd.grad(sw.feature_swap(oracle, index, scale=scale, backend="torch"),
-                                       oracle, grad.double())
+        (exact,) = feature_swap_grads(values, index, grad, scale=scale)
         torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)
     print("baseline ok")
 """)

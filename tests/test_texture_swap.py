@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_match, exact_match, grid
+from oracle import assert_match, exact_match, grid
 
 import srntt_core.swap as sw
 

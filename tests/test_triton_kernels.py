@@ -1,8 +1,10 @@
-"""Low-level tests of the Triton kernels (kernels/, ops srntt::_*_triton) against float64 references.
+"""The Triton kernels (kernels/, ops srntt::_*_triton) beyond what every backend is checked for in
+tests/test_conformance.py: launch devices, TF32 immunity of the norms, registration (opcheck), the
+exact-fp32 switch.
 
 They run on a CUDA device when there is one, otherwise on the CPU under the Triton interpreter
 (TRITON_INTERPRET=1, set by conftest before anything imports `srntt_core._triton`). The interpreter is slow,
-so every shape here is tiny; odd sizes still straddle the tiles (16-64 wide under the interpreter).
+so every shape here is tiny.
 """
 
 import os
@@ -21,6 +23,8 @@ if not INTERPRET and not torch.cuda.is_available():
         allow_module_level=True,
     )
 
+import oracle  # noqa: E402
+
 from srntt_core import _triton as kernels  # noqa: E402
 
 if not kernels.AVAILABLE:
@@ -28,239 +32,9 @@ if not kernels.AVAILABLE:
 
 # NB: with TRITON_INTERPRET=1 the kernels run on host memory, so the tensors stay on the CPU.
 DEVICE = "cpu" if INTERPRET else "cuda"
-EPS = 1e-12
-# docs/CONTRACT.md §4: the chosen key's exact score must be within tol of the exact maximum.
-PRECISION_TOL = {"highest": 1e-5, "high": 1e-3, "medium": 2e-3}
-
-
-def grid(size, patch_size, stride, padding):
-    return (size + 2 * padding - patch_size) // stride + 1
-
-
 def rand(*shape, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).clamp_min(-0.3).to(dtype).to(DEVICE)
-
-
-# ---------------------------------------------------------------------------------------------
-# float64 references
-
-
-def similarity_ref(query, keys, patch_size, stride, padding):
-    """Dense (B, Nq, Nk) float64 cosine similarities over the concatenated key grids (tiny sizes)."""
-
-    def unit(x):
-        d = F.unfold(x.detach().double().cpu(), patch_size, padding=padding, stride=stride)
-        return d / d.norm(dim=1, keepdim=True).clamp_min(EPS)
-
-    return torch.bmm(unit(query).transpose(1, 2), torch.cat([unit(k) for k in keys], dim=2))
-
-
-def check_match(index, score, sim, tol):
-    """docs/CONTRACT.md §4 against the dense float64 similarities: exact index where the top-2 margin > tol,
-    chosen key within tol of the max, and the returned score is the chosen key's score."""
-    b = index.shape[0]
-    index, score = index.cpu().reshape(b, -1), score.cpu().reshape(b, -1).double()
-    assert index.dtype == torch.int64
-    assert index.min().item() >= 0 and index.max().item() < sim.shape[2]
-    best = sim.max(dim=2)
-    chosen = sim.gather(2, index[..., None])[..., 0]
-    if sim.shape[2] > 1:
-        top2 = sim.topk(2, dim=2).values
-        sure = top2[..., 0] - top2[..., 1] > tol
-        assert torch.equal(index[sure], best.indices[sure])
-    assert (best.values - chosen).max().item() <= tol
-    # Every precision re-scores its answer in fp32 (or float64), so the score is that of the key.
-    torch.testing.assert_close(score, chosen, atol=1e-5, rtol=0)
-
-
-def feature_swap_ref(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce):
-    """docs/CONTRACT.md §3 with unfold / gather / fold in float64; differentiable w.r.t. values."""
-    win, step, pad = patch_size * scale, stride * scale, padding * scale
-    b = index.shape[0]
-    gqh, gqw = index.shape[1:]
-    windows = []
-    for v in values:
-        gkh = grid(v.shape[2] // scale, patch_size, stride, padding)
-        gkw = grid(v.shape[3] // scale, patch_size, stride, padding)
-        lh, lw = grid(v.shape[2], win, step, pad), grid(v.shape[3], win, step, pad)
-        cols = F.unfold(v.double(), win, padding=pad, stride=step).view(b, -1, lh, lw)
-        windows.append(cols[:, :, :gkh, :gkw].reshape(b, cols.shape[1], gkh * gkw))
-    windows = torch.cat(windows, dim=2)
-    picked = windows.gather(2, index.cpu().reshape(b, 1, -1).expand(-1, windows.shape[1], -1))
-    # Unpadded canvas: canvas row y is output row y - pad; then cropped / zero-extended.
-    ch, cw = (gqh - 1) * step + win, (gqw - 1) * step + win
-    canvas = F.fold(picked, (ch, cw), win, stride=step)
-    count = F.fold(torch.ones_like(picked[:1, :1].expand(1, win * win, -1)), (ch, cw), win, stride=step)
-    out = canvas.new_zeros((b, canvas.shape[1], out_h, out_w))
-    cnt = canvas.new_zeros((1, 1, out_h, out_w))
-    h, w = min(ch - pad, out_h), min(cw - pad, out_w)
-    out[:, :, :h, :w] = canvas[:, :, pad : pad + h, pad : pad + w]
-    cnt[:, :, :h, :w] = count[:, :, pad : pad + h, pad : pad + w]
-    if reduce == "mean":
-        out = torch.where(cnt > 0, out / cnt.clamp_min(1), 0.0)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# patch_match
-
-# (batch, channels, query (H, W), key sizes, patch_size, stride, padding)
-MATCH_CASES = [
-    pytest.param(2, 5, (7, 9), [(8, 6), (5, 11)], 3, 1, 0, id="two-keys-valid"),
-    pytest.param(1, 3, (9, 8), [(7, 7)], 3, 2, 1, id="stride2-same"),
-    pytest.param(1, 20, (6, 5), [(5, 6), (3, 3)], 3, 1, 1, id="c20-same-tiny-key"),
-    pytest.param(1, 4, (5, 4), [(6, 3)], 1, 1, 0, id="patch1"),
-]
-
-
-@pytest.mark.parametrize("b, c, q_size, k_sizes, patch_size, stride, padding", MATCH_CASES)
-def test_patch_match_highest(b, c, q_size, k_sizes, patch_size, stride, padding):
-    query = rand(b, c, *q_size, seed=1)
-    keys = [rand(b, c, *hw, seed=2 + i) for i, hw in enumerate(k_sizes)]
-    index, score = kernels.patch_match(query, keys, patch_size, stride, padding, "highest")
-    gq = (grid(q_size[0], patch_size, stride, padding), grid(q_size[1], patch_size, stride, padding))
-    assert index.shape == score.shape == (b, *gq)
-    assert score.dtype == torch.float32 and index.device == query.device
-    check_match(index, score, similarity_ref(query, keys, patch_size, stride, padding), 1e-5)
-
-
-@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
-def test_patch_match_precision_contract(precision):
-    """Near-ties: the query is made of key patches plus small noise, so many keys lie within the
-    tensor-core error of the best and the fp32 re-scoring has to pick the right one; a second key,
-    a slightly perturbed copy of the first, doubles every near-tie."""
-    key = rand(1, 6, 8, 9, seed=3)
-    query = key[:, :, 1:7, 2:9] + 1e-3 * rand(1, 6, 6, 7, seed=4)
-    keys = [key, key + 2e-3 * rand(1, 6, 8, 9, seed=8)]
-    index, score = kernels.patch_match(query, keys, 3, 1, 1, precision)
-    check_match(index, score, similarity_ref(query, keys, 3, 1, 1), PRECISION_TOL[precision])
-
-
-@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
-def test_patch_match_ties_smallest_index(precision):
-    """Exact ties: every patch of two constant keys (1s, then 2s) has the same direction, and with
-    integer queries their scores are bitwise equal in any arithmetic (2d * 1/(2n) == d * 1/n), so
-    every query picks the first patch of the 1s key; a random key before them (two key tiles under
-    the interpreter) scores lower. An all-zero query (batch item 1) scores 0 everywhere: index 0.
-    Under high/medium every constant-key patch is a candidate: the list overflows and the fp32
-    fallback scan runs, pruning the random key's tiles."""
-    g = torch.Generator().manual_seed(5)
-    query = torch.randint(2, 5, (2, 3, 5, 6), generator=g).float()
-    query[1] = 0
-    keys = [rand(2, 3, 10, 12, seed=6).cpu(), torch.ones(2, 3, 6, 7), torch.full((2, 3, 4, 4), 2.0)]
-    query, keys = query.to(DEVICE), [k.to(DEVICE) for k in keys]
-    index, score = kernels.patch_match(query, keys, 3, 1, 0, precision)
-    sim = similarity_ref(query, keys, 3, 1, 0)
-    first_tied = 8 * 10
-    # The construction holds (the dense float64 reference itself rounds ties differently by column).
-    assert (sim[0].max(dim=1).values - sim[0, :, first_tied]).max().item() < 1e-12
-    assert (index[0] == first_tied).all() and (index[1] == 0).all()
-    assert (score[1] == 0).all()
-    torch.testing.assert_close(score.cpu().flatten(1).double(), sim.max(dim=2).values, atol=1e-6, rtol=0)
-
-
-def test_patch_match_float64():
-    query = rand(1, 4, 6, 7, seed=6, dtype=torch.float64)
-    keys = [rand(1, 4, 5, 8, seed=7, dtype=torch.float64)]
-    index, score = kernels.patch_match(query, keys, 3, 2, 1, "medium")  # float64 ignores precision
-    assert score.dtype == torch.float64
-    sim = similarity_ref(query, keys, 3, 2, 1)
-    assert torch.equal(index.cpu().flatten(1), sim.max(dim=2).indices)
-    torch.testing.assert_close(score.cpu().flatten(1), sim.max(dim=2).values, atol=1e-12, rtol=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# feature_swap
-
-# (batch, value channels, query grid, value sizes, patch_size, stride, padding, scale, out size)
-SWAP_CASES = [
-    pytest.param(2, 3, (4, 5), [(6, 5), (5, 7)], 3, 1, 0, 1, (6, 7), id="two-values-valid"),
-    pytest.param(1, 5, (3, 3), [(11, 13)], 3, 2, 1, 2, (11, 10), id="stride2-same-x2-odd-sizes"),
-    pytest.param(1, 2, (3, 2), [(8, 8)], 3, 1, 1, 4, (12, 8), id="same-x4"),
-]
-
-
-@pytest.mark.parametrize("reduce", ["sum", "mean"])
-@pytest.mark.parametrize("b, cv, q_grid, v_sizes, patch_size, stride, padding, scale, out_size", SWAP_CASES)
-def test_feature_swap_forward_backward(
-    b, cv, q_grid, v_sizes, patch_size, stride, padding, scale, out_size, reduce
-):
-    values = [rand(b, cv, *hw, seed=10 + i) for i, hw in enumerate(v_sizes)]
-    n_keys = sum(
-        grid(h // scale, patch_size, stride, padding) * grid(w // scale, patch_size, stride, padding)
-        for h, w in v_sizes
-    )
-    g = torch.Generator().manual_seed(11)
-    index = torch.randint(0, n_keys, (b, *q_grid), generator=g).to(DEVICE)
-    args = (patch_size, stride, padding, scale)
-
-    out = kernels.feature_swap(values, index, *args, *out_size, reduce)
-    leaves = [v.detach().cpu().double().requires_grad_() for v in values]
-    expected = feature_swap_ref(leaves, index, *args, *out_size, reduce)
-    assert out.shape == expected.shape and out.dtype == values[0].dtype
-    torch.testing.assert_close(out.cpu().double(), expected, atol=1e-5, rtol=1e-5)
-
-    grad_out = rand(*expected.shape, seed=12)
-    sizes = [s for hw in v_sizes for s in hw]
-    grads = kernels.feature_swap_backward(grad_out, index, sizes, *args, reduce)
-    expected_grads = torch.autograd.grad(expected, leaves, grad_out.cpu().double())
-    for got, want in zip(grads, expected_grads, strict=True):
-        assert got.shape == want.shape and got.dtype == grad_out.dtype
-        torch.testing.assert_close(got.cpu().double(), want, atol=1e-5, rtol=1e-5)
-
-
-def test_feature_swap_backward_deterministic():
-    """Many query cells matched to few key cells (heavy fan-in): bitwise equal across runs."""
-    g = torch.Generator().manual_seed(14)
-    index = torch.randint(0, 3, (1, 4, 4), generator=g).to(DEVICE)
-    grad_out = rand(1, 2, 6, 6, seed=15)
-    first = kernels.feature_swap_backward(grad_out, index, [5, 5], 3, 1, 0, 1, "mean")
-    again = kernels.feature_swap_backward(grad_out, index, [5, 5], 3, 1, 0, 1, "mean")
-    assert torch.equal(first[0], again[0])
-
-
-def test_feature_swap_float64():
-    values = [rand(1, 2, 5, 6, seed=16, dtype=torch.float64)]
-    index = torch.tensor([[[0, 5], [3, 2]]], device=DEVICE)
-    out = kernels.feature_swap(values, index, 3, 1, 0, 1, 4, 4, "mean")
-    assert out.dtype == torch.float64
-    expected = feature_swap_ref([values[0].cpu()], index, 3, 1, 0, 1, 4, 4, "mean")
-    torch.testing.assert_close(out.cpu(), expected, atol=1e-12, rtol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_feature_swap_half_sums_in_float32(dtype):
-    """float16/bfloat16 are summed in float32 and rounded once (as on the CPU): equal to the float32
-    swap rounded, even with two value maps (accumulated between launches) and 9-window sums."""
-    values = [(rand(1, 3, 7, 8, seed=21 + i) * 40).to(dtype) for i in range(2)]
-    g = torch.Generator().manual_seed(23)
-    index = torch.randint(0, 2 * 30, (1, 5, 6), generator=g).to(DEVICE)
-    for reduce in ("sum", "mean"):
-        out = kernels.feature_swap(values, index, 3, 1, 0, 1, 7, 8, reduce)
-        wide = kernels.feature_swap([v.float() for v in values], index, 3, 1, 0, 1, 7, 8, reduce)
-        assert out.dtype == dtype
-        torch.testing.assert_close(out, wide.to(dtype), atol=0, rtol=0)
-        grad_out = (rand(1, 3, 7, 8, seed=24) * 40).to(dtype)
-        grads = kernels.feature_swap_backward(grad_out, index, [7, 8, 7, 8], 3, 1, 0, 1, reduce)
-        wide = kernels.feature_swap_backward(grad_out.float(), index, [7, 8, 7, 8], 3, 1, 0, 1, reduce)
-        # NB: the interpreter truncates float32 -> bfloat16 in kernel stores (a GPU rounds to nearest).
-        ulp = 2.0**-7 if INTERPRET and dtype == torch.bfloat16 else 0.0
-        for got, want in zip(grads, wide, strict=True):
-            assert got.dtype == dtype
-            torch.testing.assert_close(got, want.to(dtype), atol=0, rtol=ulp)
-
-
-def test_feature_swap_mean_is_correctly_rounded():
-    """The mean divides with round-to-nearest: the float32 rounding of the float64 quotient of the
-    float32 sum (an approximate division, as '/' compiles to on a GPU, is off by an ulp here and there)."""
-    values = [rand(1, 4, 9, 9, seed=25) * 3 + 1]
-    g = torch.Generator().manual_seed(26)
-    index = torch.randint(0, 49, (1, 7, 7), generator=g).to(DEVICE)
-    total = kernels.feature_swap(values, index, 3, 1, 0, 1, 9, 9, "sum")
-    mean = kernels.feature_swap(values, index, 3, 1, 0, 1, 9, 9, "mean")
-    count = kernels.feature_swap([torch.ones_like(values[0])], index, 3, 1, 0, 1, 9, 9, "sum")
-    assert torch.equal(mean, (total.double() / count.double()).float())
 
 
 def test_launch_device_is_the_tensors_device():
@@ -333,8 +107,8 @@ def test_patch_match_exact_fp32_switch(monkeypatch):
     module = importlib.import_module("srntt_core._triton.patch_match")
     key = rand(1, 6, 8, 9, seed=3)
     query = key[:, :, 1:7, 2:9] + 1e-3 * rand(1, 6, 6, 7, seed=4)
-    sim = similarity_ref(query, [key], 3, 1, 1)
+    exact_match = oracle.exact_match(query, [key], 3, 1, 1)
     for exact in (False, True):
         monkeypatch.setattr(module, "EXACT_FP32", exact)
-        index, score = kernels.patch_match(query, [key], 3, 1, 1, "highest")
-        check_match(index, score, sim, PRECISION_TOL["highest"])
+        result = kernels.patch_match(query, [key], 3, 1, 1, "highest")
+        oracle.assert_match(result, exact_match, oracle.TOL, score_tol=oracle.TOL)
