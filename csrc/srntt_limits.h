@@ -22,6 +22,7 @@ constexpr int64_t kSideMax = int64_t(1) << 16;
 constexpr int64_t kCellsMax = int64_t(1) << 25;
 constexpr int64_t kDescriptorMax = int64_t(1) << 18;
 constexpr int64_t kElementsMax = (int64_t(1) << 31) - 1;
+constexpr int64_t kTopKMax = 64;
 
 inline void check_bound(const char* op, const char* name, int64_t value, int64_t lo, int64_t hi) {
   TORCH_CHECK_VALUE(value >= lo && value <= hi, op, ": ", name, " must be in [", lo, ", ", hi,
