@@ -30,6 +30,13 @@ class Backend:
     def patch_match(self, query, keys, patch_size, stride, padding, precision):
         raise NotImplementedError
 
+    def patch_match_topk(self, query, keys, patch_size, stride, padding, precision, k):
+        raise NotImplementedError
+
+    def topk_not_supported_reasons(self, device: torch.device) -> list[str]:
+        """Why :meth:`patch_match_topk` cannot run on ``device`` (on top of the general reasons)."""
+        return []
+
     def feature_swap(self, values, index, patch_size, stride, padding, scale, out_h, out_w, reduce):
         raise NotImplementedError
 
@@ -48,6 +55,9 @@ class TorchBackend(Backend):
     def patch_match(self, *args):
         return torch_backend.patch_match(*args)
 
+    def patch_match_topk(self, *args):
+        return torch_backend.patch_match_topk(*args)
+
     def feature_swap(self, *args):
         return torch_backend.feature_swap(*args)
 
@@ -63,6 +73,7 @@ class FusedBackend(Backend):
         # NB: asked once: the registry does not change while a process runs, and torch.compile
         # can then trace resolve() (it cannot trace the registry query, which returns a bool).
         self.has_kernels = extension.has_kernel("_patch_match_fused", dispatch_key)
+        self.has_topk_kernels = extension.has_kernel("_patch_match_topk_fused", dispatch_key)
 
     def not_supported_reasons(self, device):
         reasons = []
@@ -82,6 +93,14 @@ class FusedBackend(Backend):
 
     def patch_match(self, *args):
         return tuple(torch.ops.srntt._patch_match_fused(*args))
+
+    def patch_match_topk(self, *args):
+        return tuple(torch.ops.srntt._patch_match_topk_fused(*args))
+
+    def topk_not_supported_reasons(self, device):
+        if self.has_kernels and not self.has_topk_kernels:
+            return [f"extension has no {self.dispatch_key} kernel of top-k matching"]
+        return []
 
     def feature_swap(self, *args):
         return torch.ops.srntt._feature_swap_fused(*args)
@@ -111,6 +130,16 @@ class TritonBackend(Backend):
     def patch_match(self, *args):
         return tuple(self._kernels().patch_match(*args))
 
+    def patch_match_topk(self, *args):
+        return tuple(self._kernels().patch_match_topk(*args))
+
+    def topk_not_supported_reasons(self, device):
+        try:
+            k = self._kernels()
+        except Exception:
+            return []  # not_supported_reasons says why
+        return [] if hasattr(k, "patch_match_topk") else ["no Triton kernel of top-k matching"]
+
     def feature_swap(self, *args):
         return self._kernels().feature_swap(*args)
 
@@ -131,11 +160,18 @@ def get(name: str) -> Backend:
     return _REGISTRY[name]
 
 
-def backend_report(device: torch.device) -> list[str]:
-    """``name: ok`` or ``name: <reasons>`` for every backend on ``device``."""
+def _reasons(name: str, device: torch.device, topk: bool) -> list[str]:
+    backend = _REGISTRY[name]
+    reasons = backend.not_supported_reasons(device)
+    return reasons + backend.topk_not_supported_reasons(device) if topk else reasons
+
+
+def backend_report(device: torch.device, topk: bool = False) -> list[str]:
+    """``name: ok`` or ``name: <reasons>`` for every backend on ``device`` (for top-k matching
+    with ``topk``)."""
     out = []
     for name in BACKENDS:
-        reasons = _REGISTRY[name].not_supported_reasons(device)
+        reasons = _reasons(name, device, topk)
         out.append(f"{name}: {'ok' if not reasons else ', '.join(reasons)}")
     return out
 
@@ -146,8 +182,9 @@ def available(device: torch.device | str) -> list[str]:
     return [n for n in BACKENDS if not _REGISTRY[n].not_supported_reasons(device)]
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """A concrete backend name for ``backend`` ("auto" or a name) on ``device``."""
+def resolve(backend: str, device: torch.device, topk: bool = False) -> str:
+    """A concrete backend name for ``backend`` ("auto" or a name) on ``device`` (one that has
+    top-k matching with ``topk``)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
     if backend == "auto":
@@ -157,12 +194,12 @@ def resolve(backend: str, device: torch.device) -> str:
                 f"SRNTT_BACKEND: unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
     if backend == "auto":
         for name in PRIORITY.get(device.type, ("triton", "torch")):
-            if not _REGISTRY[name].not_supported_reasons(device):
+            if not _reasons(name, device, topk):
                 return name
     elif backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
-    elif not _REGISTRY[backend].not_supported_reasons(device):
+    elif not _reasons(backend, device, topk):
         return backend
     raise BackendUnavailableError(
-        f"backend={backend!r} cannot run on {device}:\n  " + "\n  ".join(backend_report(device))
+        f"backend={backend!r} cannot run on {device}:\n  " + "\n  ".join(backend_report(device, topk))
     )
