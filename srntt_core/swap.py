@@ -115,7 +115,7 @@ def patch_match(
         precision: "highest" (fp32), "high" (TF32 allowed), "medium" (bf16 allowed); the chosen key's
             exact score is within 1e-5 / 1e-3 / 2e-3 of the exact maximum.
         k: None for the best key; an int in [1, 64] (at most the number of key patches) for the
-            ``k`` best, best first (docs/CONTRACT.md, "Top-k").
+            ``k`` best, best first (docs/CONTRACT.md §2a).
 
     Returns:
         ``PatchMatch(index, score)``, each (B, Gq_h, Gq_w). ``index`` (int64) is the flat row-major
@@ -249,7 +249,7 @@ def feature_swap(
             ``softmax(score / temperature)`` over K of a ``score`` tensor of that shape (the scores
             of the top-k match). Each query window is then the weighted sum of its K matched windows:
             the result is exactly the sum over j of the swaps of ``index[..., j]`` whose windows are
-            scaled by ``weights[..., j]`` (docs/CONTRACT.md, "Top-k"), computed with torch ops on
+            scaled by ``weights[..., j]`` (docs/CONTRACT.md §2a), computed with torch ops on
             any backend, differentiable with respect to ``values`` and the weights (or ``score``).
 
     Returns:

@@ -1,5 +1,5 @@
 """Exact top-k matching (``patch_match(..., k=K)``), K-way blending (``feature_swap`` with weights)
-and DATSR's ``topk_feature_match_index`` (docs/CONTRACT.md, "Top-k").
+and DATSR's ``topk_feature_match_index`` (docs/CONTRACT.md §2a).
 
 The oracle is the dense float64 similarity (conftest.dense_similarity): the j-th returned key's
 exact score is within TOL of the exact j-th best, and where the exact j-th best is more than TOL

@@ -1,11 +1,11 @@
 // CPU kernels of srntt::_patch_match_fused and srntt::_patch_match_topk_fused (semantics:
-// docs/DESIGN.md, "patch_match semantics"; top-k: docs/CONTRACT.md, "Top-k").
+// docs/DESIGN.md, "patch_match semantics"; top-k: docs/CONTRACT.md §2a).
 //
 // Two algorithms, both exact cosine-similarity search in O(N_query * K + N_key) extra memory,
 // each query patch keeping its best K (+ 1) pairs (topk_cpu.h):
 //  * blocked (any patch size / stride / padding, float32 and float64): im2col tiles of query
-//    and key patches, one register-blocked GEMM per tile pair (gemm_tile_cpu.h), running
-//    max/argmax per query patch.
+//    and key patches, one register-blocked GEMM per tile pair (gemm_tile_cpu.h), the running
+//    best pairs per query patch updated from each score tile.
 //  * overlap (float32, stride 1, any patch size / padding): pixel-level dot products summed over
 //    the patch offsets, ~p^2 times fewer flops; see patch_match_overlap_cpu.cpp. float64 stays
 //    on the blocked path (the speed target is float32; float64 is the checking dtype).

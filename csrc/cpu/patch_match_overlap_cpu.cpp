@@ -23,9 +23,10 @@
 // exactly and ties go to the smallest index (the update is a lexicographic (score, -index) max
 // because diagonals do not visit keys in index order).
 //
-// Each query patch keeps its `kk` best pairs (topk_cpu.h). The candidates of 8 query patches are
-// tested against their lists' last slots at once; only a candidate that enters a list, rare once
-// the lists fill, takes the scalar insertion.
+// Each query patch keeps its `kk` best pairs (topk_cpu.h). For k = 1 (kk = 2: the best and the
+// runner-up) 8 query patches are updated at once without branches; for larger lists the
+// candidates of 8 query patches are tested against the lists' last slots at once, and only a
+// candidate that enters a list, rare once the lists fill, takes the scalar insertion.
 #include "cpu/patch_match_overlap_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -181,17 +182,42 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
             for (int64_t v = 0; v < x_vecs; ++v) {
               float* bvp = best_v.data() + (qy - qa) * kk * ldx + v * V;
               int32_t* bip = best_i.data() + (qy - qa) * kk * ldx + v * V;
+              const auto candidate = [&](int64_t kx) {
+                vf s = vload(ring.data() + (qy % p) * max_gkw * ldx + kx * ldx + v * V);
+                for (int64_t dy = 1; dy < p; ++dy) {
+                  s += vload(ring.data() + ((qy + dy) % p) * max_gkw * ldx + kx * ldx + v * V);
+                }
+                return s * vset1(row_inv[kx]);
+              };
+              if (kk == 2) {
+                // The best and the runner-up (k = 1) stay in registers, updated without branches.
+                vf b0 = vload(bvp), b1 = vload(bvp + ldx);
+                vi i0, i1;
+                std::memcpy(&i0, bip, sizeof(i0));
+                std::memcpy(&i1, bip + ldx, sizeof(i1));
+                for (int64_t kx = 0; kx < gkw; ++kx) {
+                  const vf val = candidate(kx);
+                  const vi id = vi{} + int32_t(idx0 + kx);
+                  const vi above0 = (val > b0) | ((val == b0) & (id < i0));
+                  const vi above1 = (val > b1) | ((val == b1) & (id < i1));
+                  b1 = above0 ? b0 : (above1 ? val : b1);
+                  i1 = above0 ? i0 : (above1 ? id : i1);
+                  b0 = above0 ? val : b0;
+                  i0 = above0 ? id : i0;
+                }
+                vstore(bvp, b0);
+                vstore(bvp + ldx, b1);
+                std::memcpy(bip, &i0, sizeof(i0));
+                std::memcpy(bip + ldx, &i1, sizeof(i1));
+                continue;
+              }
               const float* last_v = bvp + (kk - 1) * ldx;
               const int32_t* last_i = bip + (kk - 1) * ldx;
               vf lv = vload(last_v);
               vi li;
               std::memcpy(&li, last_i, sizeof(li));
               for (int64_t kx = 0; kx < gkw; ++kx) {
-                vf s = vload(ring.data() + (qy % p) * max_gkw * ldx + kx * ldx + v * V);
-                for (int64_t dy = 1; dy < p; ++dy) {
-                  s += vload(ring.data() + ((qy + dy) % p) * max_gkw * ldx + kx * ldx + v * V);
-                }
-                const vf val = s * vset1(row_inv[kx]);
+                const vf val = candidate(kx);
                 const int32_t id = int32_t(idx0 + kx);
                 const vi enters = (val > lv) | ((val == lv) & (vi{} + id < li));
                 if (!any_lane(enters)) continue;

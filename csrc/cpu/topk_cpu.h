@@ -11,7 +11,7 @@
 namespace srntt {
 
 // Below float64, candidates whose float32 values lie within kNearUlps rounding steps of |q| of
-// each other are re-scored in float64 (the torch backend's NEAR_ULPS, docs/CONTRACT.md §2).
+// each other are re-scored in float64 (the torch backend's NEAR_ULPS, docs/CONTRACT.md §2, §2a).
 constexpr double kNearUlps = 64;
 
 template <typename T, typename I>

@@ -265,7 +265,7 @@ torch.library.define(
 def _patch_match_topk_impl(query: Tensor, keys: list[Tensor], patch_size: int, stride: int, padding: int,
                            k: int, backend: str, precision: str) -> tuple[Tensor, Tensor]:
     """Cosine scores and indices (B, Gq_h, Gq_w, k) of the ``k`` best key patches per query patch,
-    best first (docs/CONTRACT.md, "Top-k"); score first, as srntt::patch_match."""
+    best first (docs/CONTRACT.md §2a); score first, as srntt::patch_match."""
     _check_patch_match(query, keys, patch_size, stride, padding, backend, precision, k)
     check_finite(["query", *key_names(len(keys))], [query, *keys])
     index, score = dispatch.get(backend).patch_match_topk(query, keys, patch_size, stride, padding,

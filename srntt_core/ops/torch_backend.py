@@ -234,7 +234,7 @@ def _topk_scan(q, keys, patch_size, stride, padding, kk, b_index=None):
 
 
 def patch_match_topk(query, keys, patch_size, stride, padding, precision="highest", k=1):
-    """Exact top-k patch matching (docs/CONTRACT.md, "Top-k"): the ``k`` keys with the largest
+    """Exact top-k patch matching (docs/CONTRACT.md §2a): the ``k`` keys with the largest
     cosine per query patch, best first, ties to the smallest index; (B, Gq_h, Gq_w, k) each.
 
     Below float64 the scan keeps k + 1 candidates; a query whose k + 1 values come within
@@ -354,7 +354,7 @@ def feature_swap(values, index, patch_size, stride, padding, scale, out_h, out_w
     """Feature swapping (docs/CONTRACT.md §3) by one gather and one strided add per window offset.
 
     With ``weights``, ``index`` and ``weights`` are (B, Gq_h, Gq_w, K): each query window is the
-    weighted sum of its K matched windows (docs/CONTRACT.md, "Top-k"), in differentiable torch ops.
+    weighted sum of its K matched windows (docs/CONTRACT.md §2a), in differentiable torch ops.
     NB: for a fixed offset (dy, dx) inside the window, distinct query cells write distinct output
     pixels, so the strided ``+=`` never collides and the result is deterministic.
     """
