@@ -36,8 +36,6 @@
 namespace srntt {
 namespace {
 
-constexpr double kEps = 1e-12;
-
 // Rows [start, start + count) of the (grid_h * grid_w) x (C * p * p) patch matrix of one map.
 template <typename scalar_t>
 void im2col_rows(const scalar_t* x, int64_t C, int64_t H, int64_t W, int64_t p, int64_t stride,
@@ -216,12 +214,12 @@ bool search_overlap(const at::Tensor& q, const std::vector<at::Tensor>& keys,
 // Query cells whose K + 1 float32 values hold a near tie (see the top of this file); zero query
 // patches score 0 against every key, an exact tie already.
 template <typename scalar_t>
-std::vector<int64_t> near_ties(const std::vector<scalar_t>& vals, const std::vector<double>& q_norms,
-                               int64_t k, int64_t kk) {
+std::vector<int64_t> near_ties(const std::vector<scalar_t>& vals,
+                               const std::vector<double>& q_norms, int64_t k, int64_t kk) {
   std::vector<int64_t> cells;
   if (kk == k) return cells;
   for (int64_t cell = 0; cell < int64_t(q_norms.size()); ++cell) {
-    if (q_norms[cell] <= kEps) continue;
+    if (q_norms[cell] <= kNormEps) continue;
     const double near = q_norms[cell] * kNearUlps * std::numeric_limits<float>::epsilon();
     const scalar_t* v = vals.data() + cell * kk;
     for (int64_t s = 0; s < k; ++s) {
@@ -237,8 +235,8 @@ std::vector<int64_t> near_ties(const std::vector<scalar_t>& vals, const std::vec
 // Searches `cells` again in float64 and overwrites their results.
 void rescore_float64(const at::Tensor& q, const std::vector<at::Tensor>& keys,
                      const std::vector<KeyGrid>& grids, int64_t p, int64_t stride, int64_t padding,
-                     const std::vector<std::vector<double>>& key_norms, const std::vector<double>& q_norms,
-                     const std::vector<int64_t>& cells, int64_t nq, int64_t gqw, int64_t k,
+                     const std::vector<std::vector<double>>& key_norms,
+                     const std::vector<double>& q_norms, const std::vector<int64_t>& cells, int64_t nq, int64_t gqw, int64_t k,
                      int64_t* index_out, float* score_out) {
   const at::Tensor q64 = q.to(at::kDouble);
   std::vector<at::Tensor> keys64;
@@ -246,7 +244,7 @@ void rescore_float64(const at::Tensor& q, const std::vector<at::Tensor>& keys,
   for (size_t r = 0; r < keys.size(); ++r) {
     keys64.push_back(keys[r].to(at::kDouble));
     std::vector<double> inv(key_norms[r].size());
-    for (size_t i = 0; i < inv.size(); ++i) inv[i] = 1.0 / std::max(key_norms[r][i], kEps);
+    for (size_t i = 0; i < inv.size(); ++i) inv[i] = 1.0 / std::max(key_norms[r][i], kNormEps);
     inv64.push_back(std::move(inv));
   }
   std::vector<double> vals(cells.size() * k);
@@ -257,7 +255,7 @@ void rescore_float64(const at::Tensor& q, const std::vector<at::Tensor>& keys,
     const int64_t cell = cells[r];
     for (int64_t s = 0; s < k; ++s) {
       index_out[cell * k + s] = index[r * k + s];
-      score_out[cell * k + s] = float(vals[r * k + s] / std::max(q_norms[cell], kEps));
+      score_out[cell * k + s] = float(vals[r * k + s] / std::max(q_norms[cell], kNormEps));
     }
   }
 }
@@ -326,7 +324,9 @@ std::tuple<at::Tensor, at::Tensor> patch_match_topk_cpu(const at::Tensor& query,
       key_norms.push_back(patch_norms<scalar_t>(keys[r].data_ptr<scalar_t>(), B, C, grids[r].H,
                                                 grids[r].W, patch_size, stride, padding));
       std::vector<scalar_t> inv(key_norms[r].size());
-      for (size_t i = 0; i < inv.size(); ++i) inv[i] = scalar_t(1.0 / std::max(key_norms[r][i], kEps));
+      for (size_t i = 0; i < inv.size(); ++i) {
+        inv[i] = scalar_t(1.0 / std::max(key_norms[r][i], kNormEps));
+      }
       key_inv_norms.push_back(std::move(inv));
     }
     // One slot more than asked below float64: the gap to it tells a near tie at the K-th place.
@@ -349,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor> patch_match_topk_cpu(const at::Tensor& query,
         for (int64_t s = 0; s < k; ++s) {
           index_ptr[cell * k + s] = ids[cell * kk + s];
           score_ptr[cell * k + s] =
-              scalar_t(double(vals[cell * kk + s]) / std::max(q_norms[cell], kEps));
+              scalar_t(double(vals[cell * kk + s]) / std::max(q_norms[cell], kNormEps));
         }
       }
     });
