@@ -236,8 +236,8 @@ std::vector<int64_t> near_ties(const std::vector<scalar_t>& vals,
 void rescore_float64(const at::Tensor& q, const std::vector<at::Tensor>& keys,
                      const std::vector<KeyGrid>& grids, int64_t p, int64_t stride, int64_t padding,
                      const std::vector<std::vector<double>>& key_norms,
-                     const std::vector<double>& q_norms, const std::vector<int64_t>& cells, int64_t nq, int64_t gqw, int64_t k,
-                     int64_t* index_out, float* score_out) {
+                     const std::vector<double>& q_norms, const std::vector<int64_t>& cells,
+                     int64_t nq, int64_t gqw, int64_t k, int64_t* index_out, float* score_out) {
   const at::Tensor q64 = q.to(at::kDouble);
   std::vector<at::Tensor> keys64;
   std::vector<std::vector<double>> inv64;
