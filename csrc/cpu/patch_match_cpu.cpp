@@ -14,6 +14,12 @@
 // double, which is the cosine up to the query's constant factor and at most an ulp from dividing;
 // the returned score divides by max(|q|, eps) in double. Norms come from box sums of per-pixel
 // squared norms in double (patch_norms_cpu.h).
+//
+// Below float64 the search keeps K + 1 pairs. A query whose K + 1 float32 values come within
+// kNearUlps rounding steps of |q| of each other (a near tie that float32 rounding may have
+// ordered wrongly) is searched again in float64 (the blocked path on float64 copies of the maps),
+// so that near ties go to the true maximum and only exact ties to the smallest index. Only those
+// queries are searched again (0.1-0.2 % of them on CUFED5-size features).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
