@@ -16,6 +16,10 @@ TORCH_LIBRARY_FRAGMENT(srntt, m) {
   m.def(
       "_patch_match_fused(Tensor query, Tensor[] keys, int patch_size, int stride, int padding, "
       "str precision) -> (Tensor, Tensor)");
+  // The k best keys per query patch: index and score (B, Gq_h, Gq_w, k), best first.
+  m.def(
+      "_patch_match_topk_fused(Tensor query, Tensor[] keys, int patch_size, int stride, "
+      "int padding, str precision, int k) -> (Tensor, Tensor)");
   m.def(
       "_feature_swap_fused(Tensor[] values, Tensor index, int patch_size, int stride, int padding, "
       "int scale, int out_h, int out_w, str reduce) -> Tensor");

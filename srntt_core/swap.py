@@ -14,6 +14,8 @@ Semantics are docs/CONTRACT.md §1-3, §7 (see docs/DESIGN.md); every op runs on
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import dispatch, geometry, library
+from .ops import dispatch, geometry, library, torch_backend
 from .ops.dispatch import BackendUnavailableError, available
 from .ops.geometry import check_patch, check_scale, check_side
 from .ops.library import PRECISIONS, REDUCTIONS, PatchMatch
@@ -100,8 +102,9 @@ def patch_match(
     padding: int = 0,
     backend: str = "auto",
     precision: str = "highest",
+    k: int | None = None,
 ) -> PatchMatch:
-    """For every query patch, the key patch with the highest cosine similarity.
+    """For every query patch, the key patch with the highest cosine similarity (the ``k`` best).
 
     Args:
         query: (B, C, Hq, Wq) float features (e.g. relu3_1 of the bicubic-upsampled LR).
@@ -111,12 +114,16 @@ def patch_match(
         backend: "auto", "cpu", "cuda", "triton" or "torch".
         precision: "highest" (fp32), "high" (TF32 allowed), "medium" (bf16 allowed); the chosen key's
             exact score is within 1e-5 / 1e-3 / 2e-3 of the exact maximum.
+        k: None for the best key; an int in [1, 64] (at most the number of key patches) for the
+            ``k`` best, best first (docs/CONTRACT.md §2a).
 
     Returns:
         ``PatchMatch(index, score)``, each (B, Gq_h, Gq_w). ``index`` (int64) is the flat row-major
         position of the best key patch over the concatenated key grids (list order); ties go to the
         smallest index. ``score`` is its cosine similarity (float32; float64 for float64 inputs),
-        differentiable with respect to ``query`` and ``key``. Zero patches score 0.
+        differentiable with respect to ``query`` and ``key``. Zero patches score 0. With ``k``, each
+        is (B, Gq_h, Gq_w, k), sorted by score descending, ties by smallest index; the j-th is the
+        exact j-th best within the same tolerance.
 
     Memory: O(N_query + N_key) descriptors plus bounded tiles, never N_query x N_key.
     Raises ``ValueError``/``TypeError`` naming the argument on bad input, including NaN/Inf
@@ -125,25 +132,91 @@ def patch_match(
     """
     _check_map("query", query)
     keys, names = _as_list("key", key)
-    for name, k in zip(names, keys, strict=True):
-        _check_map(name, k)
+    for name, t in zip(names, keys, strict=True):
+        _check_map(name, t)
     patch_size, stride, padding = check_patch(patch_size, stride, padding)
     precision = _check_choice("precision", precision, PRECISIONS)
+    if k is not None:
+        k = geometry.check_int("k", k, 1, geometry.TOPK_MAX)
     _same_device("query", query, names, keys)
-    for name, k in zip(names, keys, strict=True):
-        if k.shape[0] != query.shape[0]:
-            raise ValueError(f"{name}: batch size {k.shape[0]} differs from query's {query.shape[0]}")
-        if k.shape[1] != query.shape[1]:
-            raise ValueError(f"{name}: has {k.shape[1]} channels, but query has {query.shape[1]}")
-        geometry.map_grid(name, k.shape[-2], k.shape[-1], patch_size, stride, padding)
+    for name, t in zip(names, keys, strict=True):
+        if t.shape[0] != query.shape[0]:
+            raise ValueError(f"{name}: batch size {t.shape[0]} differs from query's {query.shape[0]}")
+        if t.shape[1] != query.shape[1]:
+            raise ValueError(f"{name}: has {t.shape[1]} channels, but query has {query.shape[1]}")
+    key_cells = sum(math.prod(geometry.map_grid(name, t.shape[-2], t.shape[-1], patch_size, stride, padding))
+                    for name, t in zip(names, keys, strict=True))
     geometry.map_grid("query", query.shape[-2], query.shape[-1], patch_size, stride, padding)
+    if k is not None:
+        library.check_k(k, key_cells)
     dtype = _compute_dtype([query, *keys])
-    inputs = dispatch.patch_match_inputs(query, keys, patch_size, stride, padding, dtype)
+    inputs = dispatch.patch_match_inputs(query, keys, patch_size, stride, padding, dtype, k or 1)
     name = dispatch.resolve(backend, inputs)
-    return library.patch_match(
-        query.to(dtype).contiguous(), [k.to(dtype).contiguous() for k in keys],
-        patch_size, stride, padding, name, precision,
-    )
+    query, keys = query.to(dtype).contiguous(), [t.to(dtype).contiguous() for t in keys]
+    if k is None:
+        return library.patch_match(query, keys, patch_size, stride, padding, name, precision)
+    return library.patch_match_topk(query, keys, patch_size, stride, padding, k, name, precision)
+
+
+def _check_index(index, ref_name: str, ref: Tensor) -> Tensor:
+    if not isinstance(index, Tensor):
+        raise TypeError(f"index: expected a torch.Tensor, got {type(index).__name__}")
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"index: expected an integer (int64) tensor, got {index.dtype}")
+    if index.dim() not in (3, 4) or index.numel() == 0:
+        raise ValueError("index: expected a non-empty (B, Gq_h, Gq_w) or (B, Gq_h, Gq_w, K) tensor, "
+                         f"got shape {tuple(index.shape)}")
+    _same_device(ref_name, ref, ["index"], [index])
+    if index.shape[0] != ref.shape[0]:
+        raise ValueError(f"index: batch size {index.shape[0]} differs from values' {ref.shape[0]}")
+    return index
+
+
+def _check_weights(name: str, w, index: Tensor) -> Tensor:
+    if not isinstance(w, Tensor) or not w.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got "
+                        f"{w.dtype if isinstance(w, Tensor) else type(w).__name__}")
+    if w.shape != index.shape:
+        raise ValueError(f"{name}: shape {tuple(w.shape)} differs from index's {tuple(index.shape)}")
+    _same_device("index", index, [name], [w])
+    library.check_finite([name], [w])
+    return w
+
+
+def _blend_weights(weights, score, temperature, index: Tensor) -> Tensor | None:
+    """The (B, Gq_h, Gq_w, K) weights of a top-k index's K windows (None for a 3-d index)."""
+    if index.dim() == 3:
+        if weights is not None or score is not None:
+            raise ValueError("weights: only for an index with a trailing K dimension (patch_match(..., k=K))")
+        return None
+    if weights is None:
+        raise ValueError("weights: required for an index with a trailing K dimension: a tensor of "
+                         "index's shape, or 'softmax' with score=")
+    if isinstance(weights, str):
+        _check_choice("weights", weights, ("softmax",))
+        if score is None:
+            raise ValueError("score: required with weights='softmax'")
+        if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+                or not math.isfinite(temperature) or temperature <= 0):
+            raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        return torch.softmax(_check_weights("score", score, index) / temperature, dim=-1)
+    if score is not None:
+        raise ValueError("score: only with weights='softmax'")
+    return _check_weights("weights", weights, index)
+
+
+def _out_size(out_size, grid, patch_size, stride, padding, scale) -> tuple[int, int]:
+    if out_size is not None:
+        if not (isinstance(out_size, (tuple, list)) and len(out_size) == 2):
+            raise TypeError(f"out_size: expected (H, W), got {out_size!r}")
+        return tuple(check_side("out_size", s) for s in out_size)
+    out_h, out_w = (((g - 1) * stride + patch_size - 2 * padding) * scale for g in grid)
+    if not (1 <= out_h <= geometry.SIDE_MAX and 1 <= out_w <= geometry.SIDE_MAX):
+        raise ValueError(
+            f"out_size: the default output size ((Gq - 1)*stride + patch_size - 2*padding)*scale = "
+            f"{out_h}x{out_w} (patch_size={patch_size}, stride={stride}, padding={padding}, "
+            f"scale={scale}) is not in [1, {geometry.SIDE_MAX}] per side; pass out_size")
+    return out_h, out_w
 
 
 def feature_swap(
@@ -157,18 +230,28 @@ def feature_swap(
     out_size: tuple[int, int] | None = None,
     reduce: str = "mean",
     backend: str = "auto",
+    weights: Tensor | str | None = None,
+    score: Tensor | None = None,
+    temperature: float = 1.0,
 ) -> Tensor:
     """Copy the matched reference windows of ``values`` into the query layout (texture swapping).
 
     Args:
         values: (B, Cv, Hk*scale, Wk*scale) reference features at a finer level (relu3_1: scale 1,
             relu2_1: 2, relu1_1: 4), or a list matching the key list given to :func:`patch_match`.
-        index: (B, Gq_h, Gq_w) int64 output of :func:`patch_match` with the same patch parameters.
+        index: (B, Gq_h, Gq_w) int64 output of :func:`patch_match` with the same patch parameters,
+            or (B, Gq_h, Gq_w, K) of ``patch_match(..., k=K)``, blended by ``weights``.
         scale: resolution of ``values`` relative to the matched maps; windows are
             ``patch_size*scale`` wide at stride ``stride*scale``.
         out_size: output (H, W); default ``((Gq - 1)*stride + patch_size - 2*padding) * scale``.
         reduce: "mean" divides each output pixel by the number of windows covering it (SRNTT,
             MASA-SR); "sum" does not (TTSR divides the sum by 9 itself).
+        weights: for a K-dimensional index only: a float tensor of the index's shape, or "softmax",
+            ``softmax(score / temperature)`` over K of a ``score`` tensor of that shape (the scores
+            of the top-k match). Each query window is then the weighted sum of its K matched windows:
+            the result is exactly the sum over j of the swaps of ``index[..., j]`` whose windows are
+            scaled by ``weights[..., j]`` (docs/CONTRACT.md §2a), computed with torch ops on
+            any backend, differentiable with respect to ``values`` and the weights (or ``score``).
 
     Returns:
         (B, Cv, H, W) in the dtype of ``values``, differentiable with respect to ``values``.
@@ -178,58 +261,41 @@ def feature_swap(
     Raises ``ValueError``/``TypeError`` naming the argument on bad input: integers out of their
     bounds (patch_size and stride in [1, 64], padding in [0, 64], scale in [1, 16],
     out_size in [1, 65536] per side, at most 2**31 - 1 output elements, at most 2**25 index
-    cells), and index values outside the key grids of ``values`` (checked inside the op: an index
-    made on a larger grid, e.g. with padding=1 for a swap with padding=0, usually trips it). The
-    index's shape is the query grid, which ``out_size`` may crop or extend freely, so it is not
-    checked against anything.
+    cells), index values outside the key grids of ``values`` (checked inside the op: an index
+    made on a larger grid, e.g. with padding=1 for a swap with padding=0, usually trips it), and
+    weights or scores of another shape than the index, or with NaN/Inf. The index's shape is the
+    query grid, which ``out_size`` may crop or extend freely, so it is not checked against anything.
     """
     value_list, names = _as_list("values", values)
     for name, v in zip(names, value_list, strict=True):
         _check_map(name, v)
     _same_device(names[0], value_list[0], names, value_list)
-    # NB: no NaN/Inf check here (unlike patch_match): the swap is a linear copy, so a non-finite
-    # value propagates exactly to the windows that read it, and checking would cost a full pass
-    # over the values, more than the swap itself.
-    if not isinstance(index, Tensor):
-        raise TypeError(f"index: expected a torch.Tensor, got {type(index).__name__}")
-    if index.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"index: expected an integer (int64) tensor, got {index.dtype}")
-    if index.dim() != 3 or index.numel() == 0:
-        raise ValueError(
-            f"index: expected a non-empty (B, Gq_h, Gq_w) tensor, got shape {tuple(index.shape)}")
-    _same_device(names[0], value_list[0], ["index"], [index])
+    # NB: no NaN/Inf check of the values (unlike patch_match): the swap is a linear copy, so a
+    # non-finite value propagates exactly to the windows that read it, and checking would cost a
+    # full pass over the values, more than the swap itself.
+    index = _check_index(index, names[0], value_list[0])
+    weights = _blend_weights(weights, score, temperature, index)
     b, cv = value_list[0].shape[:2]
     for name, v in zip(names, value_list, strict=True):
         if v.shape[0] != b or v.shape[1] != cv:
             raise ValueError(f"{name}: shape {tuple(v.shape)} differs in batch or channels from {names[0]}")
-    if index.shape[0] != b:
-        raise ValueError(f"index: batch size {index.shape[0]} differs from values' {b}")
     patch_size, stride, padding = check_patch(patch_size, stride, padding)
     scale = check_scale("scale", scale)
     reduce = _check_choice("reduce", reduce, REDUCTIONS)
     geometry.check_cells("index", index.numel())
-    for name, v in zip(names, value_list, strict=True):
-        geometry.value_grid(name, v.shape[-2], v.shape[-1], scale, patch_size, stride, padding)
-    gqh, gqw = index.shape[-2:]
-    if out_size is None:
-        out_h = ((gqh - 1) * stride + patch_size - 2 * padding) * scale
-        out_w = ((gqw - 1) * stride + patch_size - 2 * padding) * scale
-        if not (1 <= out_h <= geometry.SIDE_MAX and 1 <= out_w <= geometry.SIDE_MAX):
-            raise ValueError(
-                f"out_size: the default output size ((Gq - 1)*stride + patch_size - 2*padding)*scale = "
-                f"{out_h}x{out_w} (patch_size={patch_size}, stride={stride}, padding={padding}, "
-                f"scale={scale}) is not in [1, {geometry.SIDE_MAX}] per side; pass out_size")
-    else:
-        if not (isinstance(out_size, (tuple, list)) and len(out_size) == 2):
-            raise TypeError(f"out_size: expected (H, W), got {out_size!r}")
-        out_h, out_w = (check_side("out_size", s) for s in out_size)
+    n_cells = sum(math.prod(geometry.value_grid(name, v.shape[-2], v.shape[-1], scale, patch_size, stride,
+                                                padding)) for name, v in zip(names, value_list, strict=True))
+    out_h, out_w = _out_size(out_size, index.shape[1:3], patch_size, stride, padding, scale)
     geometry.check_elements("out_size", (b, cv, out_h, out_w), value_list[0].element_size())
     inputs = dispatch.feature_swap_inputs(value_list, index, patch_size, stride, padding, scale)
     name = dispatch.resolve(backend, inputs)
-    return library.feature_swap(
-        [v.contiguous() for v in value_list], index.to(torch.int64).contiguous(),
-        patch_size, stride, padding, scale, out_h, out_w, reduce, name,
-    )
+    value_list, index = [v.contiguous() for v in value_list], index.to(torch.int64).contiguous()
+    if weights is not None:
+        library.check_index_range(index, n_cells, patch_size, stride, padding, scale)
+        return torch_backend.feature_swap(value_list, index, patch_size, stride, padding, scale, out_h, out_w,
+                                          reduce, weights)
+    return library.feature_swap(value_list, index, patch_size, stride, padding, scale, out_h, out_w, reduce,
+                                name)
 
 
 def weight_maps(

@@ -1,9 +1,11 @@
-// CPU kernel of srntt::_patch_match_fused (semantics: docs/DESIGN.md, "patch_match semantics").
+// CPU kernels of srntt::_patch_match_fused and srntt::_patch_match_topk_fused (semantics:
+// docs/DESIGN.md, "patch_match semantics"; top-k: docs/CONTRACT.md §2a).
 //
-// Two algorithms, both exact cosine-similarity search in O(N_query + N_key) extra memory:
+// Two algorithms, both exact cosine-similarity search in O(N_query * K + N_key) extra memory,
+// each query patch keeping its best K (+ 1) pairs (topk_cpu.h):
 //  * blocked (any patch size / stride / padding, float32 and float64): im2col tiles of query
-//    and key patches, one register-blocked GEMM per tile pair (gemm_tile_cpu.h), running
-//    max/argmax per query patch.
+//    and key patches, one register-blocked GEMM per tile pair (gemm_tile_cpu.h), the running
+//    best pairs per query patch updated from each score tile.
 //  * overlap (float32, stride 1, any patch size / padding): pixel-level dot products summed over
 //    the patch offsets, ~p^2 times fewer flops; see patch_match_overlap_cpu.cpp. float64 stays
 //    on the blocked path (the speed target is float32; float64 is the checking dtype).
@@ -12,6 +14,12 @@
 // double, which is the cosine up to the query's constant factor and at most an ulp from dividing;
 // the returned score divides by max(|q|, eps) in double. Norms come from box sums of per-pixel
 // squared norms in double (patch_norms_cpu.h).
+//
+// Below float64 the search keeps K + 1 pairs. A query whose K + 1 float32 values come within
+// kNearUlps rounding steps of |q| of each other (a near tie that float32 rounding may have
+// ordered wrongly) is searched again in float64 (the blocked path on float64 copies of the maps),
+// so that near ties go to the true maximum and only exact ties to the smallest index. Only those
+// queries are searched again (0.1-0.2 % of them on CUFED5-size features).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,12 +28,15 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_dispatch.h"
 #include "cpu/gemm_tile_cpu.h"
 #include "cpu/patch_match_overlap_cpu.h"
 #include "cpu/patch_norms_cpu.h"
+#include "cpu/topk_cpu.h"
 #include "srntt_limits.h"
 
 namespace srntt {
@@ -103,39 +114,53 @@ struct KeyGrid {
   int64_t H, W, grid_h, grid_w, offset;
 };
 
+// [begin, end) ranges of `cells` (global query cells b * nq + i, ascending) of one batch element
+// and at most `tile` cells each.
+std::vector<int64_t> cell_tiles(const std::vector<int64_t>& cells, int64_t nq, int64_t tile) {
+  std::vector<int64_t> starts;
+  const int64_t n = int64_t(cells.size());
+  for (int64_t i = 0; i < n;) {
+    starts.push_back(i);
+    int64_t j = i;
+    while (j < n && j - i < tile && cells[j] / nq == cells[i] / nq) ++j;
+    i = j;
+  }
+  starts.push_back(n);
+  return starts;
+}
+
+// The `kk` best pairs (dot * key_inv_norm, index) of each query cell in `cells` against every key
+// patch, into vals / index[position in cells * kk ...].
 template <typename scalar_t>
-void patch_match_blocked(const at::Tensor& query, const std::vector<at::Tensor>& keys,
-                         const std::vector<KeyGrid>& grids, int64_t p, int64_t stride,
-                         int64_t padding, const std::vector<std::vector<scalar_t>>& key_inv_norms,
-                         const std::vector<double>& query_norms, at::Tensor& index,
-                         at::Tensor& score) {
-  const int64_t B = query.size(0), C = query.size(1), Hq = query.size(2), Wq = query.size(3);
-  const int64_t gqh = index.size(1), gqw = index.size(2), nq = gqh * gqw;
+void search_blocked(const at::Tensor& query, const std::vector<at::Tensor>& keys,
+                    const std::vector<KeyGrid>& grids, int64_t p, int64_t stride, int64_t padding,
+                    const std::vector<std::vector<scalar_t>>& key_inv_norms,
+                    const std::vector<int64_t>& cells, int64_t nq, int64_t gqw, int64_t kk,
+                    scalar_t* vals, int64_t* index) {
+  const int64_t C = query.size(1), Hq = query.size(2), Wq = query.size(3);
   const int64_t D = C * p * p;
   // Tiles are fixed sizes: results never depend on the thread count (see gemm_tile_cpu.h).
   constexpr int64_t kTileQ = 96, kTileK = 256;
-  const int64_t n_qtiles = (nq + kTileQ - 1) / kTileQ;
+  const std::vector<int64_t> starts = cell_tiles(cells, nq, kTileQ);
   const scalar_t* q_ptr = query.data_ptr<scalar_t>();
-  int64_t* index_ptr = index.data_ptr<int64_t>();
-  scalar_t* score_ptr = score.data_ptr<scalar_t>();
 
-  at::parallel_for(0, B * n_qtiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, int64_t(starts.size()) - 1, 1, [&](int64_t begin, int64_t end) {
     cpu_dispatch([&] {
     std::vector<scalar_t> qbuf(kTileQ * D), kbuf(kTileK * D);
     std::vector<scalar_t> kscratch(std::max(kTileQ, kTileK) * D);
     std::vector<scalar_t> sbuf(kTileQ * kTileK);
-    std::vector<scalar_t> best(kTileQ);
-    std::vector<int64_t> best_index(kTileQ);
+    std::vector<scalar_t> best(kTileQ * kk);
+    std::vector<int64_t> best_index(kTileQ * kk);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / n_qtiles;
-      const int64_t q0 = (task % n_qtiles) * kTileQ;
-      const int64_t mq = std::min(kTileQ, nq - q0);
-      im2col_rows(q_ptr + b * C * Hq * Wq, C, Hq, Wq, p, stride, padding, gqw, q0, mq,
-                  kscratch.data());
+      const int64_t first = starts[task], mq = starts[task + 1] - first;
+      const int64_t b = cells[first] / nq;
+      for (int64_t i = 0; i < mq; ++i) {
+        im2col_rows(q_ptr + b * C * Hq * Wq, C, Hq, Wq, p, stride, padding, gqw,
+                    cells[first + i] - b * nq, 1, kscratch.data() + i * D);
+      }
       pack_row_blocks(kscratch.data(), mq, D, qbuf.data());
       std::fill(best.begin(), best.end(), -std::numeric_limits<scalar_t>::infinity());
-      std::fill(best_index.begin(), best_index.end(), 0);
-      // Keys in increasing index order with a strict '>' keep the smallest index on ties.
+      std::fill(best_index.begin(), best_index.end(), std::numeric_limits<int64_t>::max());
       for (size_t r = 0; r < keys.size(); ++r) {
         const KeyGrid& g = grids[r];
         const int64_t nk = g.grid_h * g.grid_w;
@@ -149,65 +174,118 @@ void patch_match_blocked(const at::Tensor& query, const std::vector<at::Tensor>&
           gemm_packed_rows(qbuf.data(), mq, kbuf.data(), n_panels, D, sbuf.data(), kTileK);
           for (int64_t i = 0; i < mq; ++i) {
             const scalar_t* row = sbuf.data() + i * kTileK;
-            scalar_t bv = best[i];
-            int64_t bi = best_index[i];
+            scalar_t* bv = best.data() + i * kk;
+            int64_t* bi = best_index.data() + i * kk;
+            scalar_t last = bv[kk - 1];
+            int64_t last_i = bi[kk - 1];
             for (int64_t j = 0; j < mk; ++j) {
               const scalar_t v = row[j] * inv_norm[k0 + j];
-              if (v > bv) {
-                bv = v;
-                bi = g.offset + k0 + j;
-              }
+              const int64_t id = g.offset + k0 + j;
+              if (!ranks_above(v, id, last, last_i)) continue;
+              insert_ranked(bv, bi, 1, kk, v, id);
+              last = bv[kk - 1];
+              last_i = bi[kk - 1];
             }
-            best[i] = bv;
-            best_index[i] = bi;
           }
         }
       }
-      for (int64_t i = 0; i < mq; ++i) {
-        const int64_t cell = b * nq + q0 + i;
-        index_ptr[cell] = best_index[i];
-        score_ptr[cell] = scalar_t(double(best[i]) / std::max(query_norms[cell], kNormEps));
-      }
+      std::copy(best.begin(), best.begin() + mq * kk, vals + first * kk);
+      std::copy(best_index.begin(), best_index.begin() + mq * kk, index + first * kk);
     }
     });
   });
 }
 
 // The overlap algorithm (float32 only); returns whether it ran.
-bool match_overlap(const at::Tensor&, const std::vector<at::Tensor>&, const std::vector<KeyGrid>&,
-                   int64_t, int64_t, const std::vector<std::vector<double>>&,
-                   const std::vector<double>&, at::Tensor&, at::Tensor&) {
+bool search_overlap(const at::Tensor&, const std::vector<at::Tensor>&, const std::vector<KeyGrid>&,
+                    int64_t, int64_t, const std::vector<std::vector<double>>&, int64_t, double*,
+                    int64_t*) {
   return false;
 }
 
-bool match_overlap(const at::Tensor& q, const std::vector<at::Tensor>& keys,
-                   const std::vector<KeyGrid>& grids, int64_t p, int64_t padding,
-                   const std::vector<std::vector<float>>& key_inv_norms,
-                   const std::vector<double>& query_norms, at::Tensor& index, at::Tensor& score) {
+bool search_overlap(const at::Tensor& q, const std::vector<at::Tensor>& keys,
+                    const std::vector<KeyGrid>& grids, int64_t p, int64_t padding,
+                    const std::vector<std::vector<float>>& key_inv_norms, int64_t kk, float* vals,
+                    int64_t* index) {
   std::vector<OverlapKey> okeys;
   for (size_t r = 0; r < keys.size(); ++r) {
     okeys.push_back({keys[r].data_ptr<float>(), grids[r].H, grids[r].W, grids[r].grid_h,
                      grids[r].grid_w, grids[r].offset, key_inv_norms[r].data()});
   }
   patch_match_overlap(q.data_ptr<float>(), q.size(0), q.size(1), q.size(2), q.size(3), okeys, p,
-                      padding, query_norms.data(), index.data_ptr<int64_t>(),
-                      score.data_ptr<float>());
+                      padding, kk, vals, index);
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor> patch_match_fused_cpu(const at::Tensor& query,
-                                                          at::TensorList keys_in,
-                                                          int64_t patch_size, int64_t stride,
-                                                          int64_t padding,
-                                                          c10::string_view precision) {
+// Query cells whose K + 1 float32 values hold a near tie (see the top of this file); zero query
+// patches score 0 against every key, an exact tie already.
+template <typename scalar_t>
+std::vector<int64_t> near_ties(const std::vector<scalar_t>& vals,
+                               const std::vector<double>& q_norms, int64_t k, int64_t kk) {
+  std::vector<int64_t> cells;
+  if (kk == k) return cells;
+  for (int64_t cell = 0; cell < int64_t(q_norms.size()); ++cell) {
+    if (q_norms[cell] <= kNormEps) continue;
+    const double near = q_norms[cell] * kNearUlps * std::numeric_limits<float>::epsilon();
+    const scalar_t* v = vals.data() + cell * kk;
+    for (int64_t s = 0; s < k; ++s) {
+      if (double(v[s]) - double(v[s + 1]) <= near) {
+        cells.push_back(cell);
+        break;
+      }
+    }
+  }
+  return cells;
+}
+
+// Searches `cells` again in float64 and overwrites their results.
+void rescore_float64(const at::Tensor& q, const std::vector<at::Tensor>& keys,
+                     const std::vector<KeyGrid>& grids, int64_t p, int64_t stride, int64_t padding,
+                     const std::vector<std::vector<double>>& key_norms,
+                     const std::vector<double>& q_norms, const std::vector<int64_t>& cells,
+                     int64_t nq, int64_t gqw, int64_t k, int64_t* index_out, float* score_out) {
+  const at::Tensor q64 = q.to(at::kDouble);
+  std::vector<at::Tensor> keys64;
+  std::vector<std::vector<double>> inv64;
+  for (size_t r = 0; r < keys.size(); ++r) {
+    keys64.push_back(keys[r].to(at::kDouble));
+    std::vector<double> inv(key_norms[r].size());
+    for (size_t i = 0; i < inv.size(); ++i) inv[i] = 1.0 / std::max(key_norms[r][i], kNormEps);
+    inv64.push_back(std::move(inv));
+  }
+  std::vector<double> vals(cells.size() * k);
+  std::vector<int64_t> index(cells.size() * k);
+  search_blocked<double>(q64, keys64, grids, p, stride, padding, inv64, cells, nq, gqw, k,
+                         vals.data(), index.data());
+  for (size_t r = 0; r < cells.size(); ++r) {
+    const int64_t cell = cells[r];
+    for (int64_t s = 0; s < k; ++s) {
+      index_out[cell * k + s] = index[r * k + s];
+      score_out[cell * k + s] = float(vals[r * k + s] / std::max(q_norms[cell], kNormEps));
+    }
+  }
+}
+
+void rescore_float64(const at::Tensor&, const std::vector<at::Tensor>&, const std::vector<KeyGrid>&,
+                     int64_t, int64_t, int64_t, const std::vector<std::vector<double>>&,
+                     const std::vector<double>&, const std::vector<int64_t>&, int64_t, int64_t,
+                     int64_t, int64_t*, double*) {}
+
+// index, score: (B, Gq_h, Gq_w, k), best first.
+std::tuple<at::Tensor, at::Tensor> patch_match_topk_cpu(const at::Tensor& query,
+                                                         at::TensorList keys_in,
+                                                         int64_t patch_size, int64_t stride,
+                                                         int64_t padding,
+                                                         c10::string_view precision, int64_t k) {
   (void)precision;  // Every precision is computed as "highest" on CPU (DESIGN.md allows it).
-  TORCH_CHECK(query.device().is_cpu(), "_patch_match_fused (CPU): query must be a CPU tensor");
-  TORCH_CHECK(query.dim() == 4, "_patch_match_fused: query must be (B, C, H, W)");
-  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
-              "_patch_match_fused: query must be float32 or float64");
-  TORCH_CHECK(!keys_in.empty(), "_patch_match_fused: keys must not be empty");
-  constexpr const char* kOp = "_patch_match_fused";
+  constexpr const char* kOp = "_patch_match_topk_fused";
+  TORCH_CHECK(query.device().is_cpu(), kOp, " (CPU): query must be a CPU tensor");
+  TORCH_CHECK(query.dim() == 4, kOp, ": query must be (B, C, H, W)");
+  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble, kOp,
+              ": query must be float32 or float64");
+  TORCH_CHECK(!keys_in.empty(), kOp, ": keys must not be empty");
   check_patch(kOp, patch_size, stride, padding);
+  check_bound(kOp, "k", k, 1, kTopKMax);
   const at::Tensor q = query.contiguous();
   const int64_t B = q.size(0), C = q.size(1);
   const int64_t gqh = checked_grid(kOp, "query", q.size(2), patch_size, stride, padding);
@@ -219,48 +297,84 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cpu(const at::Tensor& query
   std::vector<at::Tensor> keys;
   std::vector<KeyGrid> grids;
   int64_t offset = 0;
-  for (const at::Tensor& k : keys_in) {
-    TORCH_CHECK(k.device().is_cpu() && k.scalar_type() == q.scalar_type() && k.dim() == 4 &&
-                    k.size(0) == B && k.size(1) == C,
-                "_patch_match_fused: every key must be a CPU (B, C, H, W) tensor of the "
-                "query's dtype, batch and channels");
-    const int64_t gh = checked_grid(kOp, "a key", k.size(2), patch_size, stride, padding);
-    const int64_t gw = checked_grid(kOp, "a key", k.size(3), patch_size, stride, padding);
-    keys.push_back(k.contiguous());
-    grids.push_back(KeyGrid{k.size(2), k.size(3), gh, gw, offset});
+  for (const at::Tensor& key : keys_in) {
+    TORCH_CHECK(key.device().is_cpu() && key.scalar_type() == q.scalar_type() && key.dim() == 4 &&
+                    key.size(0) == B && key.size(1) == C,
+                kOp, ": every key must be a CPU (B, C, H, W) tensor of the query's dtype, batch "
+                "and channels");
+    const int64_t gh = checked_grid(kOp, "a key", key.size(2), patch_size, stride, padding);
+    const int64_t gw = checked_grid(kOp, "a key", key.size(3), patch_size, stride, padding);
+    keys.push_back(key.contiguous());
+    grids.push_back(KeyGrid{key.size(2), key.size(3), gh, gw, offset});
     offset += checked_product(kOp, "key grid", {gh, gw}, kCellsMax);
     checked_product(kOp, "key grids (B x cells)", {B, offset}, kCellsMax);
   }
+  TORCH_CHECK_VALUE(k <= offset, kOp, ": k = ", k, " is more than the ", offset, " key patches");
+  const int64_t nq = gqh * gqw;
+  checked_numel(kOp, "the top-k lists", {B, nq, k + 1});
 
-  at::Tensor index = at::empty({B, gqh, gqw}, q.options().dtype(at::kLong));
-  at::Tensor score = at::empty({B, gqh, gqw}, q.options());
-  if (B == 0 || C == 0 || gqh <= 0 || gqw <= 0) {
+  at::Tensor index = at::empty({B, gqh, gqw, k}, q.options().dtype(at::kLong));
+  at::Tensor score = at::empty({B, gqh, gqw, k}, q.options());
+  if (B == 0 || C == 0) {
     index.zero_();
     score.zero_();
     return {index, score};
   }
 
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "_patch_match_fused_cpu", [&] {
-    const std::vector<double> query_norms = patch_norms<scalar_t>(
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "_patch_match_topk_fused_cpu", [&] {
+    const std::vector<double> q_norms = patch_norms<scalar_t>(
         q.data_ptr<scalar_t>(), B, C, q.size(2), q.size(3), patch_size, stride, padding);
+    std::vector<std::vector<double>> key_norms;
     std::vector<std::vector<scalar_t>> key_inv_norms;
     for (size_t r = 0; r < keys.size(); ++r) {
-      const std::vector<double> n = patch_norms<scalar_t>(keys[r].data_ptr<scalar_t>(), B, C,
-                                                          grids[r].H, grids[r].W, patch_size,
-                                                          stride, padding);
-      std::vector<scalar_t> inv(n.size());
-      for (size_t i = 0; i < n.size(); ++i) inv[i] = scalar_t(1.0 / std::max(n[i], kNormEps));
+      key_norms.push_back(patch_norms<scalar_t>(keys[r].data_ptr<scalar_t>(), B, C, grids[r].H,
+                                                grids[r].W, patch_size, stride, padding));
+      std::vector<scalar_t> inv(key_norms[r].size());
+      for (size_t i = 0; i < inv.size(); ++i) {
+        inv[i] = scalar_t(1.0 / std::max(key_norms[r][i], kNormEps));
+      }
       key_inv_norms.push_back(std::move(inv));
     }
+    // One slot more than asked below float64: the gap to it tells a near tie at the K-th place.
+    const int64_t kk = std::is_same<scalar_t, double>::value ? k : k + 1;
+    std::vector<scalar_t> vals(B * nq * kk);
+    std::vector<int64_t> ids(B * nq * kk);
     const bool overlap = stride == 1 && offset < (int64_t(1) << 31) &&
-                         match_overlap(q, keys, grids, patch_size, padding, key_inv_norms,
-                                       query_norms, index, score);
+                         search_overlap(q, keys, grids, patch_size, padding, key_inv_norms, kk,
+                                        vals.data(), ids.data());
     if (!overlap) {
-      patch_match_blocked<scalar_t>(q, keys, grids, patch_size, stride, padding, key_inv_norms,
-                                    query_norms, index, score);
+      std::vector<int64_t> cells(B * nq);
+      std::iota(cells.begin(), cells.end(), int64_t(0));
+      search_blocked<scalar_t>(q, keys, grids, patch_size, stride, padding, key_inv_norms, cells,
+                               nq, gqw, kk, vals.data(), ids.data());
+    }
+    int64_t* index_ptr = index.data_ptr<int64_t>();
+    scalar_t* score_ptr = score.data_ptr<scalar_t>();
+    at::parallel_for(0, B * nq, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t cell = begin; cell < end; ++cell) {
+        for (int64_t s = 0; s < k; ++s) {
+          index_ptr[cell * k + s] = ids[cell * kk + s];
+          score_ptr[cell * k + s] =
+              scalar_t(double(vals[cell * kk + s]) / std::max(q_norms[cell], kNormEps));
+        }
+      }
+    });
+    const std::vector<int64_t> redo = near_ties(vals, q_norms, k, kk);
+    if (!redo.empty()) {
+      rescore_float64(q, keys, grids, patch_size, stride, padding, key_norms, q_norms, redo, nq,
+                      gqw, k, index_ptr, score_ptr);
     }
   });
   return {index, score};
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_match_fused_cpu(const at::Tensor& query,
+                                                          at::TensorList keys, int64_t patch_size,
+                                                          int64_t stride, int64_t padding,
+                                                          c10::string_view precision) {
+  auto [index, score] =
+      patch_match_topk_cpu(query, keys, patch_size, stride, padding, precision, 1);
+  return {index.squeeze(-1), score.squeeze(-1)};
 }
 
 }  // namespace
@@ -268,4 +382,5 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cpu(const at::Tensor& query
 
 TORCH_LIBRARY_IMPL(srntt, CPU, m) {
   m.impl("_patch_match_fused", &srntt::patch_match_fused_cpu);
+  m.impl("_patch_match_topk_fused", &srntt::patch_match_topk_cpu);
 }

@@ -22,6 +22,11 @@
 // path every patch pair is computed with the same operation sequence, so duplicated patches tie
 // exactly and ties go to the smallest index (the update is a lexicographic (score, -index) max
 // because diagonals do not visit keys in index order).
+//
+// Each query patch keeps its `kk` best pairs (topk_cpu.h). For k = 1 (kk = 2: the best and the
+// runner-up) 8 query patches are updated at once without branches; for larger lists the
+// candidates of 8 query patches are tested against the lists' last slots at once, and only a
+// candidate that enters a list, rare once the lists fill, takes the scalar insertion.
 #include "cpu/patch_match_overlap_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -34,7 +39,7 @@
 
 #include "cpu/cpu_dispatch.h"
 #include "cpu/gemm_tile_cpu.h"
-#include "srntt_geometry.h"
+#include "cpu/topk_cpu.h"
 
 namespace srntt {
 namespace {
@@ -43,6 +48,14 @@ constexpr int64_t NR = kPanel<float>;
 constexpr int V = Vec<float>::size;
 using vf = vec_t<float>;
 using vi = Vec<float>::mask;
+
+inline bool any_lane(vi m) {
+  uint64_t w[sizeof(vi) / sizeof(uint64_t)];
+  std::memcpy(w, &m, sizeof(w));
+  uint64_t any = 0;
+  for (const uint64_t x : w) any |= x;
+  return any != 0;
+}
 
 // Query rows as GEMM panels: [b][row][panel][c][NR] (no padding: padded pixels are zero and
 // their pixel-level products are known to be zero).
@@ -86,7 +99,7 @@ std::vector<float> pack_key(const float* k, int64_t B, int64_t C, int64_t H, int
 
 void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, int64_t Wq,
                          const std::vector<OverlapKey>& keys, int64_t p, int64_t padding,
-                         const double* query_norms, int64_t* index, float* score) {
+                         int64_t kk, float* vals, int64_t* index) {
   const int64_t Hqp = Hq + 2 * padding, Wqp = Wq + 2 * padding;
   const int64_t gqh = Hqp - p + 1, gqw = Wqp - p + 1;
   const int64_t q_panels = (Wq + NR - 1) / NR;
@@ -120,8 +133,9 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_chunks, chunk = task % n_chunks;
       const int64_t qa = gqh * chunk / n_chunks, qb = gqh * (chunk + 1) / n_chunks;
-      best_v.assign((qb - qa) * ldx, -std::numeric_limits<float>::infinity());
-      best_i.assign((qb - qa) * ldx, 0);
+      // Lists [query row][slot][ldx]: slot s of 8 query patches is one vector.
+      best_v.assign((qb - qa) * kk * ldx, -std::numeric_limits<float>::infinity());
+      best_i.assign((qb - qa) * kk * ldx, std::numeric_limits<int32_t>::max());
       for (size_t r = 0; r < keys.size(); ++r) {
         const OverlapKey& key = keys[r];
         const int64_t gkh = key.grid_h, gkw = key.grid_w;
@@ -166,24 +180,53 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
             const float* row_inv = inv_norm + ky * gkw;
             const int32_t idx0 = int32_t(key.offset + ky * gkw);
             for (int64_t v = 0; v < x_vecs; ++v) {
-              float* bvp = best_v.data() + (qy - qa) * ldx + v * V;
-              int32_t* bip = best_i.data() + (qy - qa) * ldx + v * V;
-              vf bv = vload(bvp);
-              vi bi;
-              std::memcpy(&bi, bip, sizeof(bi));
-              for (int64_t kx = 0; kx < gkw; ++kx) {
+              float* bvp = best_v.data() + (qy - qa) * kk * ldx + v * V;
+              int32_t* bip = best_i.data() + (qy - qa) * kk * ldx + v * V;
+              const auto candidate = [&](int64_t kx) {
                 vf s = vload(ring.data() + (qy % p) * max_gkw * ldx + kx * ldx + v * V);
                 for (int64_t dy = 1; dy < p; ++dy) {
                   s += vload(ring.data() + ((qy + dy) % p) * max_gkw * ldx + kx * ldx + v * V);
                 }
-                const vf val = s * vset1(row_inv[kx]);
-                const vi idx = vi{} + int32_t(idx0 + kx);
-                const vi take = (val > bv) | ((val == bv) & (idx < bi));
-                bv = take ? val : bv;
-                bi = take ? idx : bi;
+                return s * vset1(row_inv[kx]);
+              };
+              if (kk == 2) {
+                // The best and the runner-up (k = 1) stay in registers, updated without branches.
+                vf b0 = vload(bvp), b1 = vload(bvp + ldx);
+                vi i0, i1;
+                std::memcpy(&i0, bip, sizeof(i0));
+                std::memcpy(&i1, bip + ldx, sizeof(i1));
+                for (int64_t kx = 0; kx < gkw; ++kx) {
+                  const vf val = candidate(kx);
+                  const vi id = vi{} + int32_t(idx0 + kx);
+                  const vi above0 = (val > b0) | ((val == b0) & (id < i0));
+                  const vi above1 = (val > b1) | ((val == b1) & (id < i1));
+                  b1 = above0 ? b0 : (above1 ? val : b1);
+                  i1 = above0 ? i0 : (above1 ? id : i1);
+                  b0 = above0 ? val : b0;
+                  i0 = above0 ? id : i0;
+                }
+                vstore(bvp, b0);
+                vstore(bvp + ldx, b1);
+                std::memcpy(bip, &i0, sizeof(i0));
+                std::memcpy(bip + ldx, &i1, sizeof(i1));
+                continue;
               }
-              vstore(bvp, bv);
-              std::memcpy(bip, &bi, sizeof(bi));
+              const float* last_v = bvp + (kk - 1) * ldx;
+              const int32_t* last_i = bip + (kk - 1) * ldx;
+              vf lv = vload(last_v);
+              vi li;
+              std::memcpy(&li, last_i, sizeof(li));
+              for (int64_t kx = 0; kx < gkw; ++kx) {
+                const vf val = candidate(kx);
+                const int32_t id = int32_t(idx0 + kx);
+                const vi enters = (val > lv) | ((val == lv) & (vi{} + id < li));
+                if (!any_lane(enters)) continue;
+                for (int l = 0; l < V; ++l) {
+                  if (enters[l]) insert_ranked(bvp + l, bip + l, ldx, kk, float(val[l]), id);
+                }
+                lv = vload(last_v);
+                std::memcpy(&li, last_i, sizeof(li));
+              }
             }
           }
         }
@@ -191,9 +234,10 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
       for (int64_t qy = qa; qy < qb; ++qy) {
         for (int64_t qx = 0; qx < gqw; ++qx) {
           const int64_t cell = (b * gqh + qy) * gqw + qx;
-          index[cell] = best_i[(qy - qa) * ldx + qx];
-          score[cell] =
-              float(double(best_v[(qy - qa) * ldx + qx]) / std::max(query_norms[cell], kNormEps));
+          for (int64_t slot = 0; slot < kk; ++slot) {
+            vals[cell * kk + slot] = best_v[((qy - qa) * kk + slot) * ldx + qx];
+            index[cell * kk + slot] = best_i[((qy - qa) * kk + slot) * ldx + qx];
+          }
         }
       }
     }

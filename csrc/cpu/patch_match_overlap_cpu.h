@@ -1,4 +1,7 @@
 // Stride-1 patch matching from pixel-level dot products (declared here, see the .cpp).
+//
+// Fills, per query cell (b, qy, qx) row-major, its `kk` best (dot / max(|k|, eps), index) pairs
+// (topk_cpu.h) into vals[cell * kk ...] and index[cell * kk ...].
 #pragma once
 
 #include <cstdint>
@@ -14,6 +17,6 @@ struct OverlapKey {
 
 void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, int64_t Wq,
                          const std::vector<OverlapKey>& keys, int64_t p, int64_t padding,
-                         const double* query_norms, int64_t* index, float* score);
+                         int64_t kk, float* vals, int64_t* index);
 
 }  // namespace srntt

@@ -1,7 +1,8 @@
 """C2-Matching / DATSR-compatible correspondence matching on srntt-core's O(N)-memory kernels.
 
 Drop-in for ``feature_match_index`` (``mmsr/models/archs/ref_map_util.py`` in C2-Matching,
-``datsr/models/archs/ref_map_util.py`` in DATSR) and for the matching step of their
+``datsr/models/archs/ref_map_util.py`` in DATSR, with DATSR's ``topk_feature_match_index``) and for
+the matching step of their
 ``CorrespondenceGenerationArch`` / ``FlowSimCorrespondenceGenerationArch``:
 
 1. each pixel's channel vector is L2-normalized (``F.normalize(feat.reshape(c, -1), dim=0)``);
@@ -33,7 +34,7 @@ from ._pairs import chosen_key_norms, patch_norms, renormalized, result_dtype
 
 __all__ = [
     "Correspondence", "CorrespondenceMatcher", "correspondence_match", "feature_match_index",
-    "index_to_flow", "flow_maps", "offset_maps", "similarity_maps", "NORM_EPS",
+    "index_to_flow", "flow_maps", "offset_maps", "similarity_maps", "topk_feature_match_index", "NORM_EPS",
 ]
 
 NORM_EPS = 1e-5  # C2-Matching's addend on patch norms
@@ -47,23 +48,25 @@ class Correspondence(NamedTuple):
 
 
 def _strided_match(query: Tensor, key: Tensor, patch_size: int, input_stride: int, ref_stride: int,
-                   backend: str, precision: str):
+                   backend: str, precision: str, k: int | None = None):
     """Cosine match of input patches at ``input_stride`` against reference patches at ``ref_stride``.
 
     patch_match takes one stride for both grids, so the input is cut into its ``ref_stride``
     phases: the input patches at rows a, a + s, a + 2s, ... (s = ref_stride) are the stride-s grid of
     the input cropped at row a. Each phase that holds input-grid patches is matched once and the
-    needed cells are picked out; together the phases see each input patch once.
+    needed cells are picked out; together the phases see each input patch once. With ``k``, the
+    ``k`` best per input patch (a trailing dimension).
     """
     if input_stride == ref_stride:
         return patch_match(query, key, patch_size=patch_size, stride=ref_stride, padding=0,
-                           backend=backend, precision=precision)
+                           backend=backend, precision=precision, k=k)
     b = query.shape[0]
     gh = (query.shape[-2] - patch_size) // input_stride + 1
     gw = (query.shape[-1] - patch_size) // input_stride + 1
     rows = torch.arange(gh, device=query.device) * input_stride
     cols = torch.arange(gw, device=query.device) * input_stride
-    index = torch.empty((b, gh, gw), dtype=torch.long, device=query.device)
+    shape = (b, gh, gw) if k is None else (b, gh, gw, k)
+    index = torch.empty(shape, dtype=torch.long, device=query.device)
     score = None
     for a in range(ref_stride):
         r_sel = (rows % ref_stride == a).nonzero().flatten()
@@ -72,11 +75,11 @@ def _strided_match(query: Tensor, key: Tensor, patch_size: int, input_stride: in
             if len(r_sel) == 0 or len(c_sel) == 0:
                 continue
             m = patch_match(query[..., a:, c:], key, patch_size=patch_size, stride=ref_stride, padding=0,
-                            backend=backend, precision=precision)
+                            backend=backend, precision=precision, k=k)
             i = (rows[r_sel] // ref_stride)[:, None]
             j = (cols[c_sel] // ref_stride)[None, :]
             if score is None:
-                score = m.score.new_empty((b, gh, gw))
+                score = m.score.new_empty(shape)
             index[:, r_sel[:, None], c_sel[None, :]] = m.index[:, i, j]
             # NB: an index_put keeps autograd's path from score back to each phase's match.
             batch = torch.arange(b, device=query.device)[:, None, None]
@@ -85,10 +88,12 @@ def _strided_match(query: Tensor, key: Tensor, patch_size: int, input_stride: in
 
 
 def _match(query: Tensor, key: Tensor, patch_size: int, input_stride: int, ref_stride: int,
-           norm_input: bool, backend: str, precision: str) -> Correspondence:
-    match = _strided_match(query, key, patch_size, input_stride, ref_stride, backend, precision)
+           norm_input: bool, backend: str, precision: str, k: int | None = None) -> Correspondence:
+    match = _strided_match(query, key, patch_size, input_stride, ref_stride, backend, precision, k)
     dtype = match.score.dtype  # float32 for half-precision inputs: the norms are computed in it too
     q_norm = patch_norms(query.to(dtype), patch_size, input_stride)
+    if k is not None:
+        q_norm = q_norm.unsqueeze(-1)
     k_norm = chosen_key_norms([key.to(dtype)], match.index, patch_size, ref_stride)
     value = renormalized(match.score, q_norm, k_norm, NORM_EPS if norm_input else None, NORM_EPS)
     return Correspondence(match.index, value.to(result_dtype(query, key)))
@@ -119,6 +124,39 @@ def feature_match_index(
         ``(max_idx, max_val)``, each (Gh, Gw): the flat index of the best reference patch and
         ``<q, k> / (|k| + 1e-5)`` (``/ (|q| + 1e-5)`` too with ``norm_input``) for it.
     """
+    _check_args(feat_input, feat_ref, patch_size, input_stride, ref_stride, is_norm)
+    index, value = _match(feat_input.unsqueeze(0), feat_ref.unsqueeze(0), patch_size, input_stride,
+                          ref_stride, norm_input, backend, precision)
+    return index[0], value[0]
+
+
+def topk_feature_match_index(
+    feat_input: Tensor,
+    feat_ref: Tensor,
+    patch_size: int = 3,
+    input_stride: int = 1,
+    ref_stride: int = 1,
+    is_norm: bool = True,
+    norm_input: bool = False,
+    K: int = 2,  # noqa: N803  (DATSR's name)
+    *,
+    backend: str = "auto",
+    precision: str = "highest",
+) -> tuple[Tensor, Tensor]:
+    """DATSR's ``topk_feature_match_index``: the ``K`` best reference patches per input patch.
+
+    Arguments as :func:`feature_match_index`, and ``K`` in [1, 64]. Returns ``(max_idx, max_val)``,
+    each (K, Gh, Gw), best first: DATSR's ``torch.topk`` over the full correlation, here the exact
+    top-k of :func:`srntt_core.swap.patch_match` (ties by smallest index, where ``torch.topk``
+    leaves their order unspecified) in O(N K) memory, and the same values for the chosen pairs.
+    """
+    _check_args(feat_input, feat_ref, patch_size, input_stride, ref_stride, is_norm)
+    index, value = _match(feat_input.unsqueeze(0), feat_ref.unsqueeze(0), patch_size, input_stride,
+                          ref_stride, norm_input, backend, precision, K)
+    return index[0].permute(2, 0, 1), value[0].permute(2, 0, 1)
+
+
+def _check_args(feat_input, feat_ref, patch_size, input_stride, ref_stride, is_norm) -> None:
     for name, t in (("feat_input", feat_input), ("feat_ref", feat_ref)):
         if not isinstance(t, Tensor) or t.dim() != 3:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -130,9 +168,6 @@ def feature_match_index(
                         ("ref_stride", ref_stride)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    index, value = _match(feat_input.unsqueeze(0), feat_ref.unsqueeze(0), patch_size, input_stride,
-                          ref_stride, norm_input, backend, precision)
-    return index[0], value[0]
 
 
 def correspondence_match(

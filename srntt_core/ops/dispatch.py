@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from . import extension, torch_backend
+from .geometry import grid_size
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
 PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -72,8 +73,8 @@ class Inputs(NamedTuple):
 
 
 def _cells(size, inputs: Inputs) -> int:
-    p, s, pad = inputs.patch_size, inputs.stride, inputs.padding
-    return ((size[0] + 2 * pad - p) // s + 1) * ((size[1] + 2 * pad - p) // s + 1)
+    geo = (inputs.patch_size, inputs.stride, inputs.padding)
+    return grid_size(size[0], *geo) * grid_size(size[1], *geo)
 
 
 def patch_match_inputs(query, keys, patch_size: int, stride: int, padding: int, dtype=None,
@@ -88,7 +89,7 @@ def feature_swap_inputs(values, index, patch_size: int, stride: int, padding: in
     """The :class:`Inputs` of a feature swap (and of its backward)."""
     v = values[0]
     return Inputs(v.device, "feature_swap", v.dtype, v.shape[0], v.shape[1],
-                  (index.shape[-2], index.shape[-1]), tuple((t.shape[-2], t.shape[-1]) for t in values),
+                  (index.shape[1], index.shape[2]), tuple((t.shape[-2], t.shape[-1]) for t in values),
                   patch_size, stride, padding, scale)
 
 
@@ -114,6 +115,9 @@ class Backend:
     def patch_match(self, query, keys, patch_size, stride, padding, precision):
         raise NotImplementedError
 
+    def patch_match_topk(self, query, keys, patch_size, stride, padding, precision, k):
+        raise NotImplementedError
+
     def feature_swap(self, values, index, patch_size, stride, padding, scale, out_h, out_w, reduce):
         raise NotImplementedError
 
@@ -131,6 +135,9 @@ class TorchBackend(Backend):
 
     def patch_match(self, *args):
         return torch_backend.patch_match(*args)
+
+    def patch_match_topk(self, *args):
+        return torch_backend.patch_match_topk(*args)
 
     def feature_swap(self, *args):
         return torch_backend.feature_swap(*args)
@@ -181,6 +188,9 @@ class FusedBackend(Backend):
 
     def patch_match(self, *args):
         return tuple(torch.ops.srntt._patch_match_fused(*args))
+
+    def patch_match_topk(self, *args):
+        return tuple(torch.ops.srntt._patch_match_topk_fused(*args))
 
     def feature_swap(self, *args):
         return torch.ops.srntt._feature_swap_fused(*args)
@@ -237,6 +247,9 @@ class TritonBackend(Backend):
 
     def patch_match(self, *args):
         return tuple(self._kernels().patch_match(*args))
+
+    def patch_match_topk(self, *args):
+        return tuple(self._kernels().patch_match_topk(*args))
 
     def feature_swap(self, *args):
         return self._kernels().feature_swap(*args)

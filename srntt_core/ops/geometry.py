@@ -29,6 +29,8 @@ CELLS_MAX = 1 << 25
 # Values in one patch descriptor (C * patch_size**2; relu3_1 3x3: 2304): bounds the kernels'
 # per-thread tiles of descriptors.
 DESCRIPTOR_MAX = 1 << 18
+# Best keys per query patch of a top-k match (patch_match's k).
+TOPK_MAX = 64
 # Elements of any tensor an op allocates; also the int32 offset range of the GPU kernels.
 ELEMENTS_MAX = (1 << 31) - 1
 

@@ -1,4 +1,4 @@
-"""The public custom ops ``srntt::patch_match``, ``srntt::feature_swap`` and
+"""The public custom ops ``srntt::patch_match``, ``srntt::patch_match_topk``, ``srntt::feature_swap`` and
 ``srntt::feature_swap_backward``: schemas, fake kernels and autograd, declared once.
 
 Each op takes a concrete ``backend`` name (resolved by :mod:`srntt_core.ops.dispatch`) and routes to
@@ -47,9 +47,21 @@ def key_names(n: int) -> list[str]:
     return ["key"] if n == 1 else [f"key[{i}]" for i in range(n)]
 
 
-def _check_patch_match(query, keys, patch_size, stride, padding, backend, precision) -> tuple[int, int]:
-    """Checks the arguments of srntt::patch_match; returns the query grid."""
+def check_k(k, n_key_cells: int) -> int:
+    """A top-k ``k``: an int in [1, TOPK_MAX], at most the number of key patches."""
+    k = geometry.check_int("k", k, 1, geometry.TOPK_MAX)
+    if k > n_key_cells:
+        raise ValueError(f"k: {k} is more than the {n_key_cells} key patches")
+    return k
+
+
+def _check_patch_match(query, keys, patch_size, stride, padding, backend, precision,
+                       k=None) -> tuple[int, int]:
+    """Checks the arguments of srntt::patch_match (and srntt::patch_match_topk's ``k``); returns
+    the query grid."""
     geometry.check_patch(patch_size, stride, padding)
+    if k is not None:
+        geometry.check_int("k", k, 1, geometry.TOPK_MAX)
     if backend is not None:
         check_choice("backend", backend, dispatch.BACKENDS)
     check_choice("precision", precision, PRECISIONS)
@@ -60,11 +72,14 @@ def _check_patch_match(query, keys, patch_size, stride, padding, backend, precis
     geometry.check_cells("query", query.shape[0] * gh * gw)
     geometry.check_descriptor("query", query.shape[1], patch_size)
     cells = 0
-    for name, k in zip(key_names(len(keys)), keys, strict=True):
-        _check_rank(name, k, 4)
-        kh, kw = geometry.map_grid(name, k.shape[-2], k.shape[-1], patch_size, stride, padding)
+    for name, key in zip(key_names(len(keys)), keys, strict=True):
+        _check_rank(name, key, 4)
+        kh, kw = geometry.map_grid(name, key.shape[-2], key.shape[-1], patch_size, stride, padding)
         cells += kh * kw
     geometry.check_cells("key", query.shape[0] * cells)
+    if k is not None:
+        check_k(k, cells)
+        geometry.check_elements("k", (query.shape[0], gh, gw, k + 1), 8)
     return gh, gw
 
 
@@ -126,6 +141,18 @@ def _patch_match_op_fake(*args):
 # (the C++ kernels check them again).
 def _patch_match_fused_fake(query, keys, patch_size, stride, padding, precision):
     return _patch_match_fake(query, keys, patch_size, stride, padding, None, precision)
+
+
+def _patch_match_topk_fake(query, keys, patch_size, stride, padding, k, backend, precision):
+    gh, gw = _check_patch_match(query, keys, patch_size, stride, padding, backend, precision, k)
+    shape = (query.shape[0], gh, gw, k)
+    return (query.new_empty(shape, dtype=torch_backend.score_dtype(query.dtype)),
+            query.new_empty(shape, dtype=torch.long))
+
+
+def _patch_match_topk_fused_fake(query, keys, patch_size, stride, padding, precision, k):
+    score, index = _patch_match_topk_fake(query, keys, patch_size, stride, padding, k, None, precision)
+    return index, score
 
 
 def _feature_swap_fused_fake(*args):
@@ -228,6 +255,58 @@ torch.library.register_autograd("srntt::patch_match", _patch_match_backward, set
 
 
 torch.library.define(
+    "srntt::patch_match_topk",
+    "(Tensor query, Tensor[] keys, int patch_size, int stride, int padding, int k, str backend,"
+    " str precision) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.impl("srntt::patch_match_topk", "CompositeExplicitAutograd")
+def _patch_match_topk_impl(query: Tensor, keys: list[Tensor], patch_size: int, stride: int, padding: int,
+                           k: int, backend: str, precision: str) -> tuple[Tensor, Tensor]:
+    """Cosine scores and indices (B, Gq_h, Gq_w, k) of the ``k`` best key patches per query patch,
+    best first (docs/CONTRACT.md §2a); score first, as srntt::patch_match."""
+    _check_patch_match(query, keys, patch_size, stride, padding, backend, precision, k)
+    check_finite(["query", *key_names(len(keys))], [query, *keys])
+    index, score = dispatch.get(backend).patch_match_topk(query, keys, patch_size, stride, padding,
+                                                          precision, k)
+    return score, index
+
+
+torch.library.register_fake("srntt::patch_match_topk")(_patch_match_topk_fake)
+
+
+def patch_match_topk(query: Tensor, keys: list[Tensor], patch_size: int, stride: int, padding: int, k: int,
+                     backend: str, precision: str) -> PatchMatch:
+    """``srntt::patch_match_topk`` in the (index, score) order."""
+    score, index = torch.ops.srntt.patch_match_topk.default(query, keys, patch_size, stride, padding, k,
+                                                             backend, precision)
+    return PatchMatch(index, score)
+
+
+def _patch_match_topk_setup(ctx, inputs, output):
+    query, keys, patch_size, stride, padding, _, _, _ = inputs
+    ctx.geometry = (patch_size, stride, padding)
+    ctx.save_for_backward(query, output[1], *keys)
+
+
+def _patch_match_topk_backward(ctx, grad_score, grad_index):
+    """The sum over the k places of the k = 1 gradient (each place is one chosen pair per query)."""
+    query, index, *keys = ctx.saved_tensors
+    grad_query, grad_keys = None, None
+    for j in range(index.shape[-1]):
+        gq, gk = torch_backend.patch_match_score_backward(
+            grad_score[..., j], query, keys, index[..., j], *ctx.geometry)
+        grad_query = gq if grad_query is None else grad_query + gq
+        grad_keys = gk if grad_keys is None else [a + b for a, b in zip(grad_keys, gk, strict=True)]
+    return grad_query, grad_keys, None, None, None, None, None, None
+
+
+torch.library.register_autograd("srntt::patch_match_topk", _patch_match_topk_backward,
+                                setup_context=_patch_match_topk_setup)
+
+
+torch.library.define(
     "srntt::feature_swap",
     "(Tensor[] values, Tensor index, int patch_size, int stride, int padding, int scale, int out_h,"
     " int out_w, str reduce, str backend) -> Tensor",
@@ -313,6 +392,7 @@ torch.library.register_autograd("srntt::feature_swap_backward", _feature_swap_ba
 
 if extension.LOADED:
     for _name, _fake in (("_patch_match_fused", _patch_match_fused_fake),
+                         ("_patch_match_topk_fused", _patch_match_topk_fused_fake),
                          ("_feature_swap_fused", _feature_swap_fused_fake),
                          ("_feature_swap_fused_backward", _feature_swap_fused_backward_fake)):
         torch.library.register_fake(f"srntt::{_name}")(_fake)

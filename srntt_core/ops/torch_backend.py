@@ -182,6 +182,94 @@ def _gather_cells(x, cells, patch_size, stride, padding):
     return out
 
 
+def _select(vals, idx, kk, tol):
+    """The ``kk`` best of the candidates ``(vals, idx)`` (..., n), best first: repeatedly the
+    remaining candidate with the smallest index among those within ``tol`` (..., 1) of the
+    largest remaining value, as :func:`patch_match` picks one (its tie rule, K times).
+    ``idx=None``: the candidates' indices are their positions (no index tensor is made).
+    Missing candidates are (-inf, the largest int64)."""
+    vals = vals.clone()
+    none = torch.iinfo(torch.long).max
+    if idx is not None:
+        idx = idx.clone()
+    out_v, out_i = [], []
+    for _ in range(kk):
+        near_top = vals >= vals.amax(dim=-1, keepdim=True) - tol
+        if idx is None:
+            pos = near_top.to(torch.uint8).argmax(dim=-1, keepdim=True)  # the first one
+            out_i.append(pos)
+        else:
+            pos = torch.where(near_top, idx, none).argmin(dim=-1, keepdim=True)
+            out_i.append(idx.gather(-1, pos))
+            idx.scatter_(-1, pos, none)
+        out_v.append(vals.gather(-1, pos))
+        vals.scatter_(-1, pos, float("-inf"))
+    return torch.cat(out_v, dim=-1), torch.cat(out_i, dim=-1)
+
+
+def _topk_scan(q, keys, patch_size, stride, padding, kk, b_index=None):
+    """The ``kk`` best (<q, k> / max(|k|, eps), index) pairs of the descriptors ``q`` (B, D, n)
+    against every key patch, with :func:`_select`'s ties (TIE_ULPS rounding steps of |q|).
+    ``b_index`` picks one batch element of the keys for a (1, D, n) ``q``."""
+    n = q.shape[-1]
+    tol = q.norm(dim=1)[..., None] * TIE_ULPS * torch.finfo(q.dtype).eps
+    none = torch.iinfo(torch.long).max
+    best = q.new_full((q.shape[0], n, kk), float("-inf"))
+    best_index = torch.full((q.shape[0], n, kk), none, dtype=torch.long, device=q.device)
+    qt = q.transpose(1, 2)
+    offset = 0
+    for key in keys:
+        key = key if b_index is None else key[b_index : b_index + 1].to(q.dtype)
+        k_rows = _rows_per_band(key, patch_size, stride, padding, other_cells=n)
+        for k0, k in _bands(key, patch_size, stride, padding, k_rows):
+            k = k / k.norm(dim=1, keepdim=True).clamp_min(EPS)
+            with _ieee_fp32_matmul():
+                tile = torch.bmm(qt, k)
+            tile_v, tile_i = _select(tile, None, min(kk, tile.shape[-1]), tol)
+            best, best_index = _select(torch.cat([best, tile_v], dim=-1),
+                                       torch.cat([best_index, tile_i + offset + k0], dim=-1), kk, tol)
+        offset += grid_size(key.shape[-2], patch_size, stride, padding) * grid_size(
+            key.shape[-1], patch_size, stride, padding)
+    return best, best_index
+
+
+def patch_match_topk(query, keys, patch_size, stride, padding, precision="highest", k=1):
+    """Exact top-k patch matching (docs/CONTRACT.md §2a): the ``k`` keys with the largest
+    cosine per query patch, best first, ties to the smallest index; (B, Gq_h, Gq_w, k) each.
+
+    Below float64 the scan keeps k + 1 candidates; a query whose k + 1 values come within
+    NEAR_ULPS rounding steps of |q| of each other is scanned again in float64, so that the set and
+    its order are those of a float64 search, as for k = 1 (:func:`patch_match`).
+    """
+    del precision  # plain torch arithmetic in the input dtype is always "highest"
+    b = query.shape[0]
+    gqh = grid_size(query.shape[-2], patch_size, stride, padding)
+    gqw = grid_size(query.shape[-1], patch_size, stride, padding)
+    exact = query.dtype == torch.float64
+    kk = k if exact else k + 1
+    vals = query.new_empty((b, gqh * gqw, kk))
+    index = torch.empty((b, gqh * gqw, kk), dtype=torch.long, device=query.device)
+    q_norm = query.new_empty((b, gqh * gqw))
+    q_rows = _rows_per_band(query, patch_size, stride, padding)
+    for q0, q in _bands(query, patch_size, stride, padding, q_rows):
+        nq = q.shape[-1]
+        q_norm[:, q0 : q0 + nq] = q.norm(dim=1)
+        vals[:, q0 : q0 + nq], index[:, q0 : q0 + nq] = _topk_scan(q, keys, patch_size, stride, padding, kk)
+    score = (vals[..., :k] / q_norm.clamp_min(EPS)[..., None]).to(score_dtype(query.dtype))
+    index = index[..., :k].contiguous()
+    if not exact:
+        near = q_norm[..., None] * NEAR_ULPS * torch.finfo(query.dtype).eps
+        ambiguous = ((vals[..., :-1] - vals[..., 1:]) <= near).any(dim=-1) & (q_norm > EPS)
+        for bi in range(b):
+            cells = ambiguous[bi].nonzero().squeeze(1)
+            if cells.numel():
+                q = _gather_cells(query[bi : bi + 1], cells, patch_size, stride, padding)[None]
+                v64, i64 = _topk_scan(q, keys, patch_size, stride, padding, k, b_index=bi)
+                index[bi, cells] = i64[0]
+                score[bi, cells] = (v64[0] / q.norm(dim=1)[0, :, None].clamp_min(EPS)).to(score.dtype)
+    return index.view(b, gqh, gqw, k), score.contiguous().view(b, gqh, gqw, k)
+
+
 def unfold_all(x, patch_size, stride, padding):
     """All patch descriptors of ``x``: (B, C*patch_size^2, G_h*G_w)."""
     return F.unfold(x, patch_size, padding=padding, stride=stride)
@@ -262,25 +350,35 @@ def _mean_count(gqh, gqw, win, step, pad, out_h, out_w, device, dtype):
     return ch[:, None] * cw[None, :]
 
 
-def feature_swap(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce):
+def feature_swap(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce, weights=None):
     """Feature swapping (docs/CONTRACT.md §3) by one gather and one strided add per window offset.
 
+    With ``weights``, ``index`` and ``weights`` are (B, Gq_h, Gq_w, K): each query window is the
+    weighted sum of its K matched windows (docs/CONTRACT.md §2a), in differentiable torch ops.
     NB: for a fixed offset (dy, dx) inside the window, distinct query cells write distinct output
     pixels, so the strided ``+=`` never collides and the result is deterministic.
     """
     b, cv = values[0].shape[:2]
-    gqh, gqw = index.shape[-2:]
+    gqh, gqw = index.shape[1:3]
+    if weights is None:
+        index, weights = index.unsqueeze(-1), None
     win, step, pad = patch_size * scale, stride * scale, padding * scale
-    padded, src0, src_row, (oh, ow) = _swap_layout(
-        [v.shape[-2:] for v in values], index, patch_size, stride, padding, scale, out_h, out_w)
+    layouts = [_swap_layout([v.shape[-2:] for v in values], index[..., j], patch_size, stride, padding,
+                            scale, out_h, out_w) for j in range(index.shape[-1])]
+    padded, (oh, ow) = layouts[0][0], layouts[0][3]
     flat = torch.cat([
         F.pad(v, (pad, wp - pad - v.shape[-1], pad, hp - pad - v.shape[-2])).reshape(b, cv, hp * wp)
         for v, (hp, wp) in zip(values, padded, strict=True)], dim=2)
+    w = None if weights is None else weights.to(flat.dtype).reshape(b, 1, gqh * gqw, -1)
     out = values[0].new_zeros((b, cv, oh, ow))
     for dy in range(win):
         for dx in range(win):
-            src = (src0 + dy * src_row + dx).unsqueeze(1).expand(-1, cv, -1)
-            _out_window(out, dy, dx, gqh, gqw, step).add_(flat.gather(2, src).view(b, cv, gqh, gqw))
+            windows = None
+            for j, (_, src0, src_row, _) in enumerate(layouts):
+                window = flat.gather(2, (src0 + dy * src_row + dx).unsqueeze(1).expand(-1, cv, -1))
+                window = window if w is None else window * w[..., j]
+                windows = window if windows is None else windows + window
+            _out_window(out, dy, dx, gqh, gqw, step).add_(windows.view(b, cv, gqh, gqw))
     out = out[:, :, pad : pad + out_h, pad : pad + out_w]
     if reduce == "mean":
         count = _mean_count(gqh, gqw, win, step, pad, out_h, out_w, out.device, out.dtype)
