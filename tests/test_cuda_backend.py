@@ -290,6 +290,30 @@ def test_feature_swap_many_references():
 
 @pytest.mark.cuda
 @requires_cuda
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_feature_swap_backward_heavy_chunks(reduce):
+    # Buckets longer than a chunk (kSwapChunk = 256 sorted positions): 700 cells on key 0, 300 on
+    # key 5 (a heavy bucket that starts inside a chunk: slot 1), the rest spread; two batch items.
+    g = torch.Generator().manual_seed(7)
+    values = [torch.randn(2, 3, 40, 40, dtype=torch.float64)]
+    n = 38 * 38
+    flat = torch.randint(0, n, (2, n), generator=g)
+    flat[:, :700] = 0
+    flat[:, 700:1000] = 5
+    index = flat[:, torch.randperm(n, generator=g)].reshape(2, 38, 38).contiguous()
+    v64 = [values[0].clone().requires_grad_()]
+    expected = ref_feature_swap(v64, index, 3, 1, 0, 1, 40, 40, reduce)
+    grad_out = torch.randn(expected.shape, dtype=torch.float64)
+    (want,) = torch.autograd.grad(expected, v64, grad_out)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+        args = (grad_out.to("cuda", dtype), index.cuda(), [40, 40], 3, 1, 0, 1, reduce)
+        (got,) = torch.ops.srntt._feature_swap_fused_backward(*args)
+        torch.testing.assert_close(got.cpu().double(), want, atol=tol, rtol=tol)
+        assert torch.equal(torch.ops.srntt._feature_swap_fused_backward(*args)[0], got)
+
+
+@pytest.mark.cuda
+@requires_cuda
 def test_feature_swap_backward_one_hot_key():
     # Every query cell matched to one key cell: one bucket holds all of them.
     values = [torch.randn(1, 3, 20, 20, dtype=torch.float64)]
