@@ -176,7 +176,7 @@ def test_patch_match_flat_image_true_maximum(flat_features):  # noqa: F811 (the 
     """Flat regions of a real slide (ppt3 crops, relu3_1): keys within the float32 noise of the
     best are re-scored in float64, so every cell whose exact top-2 margin is decidable gets the
     true maximum (as the float64 oracle), and the rest stay within float64 rounding of it."""
-    query, key = (x[:, :, 10:22].to(DEVICE) for x in flat_features)
+    query, key = (x[:, :, 10:22, :16].to(DEVICE) for x in flat_features)  # 43 runner-ups within 1e-5
     index, score = kernels.patch_match(query, [key], 3, 1, 1, "highest")
     sim = similarity_ref(query, [key], 3, 1, 1)[0]
     top2 = sim.topk(2, dim=1).values
