@@ -5,7 +5,7 @@
 #
 # The Linux torch wheel of the default package index is the CUDA build. Its headers and shared
 # libraries are fetched once into $SRNTT_CACHE (default ~/.cache/srntt-core)/torch-<version>-cuda;
-# setup.py then runs with those include directories ahead of the installed torch's and links
+# setup.py then runs with those include directories instead of the installed torch's and links
 # against the CUDA torch's libraries with --no-undefined (every symbol of _C resolved by torch,
 # the CUDA runtime or Python). cuBLAS/cuSPARSE/cuSOLVER headers, which torch's ATen/cuda headers
 # include but the bindings never call, come from the nvcc toolkit or else csrc/cuda/check/torch_stubs.
@@ -46,7 +46,6 @@ if [ ! -x "$CUDA_ROOT/bin/nvcc" ]; then
   echo "cuda_bindings_check: no nvcc under $CUDA_ROOT (set CUDA_HOME)"
   exit 1
 fi
-INC=(-I"$CACHE/torch/include" -I"$CACHE/torch/include/torch/csrc/api/include")
 if [ ! -f "$CUDA_ROOT/include/cublas_v2.h" ] || [ ! -f "$CUDA_ROOT/include/cusparse.h" ]; then
   echo "cuda_bindings_check: cuBLAS/cuSPARSE headers not in $CUDA_ROOT/include: csrc/cuda/check/torch_stubs stands in"
   STUBS=-I"$PWD/csrc/cuda/check/torch_stubs"
@@ -58,15 +57,24 @@ PYLIB="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
 rm -rf "$OUT" && mkdir -p "$OUT"
 echo "cuda_bindings_check: building srntt_core._C (FORCE_CUDA=1, torch $VERSION CUDA headers; minutes)"
 set +e
-FORCE_CUDA=1 CUDA_HOME="$CUDA_ROOT" \
-  CFLAGS="${INC[*]} $STUBS" NVCC_FLAGS="${INC[*]} $STUBS" \
+FORCE_CUDA=1 CUDA_HOME="$CUDA_ROOT" CFLAGS="$STUBS" NVCC_FLAGS="$STUBS" \
   LDFLAGS="-L$CACHE/torch/lib -L$CUDA_ROOT/lib64 -L$PYLIB -Wl,--no-as-needed -lpython$PYVER -Wl,--no-undefined" \
-  "$PY" - "$CUDA_ROOT" -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" >"$OUT/build.log" 2>&1 <<'EOF'
-# torch.utils.cpp_extension leaves CUDA_HOME unset in a CPU build of torch: point it at the toolkit.
+  "$PY" - "$CUDA_ROOT" "$CACHE" -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" >"$OUT/build.log" 2>&1 <<'EOF'
+# torch.utils.cpp_extension leaves CUDA_HOME unset in a CPU build of torch (point it at the
+# toolkit) and takes its include directories from the installed torch (point them at the wheel's).
 import runpy, sys
 import torch.utils.cpp_extension as cpp_extension
-cpp_extension.CUDA_HOME = sys.argv[1]
-sys.argv = ["setup.py", *sys.argv[2:]]
+cuda_root, cache = sys.argv[1:3]
+cpp_extension.CUDA_HOME = cuda_root
+
+
+def include_paths(device_type="cpu", *args, **kwargs):
+    paths = [f"{cache}/torch/include", f"{cache}/torch/include/torch/csrc/api/include"]
+    return paths + ([f"{cuda_root}/include"] if device_type == "cuda" else [])
+
+
+cpp_extension.include_paths = include_paths
+sys.argv = ["setup.py", *sys.argv[3:]]
 runpy.run_path("setup.py", run_name="__main__")
 EOF
 rc=$?
