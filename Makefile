@@ -7,7 +7,7 @@ STAMP := $(VENV)/.srntt-installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 EXT_SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
 
-.PHONY: setup demo test bench lint cuda-check asan-test gpu-compile-check gpu-check clean
+.PHONY: setup demo test bench lint cuda-check cuda-bindings-check asan-test gpu-compile-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ lint: $(STAMP)
 
 cuda-check:
 	bash scripts/cuda_check.sh
+
+# Opt-in (not CI): the whole extension built with FORCE_CUDA=1 against the CUDA torch wheel of the
+# installed version (fetched once into ~/.cache/srntt-core), compile and link check only.
+cuda-bindings-check: $(STAMP)
+	bash scripts/cuda_bindings_check.sh
 
 # The C++-backend tests under AddressSanitizer + UBSan (not part of `make test`; `DEBUG=1 make
 # asan-test` builds at -O0 -g). The sanitized srntt_core._C is built into a copy of the package

@@ -5,6 +5,7 @@ The launchers are the ops ``srntt::_patch_match_triton``, ``srntt::_feature_swap
 ``srntt::_feature_swap_triton_backward`` (docs/DESIGN.md), callable directly:
 
     patch_match(query, keys, patch_size, stride, padding, precision) -> (index, score)
+    patch_match_topk(query, keys, patch_size, stride, padding, precision, k) -> (index, score), (..., k) each
     feature_swap(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce) -> Tensor
     feature_swap_backward(grad_out, index, value_sizes, patch_size, stride, padding, scale, reduce)
         -> list[Tensor]
@@ -26,12 +27,12 @@ except ImportError as exc:
 else:
     try:
         from .feature_swap import feature_swap, feature_swap_backward
-        from .patch_match import patch_match
+        from .patch_match import patch_match, patch_match_topk
     except Exception as exc:  # a broken install must not break `import srntt_core`; keep the real error
         UNAVAILABLE_REASON = f"triton: kernels failed to import: {type(exc).__name__}: {exc}"
     else:
         AVAILABLE = True
-        __all__ += ["patch_match", "feature_swap", "feature_swap_backward"]
+        __all__ += ["patch_match", "patch_match_topk", "feature_swap", "feature_swap_backward"]
 
 
 def not_supported_reasons(device) -> list[str]:

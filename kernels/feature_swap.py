@@ -12,8 +12,11 @@ windows covering the pixel (whether or not their reads were in range).
 Backward. grad_values[r] at pixel (y', x') gathers grad_out from every query cell whose matched key
 cell's window covers (y', x'): the at most T^2 key cells covering the pixel, each with the list of
 query cells matched to it. The lists come from an inverse map built with a stable sort of the
-index plus CSR offsets (searchsorted), O(N) memory and work; the summation order is fixed, so
-the result is bitwise deterministic.
+index plus CSR offsets (searchsorted), O(N) memory and work. A list longer than _CHUNK (ties, or
+zero query patches all matched to key 0: ~1e5 cells at 4K) would serialize one program: it is cut
+into chunks of _CHUNK cells whose window sums a first kernel computes in parallel, and the gather
+adds that key's chunk sums instead. The summation order is fixed either way, so the result is
+bitwise deterministic.
 
 Several value maps: a host loop over them; the forward accumulates into the output in list order.
 """
@@ -27,6 +30,8 @@ from .patch_match import INTERPRET, grid_size, launch, register_op
 _BLOCK_PIX = 64 if INTERPRET else 128
 _BLOCK_C = 16 if INTERPRET else 32
 _NUM_WARPS = 4
+# Query cells per chunk of a heavy inverse list (a key cell matched by more cells than this).
+_CHUNK = 8 if INTERPRET else 256
 
 
 @triton.jit
@@ -131,10 +136,88 @@ def _cover_counts(n_out, n_cells, patch_size, stride, padding, scale, device):
 
 
 @triton.jit
+def _swap_grad_window(grad_ptr, count_h_ptr, count_w_ptr, cell, live, dy, dx, ch, c_mask, b, Cv, out_h, out_w,
+                      Gqw, stride, padding, scale, MEAN: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """grad_out at offset (dy, dx) of query ``cell``'s output window (0 outside it), divided by the
+    pixel's window count for reduce="mean"; shape (len(cell), BLOCK_C)."""
+    oy = ((cell // Gqw) * stride - padding) * scale + dy
+    ox = ((cell % Gqw) * stride - padding) * scale + dx
+    live = live & (oy >= 0) & (oy < out_h) & (ox >= 0) & (ox < out_w)
+    g = tl.load(
+        grad_ptr + (b * Cv + ch[None, :]) * out_h * out_w + (oy * out_w + ox)[:, None],
+        mask=live[:, None] & c_mask[None, :],
+        other=0.0,
+    ).to(ACC_DTYPE)
+    if MEAN:
+        count = tl.load(count_h_ptr + oy, mask=live, other=1) * tl.load(count_w_ptr + ox, mask=live, other=1)
+        g = _div_rn(g, tl.maximum(count, 1).to(ACC_DTYPE)[:, None], ACC_DTYPE)
+    return g
+
+
+@triton.jit
+def _feature_swap_bwd_chunk_kernel(
+    grad_ptr,
+    csr_ptr,
+    cells_ptr,
+    chunk_off_ptr,
+    chunk_key_ptr,
+    count_h_ptr,
+    count_w_ptr,
+    part_ptr,
+    Cv,
+    out_h,
+    out_w,
+    Gq,
+    Gqw,
+    Nk_total,
+    NC,
+    stride,
+    padding,
+    scale,
+    WIN: tl.constexpr,
+    CHUNK: tl.constexpr,
+    MEAN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_PIX: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """part[b, c, ch, w]: sum over the cells of chunk c (of a heavy list) of their grad_out window at
+    window pixel w = dy * WIN + dx, in list order. Chunks past the last one (static grid) do nothing."""
+    n_wblocks = tl.cdiv(WIN * WIN, BLOCK_PIX)
+    c = tl.program_id(0) // n_wblocks
+    wb = tl.program_id(0) % n_wblocks
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    key = tl.load(chunk_key_ptr + b * NC + c)
+    if key < Nk_total:
+        j = c - tl.load(chunk_off_ptr + b * (Nk_total + 1) + key)
+        start = tl.load(csr_ptr + b * (Nk_total + 1) + key) + j * CHUNK
+        end = tl.minimum(tl.load(csr_ptr + b * (Nk_total + 1) + key + 1), start + CHUNK)
+        w = wb * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
+        w_mask = w < WIN * WIN
+        dy = w // WIN
+        dx = w % WIN
+        ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = ch < Cv
+        acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=ACC_DTYPE)
+        for t in range(start, end):
+            cell = tl.load(cells_ptr + b * Gq + t) + tl.zeros((BLOCK_PIX,), dtype=tl.int64)
+            acc += _swap_grad_window(grad_ptr, count_h_ptr, count_w_ptr, cell, w_mask, dy, dx, ch, c_mask, b,
+                                     Cv, out_h, out_w, Gqw, stride, padding, scale, MEAN, ACC_DTYPE)
+        tl.store(
+            part_ptr + ((b * NC + c) * Cv + ch[None, :]) * WIN * WIN + w[:, None],
+            acc,
+            mask=w_mask[:, None] & c_mask[None, :],
+        )
+
+
+@triton.jit
 def _feature_swap_bwd_kernel(
     grad_ptr,
     csr_ptr,
     cells_ptr,
+    chunk_off_ptr,
+    part_ptr,
     count_h_ptr,
     count_w_ptr,
     gv_ptr,
@@ -149,12 +232,14 @@ def _feature_swap_bwd_kernel(
     Gkh,
     Gkw,
     Nk_total,
+    NC,
     key_offset,
     stride,
     padding,
     scale,
     P: tl.constexpr,
     T: tl.constexpr,
+    CHUNK: tl.constexpr,
     MEAN: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_PIX: tl.constexpr,
@@ -173,7 +258,7 @@ def _feature_swap_bwd_kernel(
     yy = y + padding * scale
     xx = x + padding * scale
     acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=ACC_DTYPE)
-    g_base = grad_ptr + (b * Cv + ch[None, :]) * out_h * out_w
+    WIN = P * scale
     for tu in tl.static_range(T):
         u = yy // step - tu
         dy = yy - u * step
@@ -185,22 +270,20 @@ def _feature_swap_bwd_kernel(
             key = key_offset + u * Gkw + v
             start = tl.load(csr_ptr + b * (Nk_total + 1) + key, mask=ok, other=0)
             n = tl.load(csr_ptr + b * (Nk_total + 1) + key + 1, mask=ok, other=0) - start
-            # Query cells matched to this key cell, in increasing cell order (stable sort).
-            for t in range(0, tl.max(n, axis=0)):
-                live = t < n
-                cell = tl.load(cells_ptr + b * Gq + start + t, mask=live, other=0)
-                oy = ((cell // Gqw) * stride - padding) * scale + dy
-                ox = ((cell % Gqw) * stride - padding) * scale + dx
-                live = live & (oy >= 0) & (oy < out_h) & (ox >= 0) & (ox < out_w)
-                g = tl.load(
-                    g_base + (oy * out_w + ox)[:, None], mask=live[:, None] & c_mask[None, :], other=0.0
-                ).to(ACC_DTYPE)
-                if MEAN:
-                    count = tl.load(count_h_ptr + oy, mask=live, other=1) * tl.load(
-                        count_w_ptr + ox, mask=live, other=1
-                    )
-                    g = _div_rn(g, tl.maximum(count, 1).to(ACC_DTYPE)[:, None], ACC_DTYPE)
-                acc += g
+            # Query cells matched to this key cell, in increasing cell order (stable sort); a heavy
+            # list contributes its chunk sums, in chunk order.
+            heavy = n > CHUNK
+            steps = tl.where(heavy, tl.cdiv(n, CHUNK), n)
+            first = tl.load(chunk_off_ptr + b * (Nk_total + 1) + key, mask=ok & heavy, other=0)
+            for t in range(0, tl.max(steps, axis=0)):
+                live = t < steps
+                cell = tl.load(cells_ptr + b * Gq + start + t, mask=live & ~heavy, other=0)
+                acc += _swap_grad_window(grad_ptr, count_h_ptr, count_w_ptr, cell, live & ~heavy, dy, dx, ch,
+                                         c_mask, b, Cv, out_h, out_w, Gqw, stride, padding, scale, MEAN,
+                                         ACC_DTYPE)
+                chunk = (b * NC + first + t)[:, None]
+                part = part_ptr + (chunk * Cv + ch[None, :]) * WIN * WIN + (dy * WIN + dx)[:, None]
+                acc += tl.load(part, mask=(live & heavy)[:, None] & c_mask[None, :], other=0.0)
     tl.store(
         gv_ptr + (b * Cv + ch[None, :]) * Hv * Wv + pix[:, None],
         acc.to(gv_ptr.dtype.element_ty),
@@ -208,9 +291,13 @@ def _feature_swap_bwd_kernel(
     )
 
 
-def _acc_dtype(dtype: torch.dtype):
+def _torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator of a swap in ``dtype``: float64 stays, everything else sums in float32 and rounds once."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if _torch_acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 def _key_grids(value_hw, patch_size, stride, padding, scale):
@@ -302,6 +389,47 @@ def feature_swap_backward(
     csr = torch.searchsorted(sorted_keys, bounds)
     count_h = _cover_counts(out_h, gqh, patch_size, stride, padding, scale, index.device)
     count_w = _cover_counts(out_w, gqw, patch_size, stride, padding, scale, index.device)
+    # Heavy lists (> _CHUNK cells) in chunks: chunk_off[k] = chunks of heavy keys < k; chunk c
+    # belongs to key chunk_key[c] (Nk_total past the last). NB: each heavy list adds at most one
+    # partial chunk, and there are fewer than Gq / _CHUNK heavy lists, hence the static bound nc.
+    n_cells = csr[:, 1:] - csr[:, :-1]
+    chunks = torch.where(n_cells > _CHUNK, (n_cells + _CHUNK - 1) // _CHUNK, 0)
+    chunk_off = torch.cat([torch.zeros_like(csr[:, :1]), chunks.cumsum(dim=1)], dim=1)
+    nc = max(1, 2 * triton.cdiv(gq, _CHUNK))
+    chunk_ids = torch.arange(nc, device=index.device).expand(b, -1).contiguous()
+    chunk_key = torch.searchsorted(chunk_off[:, 1:].contiguous(), chunk_ids, right=True)
+    win = patch_size * scale
+    part = grad_out.new_empty((b, nc, cv, win * win), dtype=_torch_acc_dtype(grad_out.dtype))
+    wblocks = triton.cdiv(win * win, _BLOCK_PIX)
+    launch(
+        _feature_swap_bwd_chunk_kernel,
+        (nc * wblocks, triton.cdiv(cv, _BLOCK_C), b),
+        grad_out,
+        csr,
+        cells,
+        chunk_off,
+        chunk_key,
+        count_h,
+        count_w,
+        part,
+        cv,
+        out_h,
+        out_w,
+        gq,
+        gqw,
+        nk_total,
+        nc,
+        stride,
+        padding,
+        scale,
+        WIN=win,
+        CHUNK=_CHUNK,
+        MEAN=reduce == "mean",
+        ACC_DTYPE=_acc_dtype(part.dtype),
+        BLOCK_PIX=_BLOCK_PIX,
+        BLOCK_C=_BLOCK_C,
+        num_warps=_NUM_WARPS,
+    )
     grads = []
     for (hv, wv), (gkh, gkw, offset) in zip(value_hw, grids, strict=True):
         gv = grad_out.new_empty((b, cv, hv, wv))
@@ -312,6 +440,8 @@ def feature_swap_backward(
             grad_out,
             csr,
             cells,
+            chunk_off,
+            part,
             count_h,
             count_w,
             gv,
@@ -326,12 +456,14 @@ def feature_swap_backward(
             gkh,
             gkw,
             nk_total,
+            nc,
             offset,
             stride,
             padding,
             scale,
             P=patch_size,
             T=-(-patch_size // stride),
+            CHUNK=_CHUNK,
             MEAN=reduce == "mean",
             ACC_DTYPE=_acc_dtype(gv.dtype),
             BLOCK_PIX=_BLOCK_PIX,

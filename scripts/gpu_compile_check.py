@@ -67,143 +67,192 @@ def _signature(fn, ptrs: dict, meta: dict) -> dict:
     return {n: ptrs.get(n) or ("constexpr" if n in meta else "i32") for n in fn.arg_names}
 
 
+def _variant(kernel, fn, ptrs, meta, options, config, tc) -> dict:
+    return dict(
+        kernel=kernel,
+        fn=fn,
+        signature=_signature(fn, ptrs, meta),
+        constexprs=meta,
+        options=options,
+        config=config,
+        tc=tc,
+    )
+
+
+def _scan_mode_variants(pm, arch, subset, label, q, low, acc, dot_prec, tc=True, **mode) -> list[dict]:
+    """The scan kernel in one mode (collect, select, prune, fma, topk) for every config of ``arch``."""
+    collect, prune, fma, topk = (mode.get(m, False) for m in ("collect", "prune", "fma", "topk"))
+    ptrs = dict(
+        q_ptr=_PTR[q],
+        k_ptr=_PTR[q],
+        ql_ptr=_PTR[low],
+        kl_ptr=_PTR[low],
+        qinv_ptr=_PTR[acc],
+        kinv_ptr=_PTR[acc],
+        best_val_ptr=_PTR[acc],
+        best_idx_ptr="*i64",
+        thr_ptr="*fp32" if collect or prune else _PTR[acc],
+        count_ptr="*i32",
+        cand_ptr="*i32",
+        order_ptr="*i64",
+        active_ptr="*i32",
+    )
+    meta = dict(
+        P=3,
+        COLLECT=collect,
+        SELECT=mode.get("select", False),
+        PRUNE=prune,
+        KC=pm._MAX_CANDIDATES,
+        DOT_PREC=dot_prec,
+        UPCAST=False,
+        FMA=fma,
+        TOPK=int(topk),
+        KP=pm.triton.next_power_of_2(max(topk, 2)) if topk else 1,
+    )
+    if fma:
+        configs = [(32, 32, 8, 4, 1)]
+    else:
+        operand_bytes = 2 if low == "bf16" else 4
+        offered = pm.scan_configs(
+            ARCH_SMEM[arch], operand_bytes, pm.scan_mode(collect, prune, topk > 0), (arch // 10, arch % 10)
+        )
+        configs = [pm._config_key(c) for c in offered]
+    return [
+        _variant(
+            f"scan/{label}",
+            pm._patch_match_scan_kernel,
+            ptrs,
+            {**meta, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+            dict(num_warps=warps, num_stages=stages),
+            f"{bm}x{bn}x{bk} w{warps} s{stages}",
+            tc,
+        )
+        for bm, bn, bk, warps, stages in (configs[-1:] if subset else configs)
+    ]
+
+
+def _scan_variants(pm, arch: int, subset: bool) -> list[dict]:
+    """The scan kernel in every mode the launchers run: top-1 and top-k, float32 (TF32 / bf16
+    candidates, float64 re-scan of overflowing queries) and float64."""
+    k = pm.MAX_TOPK
+    rescan = dict(select=True, prune=True, fma=True)
+    # float32 highest/high: TF32 candidates (max, collect), float64 re-scan of overflowing queries
+    # (CUDA-core float64 dots where a TF32 dot finds candidates).
+    modes = [
+        ("max tf32", "fp32", "fp32", "fp32", "tf32", {}),
+        ("collect tf32", "fp32", "fp32", "fp32", "tf32", dict(collect=True)),
+        ("rescan fp64 tf32-prune", "fp32", "fp32", "fp64", "ieee", rescan),
+        ("topk64 tf32", "fp32", "fp32", "fp32", "tf32", dict(topk=k)),
+    ]
+    if not subset:
+        modes += [
+            ("topk2 tf32", "fp32", "fp32", "fp32", "tf32", dict(topk=2)),
+            ("topk64 rescan fp64", "fp32", "fp32", "fp64", "ieee", dict(rescan, topk=k)),
+            # medium: bf16 candidates; its re-scan prunes with bf16 dots.
+            ("max bf16", "bf16", "bf16", "fp32", "tf32", {}),
+            ("collect bf16", "bf16", "bf16", "fp32", "tf32", dict(collect=True)),
+            ("topk64 bf16", "bf16", "bf16", "fp32", "tf32", dict(topk=k)),
+            ("rescan fp64 bf16-prune", "fp32", "bf16", "fp64", "ieee", rescan),
+            # SRNTT_TRITON_EXACT_FP32=1 and float64: no tensor cores by design.
+            ("max ieee", "fp32", "fp32", "fp32", "ieee", dict(tc=False)),
+            ("max fp64", "fp64", "fp64", "fp64", "ieee", dict(fma=True, tc=False)),
+            ("topk64 fp64", "fp64", "fp64", "fp64", "ieee", dict(fma=True, tc=False, topk=k)),
+        ]
+    return [v for *args, mode in modes for v in _scan_mode_variants(pm, arch, subset, *args, **mode)]
+
+
+def _rescore_variants(pm, subset: bool) -> list[dict]:
+    """The candidate re-scoring kernel: fp32 (top-1 and top-k lists) and the float64 near-tie pass."""
+    out = []
+    for f64 in (False, True):
+        for kc in (pm._MAX_CANDIDATES, pm._MAX_CANDIDATES + pm.MAX_TOPK)[: 1 if subset else 2]:
+            acc = _PTR["fp64" if f64 else "fp32"]
+            ptrs = dict(
+                q_ptr="*fp32",
+                k_ptr="*fp32",
+                qinv_ptr=acc,
+                kinv_ptr=acc,
+                best_val_ptr=acc,
+                best_idx_ptr="*i64",
+                count_ptr="*i32",
+                cand_ptr="*i32",
+                cscore_ptr=acc,
+                sel_ptr="*i8",
+            )
+            meta = dict(P=3, KC=kc, F64=f64, BLOCK_M=pm._RESCORE_BLOCK_M, BLOCK_K=pm._RESCORE_BLOCK_K)
+            out.append(
+                _variant(
+                    f"rescore{' fp64' if f64 else ''}{' topk' if kc > pm._MAX_CANDIDATES else ''}",
+                    pm._patch_match_rescore_kernel,
+                    ptrs,
+                    meta,
+                    dict(num_warps=4),
+                    f"{meta['BLOCK_M']}x{meta['BLOCK_K']} w4",
+                    False,
+                )
+            )
+    return out
+
+
+def _swap_variants(fs, subset: bool) -> list[dict]:
+    """Swap forward, backward and the backward's chunk sums, per dtype and reduction."""
+    import triton.language as tl
+
+    out = []
+    opts, config = dict(num_warps=fs._NUM_WARPS), f"{fs._BLOCK_PIX}x{fs._BLOCK_C}"
+    blocks = dict(BLOCK_PIX=fs._BLOCK_PIX, BLOCK_C=fs._BLOCK_C)
+    for dt in ["fp32"] if subset else ["fp32", "fp64", "fp16", "bf16"]:
+        acc = "fp64" if dt == "fp64" else "fp32"
+        acc_tl = tl.float64 if dt == "fp64" else tl.float32
+        for mean in (True,) if subset else (False, True):
+            name = f"{dt}{' mean' if mean else ''}"
+            fwd_ptrs = dict(v_ptr=_PTR[dt], idx_ptr="*i64", out_ptr=_PTR[acc])
+            fwd_meta = dict(P=3, T=3, ACCUMULATE=True, MEAN=mean, ACC_DTYPE=acc_tl, **blocks)
+            out.append(
+                _variant(
+                    f"swap_fwd/{name}", fs._feature_swap_fwd_kernel, fwd_ptrs, fwd_meta, opts, config, False
+                )
+            )
+            bwd_ptrs = dict(
+                grad_ptr=_PTR[dt],
+                csr_ptr="*i64",
+                cells_ptr="*i64",
+                chunk_off_ptr="*i64",
+                part_ptr=_PTR[acc],
+                count_h_ptr="*i32",
+                count_w_ptr="*i32",
+                gv_ptr=_PTR[dt],
+            )
+            bwd_meta = dict(P=3, T=3, CHUNK=fs._CHUNK, MEAN=mean, ACC_DTYPE=acc_tl, **blocks)
+            out.append(
+                _variant(
+                    f"swap_bwd/{name}", fs._feature_swap_bwd_kernel, bwd_ptrs, bwd_meta, opts, config, False
+                )
+            )
+            # _signature looks names up: the backward's pointers cover the chunk kernel's but one.
+            chunk_ptrs = dict(bwd_ptrs, chunk_key_ptr="*i64")
+            chunk_meta = dict(WIN=12, CHUNK=fs._CHUNK, MEAN=mean, ACC_DTYPE=acc_tl, **blocks)
+            out.append(
+                _variant(
+                    f"swap_bwd_chunk/{name}",
+                    fs._feature_swap_bwd_chunk_kernel,
+                    chunk_ptrs,
+                    chunk_meta,
+                    opts,
+                    config,
+                    False,
+                )
+            )
+    return out
+
+
 def triton_variants(arch: int, subset: bool) -> list[dict]:
     """Every (kernel, signature, constexprs, options) the launchers can run on ``arch``."""
     import srntt_core._triton  # noqa: F401  (registers the modules)
 
     pm = sys.modules["srntt_core._triton.patch_match"]
     fs = sys.modules["srntt_core._triton.feature_swap"]
-    out = []
-    limit = ARCH_SMEM[arch]
-
-    def scan(label, q, low, acc, dot_prec, collect=False, select=False, prune=False, fma=False, tc=True):
-        ptrs = dict(
-            q_ptr=_PTR[q],
-            k_ptr=_PTR[q],
-            ql_ptr=_PTR[low],
-            kl_ptr=_PTR[low],
-            qinv_ptr=_PTR[acc],
-            kinv_ptr=_PTR[acc],
-            best_val_ptr=_PTR[acc],
-            best_idx_ptr="*i64",
-            thr_ptr=_PTR[acc],
-            count_ptr="*i32",
-            cand_ptr="*i32",
-            order_ptr="*i64",
-            active_ptr="*i32",
-        )
-        meta = dict(
-            P=3,
-            COLLECT=collect,
-            SELECT=select,
-            PRUNE=prune,
-            KC=pm._MAX_CANDIDATES,
-            DOT_PREC=dot_prec,
-            UPCAST=False,
-            FMA=fma,
-        )
-        if fma:
-            configs = [(32, 32, 8, 4, 1)]
-        else:
-            mode = pm.scan_mode(collect, prune)
-            configs = [pm._config_key(c) for c in pm.scan_configs(limit, 2 if low == "bf16" else 4, mode,
-                                                                  (arch // 10, arch % 10))]
-        if subset:
-            configs = configs[-1:]
-        for bm, bn, bk, warps, stages in configs:
-            blocks = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-            out.append(
-                dict(
-                    kernel=f"scan/{label}",
-                    fn=pm._patch_match_scan_kernel,
-                    signature=_signature(pm._patch_match_scan_kernel, ptrs, {**meta, **blocks}),
-                    constexprs={**meta, **blocks},
-                    options=dict(num_warps=warps, num_stages=stages),
-                    config=f"{bm}x{bn}x{bk} w{warps} s{stages}",
-                    tc=tc,
-                )
-            )
-
-    # float32 highest/high: TF32 candidates (max, collect), exact re-scan of overflowing queries.
-    scan("max tf32", "fp32", "fp32", "fp32", "tf32")
-    scan("collect tf32", "fp32", "fp32", "fp32", "tf32", collect=True)
-    scan("rescan tf32-prune", "fp32", "fp32", "fp32", "ieee", select=True, prune=True)
-    if not subset:
-        # medium: bf16 candidates; its re-scan prunes with bf16 dots.
-        scan("max bf16", "bf16", "bf16", "fp32", "tf32")
-        scan("collect bf16", "bf16", "bf16", "fp32", "tf32", collect=True)
-        scan("rescan bf16-prune", "fp32", "bf16", "fp32", "ieee", select=True, prune=True)
-        # SRNTT_TRITON_EXACT_FP32=1 and float64: no tensor cores by design.
-        scan("max ieee", "fp32", "fp32", "fp32", "ieee", tc=False)
-        scan("max fp64", "fp64", "fp64", "fp64", "ieee", fma=True, tc=False)
-
-    rs_ptrs = dict(
-        q_ptr="*fp32",
-        k_ptr="*fp32",
-        qinv_ptr="*fp32",
-        kinv_ptr="*fp32",
-        best_val_ptr="*fp32",
-        best_idx_ptr="*i64",
-        count_ptr="*i32",
-        cand_ptr="*i32",
-    )
-    rs_meta = dict(P=3, KC=pm._MAX_CANDIDATES, BLOCK_M=pm._RESCORE_BLOCK_M, BLOCK_K=pm._RESCORE_BLOCK_K)
-    out.append(
-        dict(
-            kernel="rescore",
-            fn=pm._patch_match_rescore_kernel,
-            signature=_signature(pm._patch_match_rescore_kernel, rs_ptrs, rs_meta),
-            constexprs=rs_meta,
-            options=dict(num_warps=4),
-            config=f"{rs_meta['BLOCK_M']}x{rs_meta['BLOCK_K']} w4",
-            tc=False,
-        )
-    )
-
-    import triton.language as tl
-
-    def swap(name, fn, ptrs, meta, dt, mean):
-        out.append(
-            dict(
-                kernel=f"{name}/{dt}{' mean' if mean else ''}",
-                fn=fn,
-                signature=_signature(fn, ptrs, meta),
-                constexprs=meta,
-                options=dict(num_warps=fs._NUM_WARPS),
-                config=f"{fs._BLOCK_PIX}x{fs._BLOCK_C}",
-                tc=False,
-            )
-        )
-
-    dtypes = ["fp32"] if subset else ["fp32", "fp64", "fp16", "bf16"]
-    for dt in dtypes:
-        acc = "fp64" if dt == "fp64" else "fp32"
-        acc_tl = tl.float64 if dt == "fp64" else tl.float32
-        for mean in (False, True) if not subset else (True,):
-            fwd_ptrs = dict(v_ptr=_PTR[dt], idx_ptr="*i64", out_ptr=_PTR[acc])
-            fwd_meta = dict(
-                P=3,
-                T=3,
-                ACCUMULATE=True,
-                MEAN=mean,
-                ACC_DTYPE=acc_tl,
-                BLOCK_PIX=fs._BLOCK_PIX,
-                BLOCK_C=fs._BLOCK_C,
-            )
-            swap("swap_fwd", fs._feature_swap_fwd_kernel, fwd_ptrs, fwd_meta, dt, mean)
-            bwd_ptrs = dict(
-                grad_ptr=_PTR[dt],
-                csr_ptr="*i64",
-                cells_ptr="*i64",
-                count_h_ptr="*i32",
-                count_w_ptr="*i32",
-                gv_ptr=_PTR[dt],
-            )
-            bwd_meta = dict(
-                P=3, T=3, MEAN=mean, ACC_DTYPE=acc_tl, BLOCK_PIX=fs._BLOCK_PIX, BLOCK_C=fs._BLOCK_C
-            )
-            swap("swap_bwd", fs._feature_swap_bwd_kernel, bwd_ptrs, bwd_meta, dt, mean)
-    return out
+    return _scan_variants(pm, arch, subset) + _rescore_variants(pm, subset) + _swap_variants(fs, subset)
 
 
 _DIVISIBLE = {"C", "Cv", "q_sb", "q_sy", "k_sb", "k_sy"}
@@ -325,101 +374,96 @@ def _short(demangled: str) -> str:
     return name.replace("srntt::cuda_kernels::", "").replace("void ", "").strip()
 
 
+def _nvcc_compile(nvcc: str, src: Path, arch: int, tmp: str) -> tuple:
+    """(ptxas -v object compile result, PTX text) of ``src`` for ``arch``."""
+    common = [nvcc, *NVCC_FLAGS, f"-I{ROOT / 'csrc'}"]
+    obj = subprocess.run(
+        [
+            *common,
+            "-c",
+            "-gencode",
+            f"arch=compute_{arch},code=sm_{arch}",
+            "-Xptxas",
+            "-v",
+            str(src),
+            "-o",
+            f"{tmp}/i{arch}.o",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    ptx = subprocess.run(
+        [*common, "-ptx", f"-arch=compute_{arch}", str(src), "-o", f"{tmp}/i{arch}.ptx"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return obj, Path(f"{tmp}/i{arch}.ptx").read_text() if ptx.returncode == 0 else ""
+
+
+def _ptxas_report(stderr: str) -> dict[str, dict]:
+    """Per mangled entry function: registers, spills (store + load bytes), stack, smem."""
+    fns, cur = {}, None
+    for line in stderr.splitlines():
+        m = _PTXAS_FN.search(line)
+        if m:
+            cur = m.group(1)
+            fns[cur] = {}
+            continue
+        if cur is None:
+            continue
+        m = _PTXAS_SPILL.search(line)
+        if m:
+            fns[cur]["spills"] = int(m.group(2)) + int(m.group(3))
+            fns[cur]["stack"] = int(m.group(1))
+        m = _PTXAS_USED.search(line)
+        if m:
+            fns[cur]["registers"] = int(m.group(1))
+            fns[cur]["smem"] = int(m.group(2) or 0)
+    return fns
+
+
+def _cuda_rows(arch: int, obj, ptx_text: str) -> list[dict]:
+    if obj.returncode != 0:
+        tail = [ln for ln in obj.stderr.splitlines() if "error" in ln][:3] or obj.stderr.splitlines()[-3:]
+        return [_row("cuda", "instantiate.cu", arch, "-", error=" | ".join(tail))]
+    # Per entry function in the PTX: the text up to the next entry, for the tensor-core count.
+    entries = list(re.finditer(r"\.entry (\S+)\(", ptx_text))
+    bodies = {
+        m.group(1): ptx_text[m.end() : entries[i + 1].start() if i + 1 < len(entries) else None]
+        for i, m in enumerate(entries)
+    }
+    fns = _ptxas_report(obj.stderr)
+    names = _demangle(list(fns))
+    rows = []
+    for mangled, info in fns.items():
+        kernel = _short(names[mangled])
+        rows.append(
+            _row(
+                "cuda",
+                kernel,
+                arch,
+                "-",
+                ok=True,
+                registers=info.get("registers"),
+                spills=info.get("spills"),
+                smem_bytes=info.get("smem"),
+                tensor_core_instructions=len(TC_PTX.findall(bodies.get(mangled, ""))),
+                tensor_core_expected="match_tc_kernel" in kernel,
+            )
+        )
+    return rows
+
+
 def run_cuda(archs: list[int]) -> list[dict]:
     nvcc = _nvcc()
     if nvcc is None:
         return [_row("cuda", "instantiate.cu", a, "-", error="nvcc not found") for a in archs]
     src = ROOT / "csrc" / "cuda" / "check" / "instantiate.cu"
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-
-        def one(arch):
-            gencode = f"arch=compute_{arch},code=sm_{arch}"
-            obj = subprocess.run(
-                [
-                    nvcc,
-                    *NVCC_FLAGS,
-                    f"-I{ROOT / 'csrc'}",
-                    "-c",
-                    "-gencode",
-                    gencode,
-                    "-Xptxas",
-                    "-v",
-                    str(src),
-                    "-o",
-                    f"{tmp}/i{arch}.o",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            ptx = subprocess.run(
-                [
-                    nvcc,
-                    *NVCC_FLAGS,
-                    f"-I{ROOT / 'csrc'}",
-                    "-ptx",
-                    f"-arch=compute_{arch}",
-                    str(src),
-                    "-o",
-                    f"{tmp}/i{arch}.ptx",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            ptx_text = Path(f"{tmp}/i{arch}.ptx").read_text() if ptx.returncode == 0 else ""
-            return arch, obj, ptx_text
-
-        with cf.ThreadPoolExecutor(max_workers=len(archs)) as pool:
-            results = list(pool.map(one, archs))
-    for arch, obj, ptx_text in results:
-        if obj.returncode != 0:
-            tail = [ln for ln in obj.stderr.splitlines() if "error" in ln][:3] or obj.stderr.splitlines()[-3:]
-            rows.append(_row("cuda", "instantiate.cu", arch, "-", error=" | ".join(tail)))
-            continue
-        # Per entry function in the PTX: the text up to the next entry, for the tensor-core count.
-        entries = list(re.finditer(r"\.entry (\S+)\(", ptx_text))
-        bodies = {
-            m.group(1): ptx_text[m.end() : entries[i + 1].start() if i + 1 < len(entries) else None]
-            for i, m in enumerate(entries)
-        }
-        fns, cur = {}, None
-        for line in obj.stderr.splitlines():
-            m = _PTXAS_FN.search(line)
-            if m:
-                cur = m.group(1)
-                fns[cur] = {}
-                continue
-            if cur is None:
-                continue
-            m = _PTXAS_SPILL.search(line)
-            if m:
-                fns[cur]["spills"] = int(m.group(2)) + int(m.group(3))
-                fns[cur]["stack"] = int(m.group(1))
-            m = _PTXAS_USED.search(line)
-            if m:
-                fns[cur]["registers"] = int(m.group(1))
-                fns[cur]["smem"] = int(m.group(2) or 0)
-        names = _demangle(list(fns))
-        for mangled, info in fns.items():
-            kernel = _short(names[mangled])
-            tc = "match_tc_kernel" in kernel
-            rows.append(
-                _row(
-                    "cuda",
-                    kernel,
-                    arch,
-                    "-",
-                    ok=True,
-                    registers=info.get("registers"),
-                    spills=info.get("spills"),
-                    smem_bytes=info.get("smem"),
-                    tensor_core_instructions=len(TC_PTX.findall(bodies.get(mangled, ""))),
-                    tensor_core_expected=tc,
-                )
-            )
-    return rows
+    with tempfile.TemporaryDirectory() as tmp, cf.ThreadPoolExecutor(max_workers=len(archs)) as pool:
+        results = list(pool.map(lambda a: (a, *_nvcc_compile(nvcc, src, a, tmp)), archs))
+    return [row for arch, obj, ptx_text in results for row in _cuda_rows(arch, obj, ptx_text)]
 
 
 # ---------------------------------------------------------------------------------------------

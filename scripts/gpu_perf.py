@@ -8,7 +8,9 @@ The model (docs/benchmarks.md, "Predicted, not measured"): a kernel takes the la
 compute time (FLOPs / (peak * efficiency)) and its memory time (bytes / (bandwidth * efficiency)),
 plus a fixed launch/host overhead per call. patch_match on float32 finds candidates on tensor cores
 (TF32 for "highest"/"high", bf16 for "medium") and re-scores at most 32 candidates per query in
-fp32 on the CUDA cores: Triton in two pipelined passes (max, collect), CUDA in one wmma pass. The
+fp32 on the CUDA cores: two tensor-core passes (max, collect), pipelined wgmma tiles in Triton,
+64x64 wmma tiles in CUDA, then one warp per candidate (queries with more than 32 candidates,
+flat regions, fall back to in-tile re-scoring, not modelled). The
 TTSR peer is one fp32 SIMT bmm (torch leaves TF32 off for matmuls by default) plus the N x N score
 matrix written and read once.
 feature_swap is a gather: every output element reads ceil(P/s)^2 values (from L2 mostly) and
@@ -32,8 +34,8 @@ GPUS = {
 }
 # Triton: 128x128 wgmma tiles, software-pipelined; CUDA: 64x64 wmma (mma.sync) tiles, not pipelined.
 TC_EFFICIENCY = {"triton": 0.5, "cuda": 0.25}
-# Full tensor-core passes over all (query, key) pairs: Triton max + collect; CUDA re-scores in-tile.
-TC_PASSES = {"triton": 2, "cuda": 1}
+# Full tensor-core passes over all (query, key) pairs: max + collect in both.
+TC_PASSES = {"triton": 2, "cuda": 2}
 SIMT_EFFICIENCY = 0.7
 MEM_EFFICIENCY = 0.7
 OVERHEAD_S = 200e-6  # host work, norms, padding copies and launches of one patch_match call

@@ -425,6 +425,22 @@ def test_feature_swap_backward_one_key(kernel, case):
     check_swap(Kernel(kernel), values, index, (3, 1, 0, 1), (12, 12), "mean", 1e-12)
 
 
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("kernel, case", each())
+def test_feature_swap_backward_heavy_buckets(kernel, case, reduce):
+    """Buckets longer than a chunk of the GPU backward (256 sorted positions): 700 cells on key 0,
+    300 on key 5 (a heavy bucket that starts inside a chunk), the rest spread; two batch items."""
+    g = torch.Generator().manual_seed(7)
+    values = [features(2, 3, 40, 40, seed=5, dtype=torch.float64)]
+    n = 38 * 38
+    flat = torch.randint(0, n, (2, n), generator=g)
+    flat[:, :700] = 0
+    flat[:, 700:1000] = 5
+    index = flat[:, torch.randperm(n, generator=g)].reshape(2, 38, 38).contiguous()
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+        check_swap(Kernel(kernel), [v.to(dtype) for v in values], index, (3, 1, 0, 1), (40, 40), reduce, tol)
+
+
 @pytest.mark.parametrize("kernel, case", each())
 def test_feature_swap_uncovered_pixels_are_zero(kernel, case):
     values, index, geometry, _ = _swap_inputs(SWAP_CASES[8], torch.float64)

@@ -128,7 +128,10 @@ def test_swap_mean_division_is_round_to_nearest_in_ptx(tmp_path):
                    "template __global__ void feature_swap_forward_kernel<float>(SwapRefs<float>,"
                    " const int64_t*, float*, SwapGeom, bool, bool);\n"
                    "template __global__ void feature_swap_backward_kernel<float>(const float*, const int*,"
-                   " const int*, SwapValueMap, SwapGeom, float*);\n"
+                   " const int*, SwapChunks<float>, SwapValueMap, SwapGeom, float*);\n"
+                   "template __global__ void feature_swap_chunk_kernel<float>(const float*, const int*,"
+                   " const unsigned long long*, const int*, int64_t, int64_t, int64_t, SwapChunks<float>,"
+                   " SwapGeom);\n"
                    "}}\n")
     ptx = tmp_path / "swap.ptx"
     result = subprocess.run([_nvcc(), "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr",

@@ -211,9 +211,9 @@ def test_scan_configs_fit_each_arch():
 
 @pytest.mark.slow
 def test_gpu_compile_check_subset(tmp_path):
-    """Triton kernels compiled ahead of time for sm_90: the tensor-core scan has mma/wgmma
-    instructions and no spills, the re-score kernel does not spill (a representative subset of
-    `make gpu-compile-check`)."""
+    """Triton kernels compiled ahead of time for sm_90: the tensor-core scans (collect, running
+    top-64) have mma/wgmma instructions and no spills, the re-score kernel builds (a representative
+    subset of `make gpu-compile-check`)."""
     pytest.importorskip("triton")
     out = tmp_path / "check.json"
     result = subprocess.run(
@@ -226,7 +226,7 @@ def test_gpu_compile_check_subset(tmp_path):
             "--only",
             "triton",
             "--kernels",
-            "scan/collect tf32,rescore",
+            "scan/collect tf32,scan/topk64 tf32,rescore",
             "--out",
             str(out),
         ],
@@ -235,7 +235,8 @@ def test_gpu_compile_check_subset(tmp_path):
         timeout=900,
     )
     rows = json.loads(out.read_text())
-    assert {r["kernel"] for r in rows} == {"scan/collect tf32", "rescore"}, result.stdout + result.stderr
+    kernels = {"scan/collect tf32", "scan/topk64 tf32", "rescore"}
+    assert {r["kernel"] for r in rows} == kernels, result.stdout + result.stderr
     assert result.returncode == 0, result.stdout
-    scan = next(r for r in rows if r["kernel"] == "scan/collect tf32")
-    assert scan["tensor_core_instructions"] > 0 and scan["spills"] == 0
+    for scan in (r for r in rows if r["kernel"].startswith("scan/")):
+        assert scan["tensor_core_instructions"] > 0 and scan["spills"] == 0, scan

@@ -24,6 +24,7 @@ if not INTERPRET and not torch.cuda.is_available():
     )
 
 import oracle  # noqa: E402
+from test_flat_images import DECIDABLE, flat_features  # noqa: E402, F401 (a fixture)
 
 from srntt_core import _triton as kernels  # noqa: E402
 
@@ -112,3 +113,93 @@ def test_patch_match_exact_fp32_switch(monkeypatch):
         monkeypatch.setattr(module, "EXACT_FP32", exact)
         result = kernels.patch_match(query, [key], 3, 1, 1, "highest")
         oracle.assert_match(result, exact_match, oracle.TOL, score_tol=oracle.TOL)
+
+
+def test_patch_match_flat_image_true_maximum(flat_features):  # noqa: F811 (the fixture)
+    """Flat regions of a real slide (ppt3 crops, relu3_1): keys within the float32 noise of the
+    best are re-scored in float64, so every cell whose exact top-2 margin is decidable gets the
+    true maximum (as the float64 oracle), and the rest stay within float64 rounding of it."""
+    query, key = (x[:, :, 10:22, :16].to(DEVICE) for x in flat_features)  # 43 runner-ups within 1e-5
+    index, score = kernels.patch_match(query, [key], 3, 1, 1, "highest")
+    sim = oracle.dense_similarity(query, [key], 3, 1, 1)[0]
+    top2 = sim.topk(2, dim=1).values
+    decidable = top2[:, 0] - top2[:, 1] > DECIDABLE
+    index = index.cpu().reshape(-1)
+    wrong = (index != sim.argmax(dim=1)) & decidable
+    assert not wrong.any(), f"{int(wrong.sum())} of {int(decidable.sum())} decidable cells miss the maximum"
+    assert (top2[:, 0] - sim.gather(1, index[:, None]).squeeze(1)).max().item() <= DECIDABLE
+    # What the image is for: many cells with a runner-up within the float32 noise.
+    assert ((top2[:, 0] - top2[:, 1]) < 1e-5).sum().item() >= 10
+
+
+def topk_ref(sim, k):
+    """The k best keys of the dense float64 similarities: score descending, ties by smallest index."""
+    order = torch.sort(sim, dim=-1, descending=True, stable=True)
+    return order.indices[..., :k], order.values[..., : k + 1]
+
+
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+def test_patch_match_topk(precision):
+    """Top-k over two key maps, sorted, ties by smallest index: the float64 top-k wherever its
+    order is decidable (gaps above float64 rounding), every score that of its key; zero query
+    patches (batch item 1's corner) get keys 0..k-1 with score 0."""
+    query = rand(2, 5, 6, 7, seed=40)
+    query[1, :, :3, :3] = 0
+    keys = [rand(2, 5, 7, 6, seed=41), rand(2, 5, 4, 5, seed=42)]
+    k = 5
+    index, score = kernels.patch_match_topk(query, keys, 3, 1, 1, precision, k)
+    assert index.shape == score.shape == (2, 6, 7, k) and index.dtype == torch.int64
+    sim = oracle.dense_similarity(query, keys, 3, 1, 1)
+    want_i, want_v = topk_ref(sim, k)
+    index, score = index.cpu().flatten(1, 2), score.cpu().flatten(1, 2).double()
+    gaps = want_v[..., :-1] - want_v[..., 1:]
+    decidable = (gaps[..., :k] > 1e-9) & torch.cat([torch.ones_like(gaps[..., :1], dtype=torch.bool),
+                                                      gaps[..., : k - 1] > 1e-9], dim=-1)
+    assert decidable.float().mean() > 0.9
+    assert torch.equal(index[decidable], want_i[decidable])
+    torch.testing.assert_close(score, sim.gather(2, index), atol=1e-6, rtol=0)
+    torch.testing.assert_close(score, want_v[..., :k], atol=1e-6, rtol=0)
+    assert torch.equal(index[1, 0], torch.arange(k)) and (score[1, 0] == 0).all()
+
+
+def test_patch_match_topk_ties_and_float64():
+    """Exact ties (two constant keys, integer queries) go to the smallest indices in order; float64
+    inputs are scored exactly; k out of range is refused naming k."""
+    g = torch.Generator().manual_seed(43)
+    query = torch.randint(2, 5, (1, 3, 5, 6), generator=g).float().to(DEVICE)
+    keys = [rand(1, 3, 6, 7, seed=44), torch.ones(1, 3, 6, 7, device=DEVICE), torch.full((1, 3, 4, 4), 2.0,
+                                                                                           device=DEVICE)]
+    index, _ = kernels.patch_match_topk(query, keys, 3, 1, 0, "highest", 3)
+    first_tied = 4 * 5
+    assert (index.cpu() == torch.arange(first_tied, first_tied + 3)).all()
+    q64 = rand(1, 4, 6, 7, seed=45, dtype=torch.float64)
+    k64 = [rand(1, 4, 5, 8, seed=46, dtype=torch.float64)]
+    index, score = kernels.patch_match_topk(q64, k64, 3, 1, 1, "highest", 4)
+    want_i, want_v = topk_ref(oracle.dense_similarity(q64, k64, 3, 1, 1), 4)
+    assert score.dtype == torch.float64 and torch.equal(index.cpu().flatten(1, 2), want_i)
+    torch.testing.assert_close(score.cpu().flatten(1, 2), want_v[..., :4], atol=1e-12, rtol=0)
+    for bad in (0, 65, 5 * 8 + 1):
+        with pytest.raises(ValueError, match="k"):
+            kernels.patch_match_topk(q64, k64, 3, 1, 1, "highest", bad)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_feature_swap_backward_heavy_lists(reduce):
+    """Inverse lists longer than a chunk: 42 of 63 query cells matched to key 0 (as zero patches
+    are), 9 to key 5 (a chunk plus one), the rest spread: the chunk sums added in chunk order give
+    the reference gradient, bitwise the same on a second run, and float16 sums in float32."""
+    module = sys.modules["srntt_core._triton.feature_swap"]
+    assert module._CHUNK < 9 < 42
+    g = torch.Generator().manual_seed(30)
+    index = torch.cat([torch.zeros(42), torch.full((9,), 5), torch.randint(1, 64, (12,), generator=g)])
+    index = index[torch.randperm(63, generator=g)].long().view(1, 9, 7).to(DEVICE)
+    grad_out = rand(1, 3, 9, 7, seed=31)
+    grads = kernels.feature_swap_backward(grad_out, index, [8, 8], 3, 1, 1, 1, reduce)
+    (want,) = oracle.feature_swap_grads([torch.zeros(1, 3, 8, 8)], index.cpu(), grad_out, 3, 1, 1, 1, (9, 7),
+                                        reduce)
+    torch.testing.assert_close(grads[0].cpu().double(), want, atol=1e-5, rtol=1e-5)
+    again = kernels.feature_swap_backward(grad_out, index, [8, 8], 3, 1, 1, 1, reduce)
+    assert torch.equal(again[0], grads[0])
+    half = kernels.feature_swap_backward(grad_out.half(), index, [8, 8], 3, 1, 1, 1, reduce)[0]
+    wide = kernels.feature_swap_backward(grad_out.half().float(), index, [8, 8], 3, 1, 1, 1, reduce)[0]
+    assert torch.equal(half, wide.half())

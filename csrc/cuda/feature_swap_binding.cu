@@ -170,7 +170,8 @@ std::vector<at::Tensor> feature_swap_fused_backward_cuda(const at::Tensor& grad_
                                  static_cast<int>(index.size(2)), static_cast<int>(patch_size),
                                  static_cast<int>(stride), static_cast<int>(padding), static_cast<int>(scale),
                                  mean};
-  const cuda_kernels::SwapBackwardPlan plan = cuda_kernels::plan_feature_swap_backward(value_hw.data(), num_refs, g);
+  const cuda_kernels::SwapBackwardPlan plan = cuda_kernels::plan_feature_swap_backward(
+      value_hw.data(), num_refs, g, static_cast<int>(grad_out.element_size()));
   TORCH_CHECK(plan.ok, op, ": sizes out of the kernel's range (batch x cells must be < 2^31)");
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(plan.workspace_bytes)}, grad_out.options().dtype(at::kByte));

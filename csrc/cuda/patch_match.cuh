@@ -18,8 +18,17 @@
 //    the query's best s~ and T >= 0. If every key with s~ >= M~ - T is re-scored in fp32 and the
 //    best re-scored key k_b is returned, then any key k left out has s(k) <= s~(k) + delta <
 //    M~ - T + delta <= s(k_b) + 2 delta - T. With T = max(0, 2 delta - tol / 2) the answer is within
-//    tol / 2 (plus fp32 error) of the exact maximum: the docs/CONTRACT.md §4 contract. A block only knows the
-//    running M~ so far, which is <= the final M~, so it re-scores a superset: still correct.
+//    tol / 2 (plus fp32 error) of the exact maximum: the docs/CONTRACT.md §4 contract. The
+//    candidates are found against the final M~ of the query over every key map, in passes (each a
+//    launch of match_tc_kernel per key map, then small kernels):
+//      1. kApprox: M~ per query (no re-scoring);
+//      2. kCollect: every key with s~ >= M~ - T is appended (atomic counter, at most
+//         kTcCandidates per query) to the query's candidate list;
+//      3. rescore_candidates_kernel scores the listed candidates in fp32, one warp per candidate,
+//         and select_candidates_kernel keeps the best (larger score, then smaller index: the
+//         append order does not matter);
+//      4. kFallback: queries whose list overflowed (flat regions: hundreds of near-equal keys)
+//         re-score in the tile loop, serially per thread; blocks without such a query skip the loop.
 //
 // Several key maps, and splitting one key map over several blocks (for parallelism when there
 // are few query tiles), go through per-split partial results merged in index order into a state
@@ -105,10 +114,19 @@ __host__ __device__ inline T patch_dot(const T* __restrict__ a, int Ha, int Wa, 
   return acc;
 }
 
+// Candidates listed per query by the kCollect pass; queries with more take the kFallback pass.
+constexpr int kTcCandidates = 32;
+
 // Threshold T of the candidate test s~ >= M~ - T for the tensor-core path (see the top comment).
+// NB: both conversions round to nearest: __float2bfloat16_rn (7 stored bits) and
+// wmma::__float_to_tf32, which is cvt.rna.tf32.f32 (10 stored bits, ties away from zero). A value
+// x with 2^e <= |x| < 2^(e+1) then moves by at most half its ulp 2^(e-m), m stored bits, so
+// |x~ - x| <= 2^-(m+1) |x|: u = 2^-8 (bf16), 2^-11 (tf32). Truncation would need 2^-m; the tensor
+// cores never see an unconverted fp32 operand here (every fragment element goes through the
+// conversion), so the rounded bound holds. host_check.cu emulates the conversions bit-exactly.
 inline float candidate_margin(MatchPrecision precision, int D) {
-  const double u = precision == MatchPrecision::kMedium ? std::ldexp(1.0, -8)  // bf16, rounded
-                                                        : std::ldexp(1.0, -10);  // tf32, even if truncated
+  const double u = precision == MatchPrecision::kMedium ? std::ldexp(1.0, -8)    // bf16, rounded
+                                                        : std::ldexp(1.0, -11);  // tf32, cvt.rna
   const double tol = precision == MatchPrecision::kMedium ? 2e-3
                      : precision == MatchPrecision::kHigh ? 1e-3
                                                            : 1e-5;  // docs/CONTRACT.md §4
@@ -375,12 +393,21 @@ struct TcTraits<true> {  // BF16, m16n16k16
   __device__ static __nv_bfloat16 convert(float x) { return __float2bfloat16_rn(x); }
 };
 
-template <bool kBF16>
+enum class TcPass : int { kApprox = 0, kCollect = 1, kFallback = 2 };
+
+// Candidate lists of the tensor-core passes: count[t] keys seen (may exceed kTcCandidates), the
+// first kTcCandidates of them (global key indices) in cand[t * kTcCandidates + j].
+struct TcLists {
+  int* count;
+  int64_t* cand;
+};
+
+template <bool kBF16, TcPass kPass>
 __global__ void __launch_bounds__(kTcThreads)
     match_tc_kernel(const float* __restrict__ query, const float* __restrict__ key,
                     const int2* __restrict__ dtable, const float* __restrict__ qnorm,
                     const float* __restrict__ knorm, MatchGeom g, int64_t key_offset, int splits,
-                    int64_t state_n, float margin, const float* __restrict__ state_apx,
+                    int64_t state_n, float margin, const float* __restrict__ state_apx, TcLists lists,
                     float* __restrict__ part_val, int64_t* __restrict__ part_idx,
                     float* __restrict__ part_apx) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -422,19 +449,23 @@ __global__ void __launch_bounds__(kTcThreads)
   const int64_t state_at = static_cast<int64_t>(b) * g.nq + eq;
   const float eq_norm = eq_ok ? qnorm[state_at] : 0.0f;
   const float inv_q = inv_clamped_norm(eq_norm);
-  const bool rescore_row = eq_ok && eq_norm != 0.0f;  // zero rows are settled by init_state_kernel
+  const bool live_row = eq_ok && eq_norm != 0.0f;  // zero rows are settled by init_state_kernel
+  const bool rescore_row =
+      kPass == TcPass::kFallback && live_row && lists.count[state_at] > kTcCandidates;
   const int eqy = eq_ok ? (eq / g.gqw) * g.s - g.pad : 0;
   const int eqx = eq_ok ? (eq % g.gqw) * g.s - g.pad : 0;
   float apx = eq_ok ? state_apx[state_at] : -INFINITY;
   float best_v = -INFINITY;
   int64_t best_i = 0;
+  // The fallback pass only has work in blocks with an overflowing query.
+  const bool block_works = kPass != TcPass::kFallback || __syncthreads_or(rescore_row);
 
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   const int k_tiles = static_cast<int>(ceil_div(g.nk, BN));
   const int kt_begin = static_cast<int>(static_cast<int64_t>(split) * k_tiles / splits);
   const int kt_end = static_cast<int>(static_cast<int64_t>(split + 1) * k_tiles / splits);
 
-  for (int kt = kt_begin; kt < kt_end; ++kt) {
+  for (int kt = block_works ? kt_begin : kt_end; kt < kt_end; ++kt) {
     const int n0 = kt * BN;
     const int lkn = n0 + lm;
     const bool lk_ok = lkn < g.nk;
@@ -499,8 +530,8 @@ __global__ void __launch_bounds__(kTcThreads)
                                 wmma::mem_row_major);
     __syncthreads();
 
-    // Candidate scores of this row, their max (shared with the partner thread), then fp32
-    // re-scoring of every candidate within `margin` of the running max.
+    // Candidate scores of this row, their max (shared with the partner thread); the collect pass
+    // lists every key within `margin` of the final max, the fallback pass re-scores them in fp32.
     float tile_max = -INFINITY;
     for (int c = 0; c < 32; ++c) {
       const int col = eh * 32 + c;
@@ -508,6 +539,15 @@ __global__ void __launch_bounds__(kTcThreads)
     }
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     apx = fmaxf(apx, tile_max);
+    if (kPass == TcPass::kCollect && live_row) {
+      const float threshold = apx - margin;
+      for (int c = 0; c < 32; ++c) {
+        const int col = eh * 32 + c, n = n0 + col;
+        if (n >= g.nk || Cs[er * LDC + col] * inv_q * inv_k[col] < threshold) continue;
+        const int pos = atomicAdd(lists.count + state_at, 1);
+        if (pos < kTcCandidates) lists.cand[state_at * kTcCandidates + pos] = key_offset + n;
+      }
+    }
     if (rescore_row) {
       const float threshold = apx - margin;
       for (int c = 0; c < 32; ++c) {
@@ -540,6 +580,65 @@ __global__ void __launch_bounds__(kTcThreads)
 #elif defined(__CUDA_ARCH__)
   __trap();  // wmma TF32/BF16 needs sm_80+; patch_match() never launches this kernel below that
 #endif
+}
+
+// fp32 score of every listed candidate (queries whose list did not overflow) that lies in this key
+// map: one warp per candidate, lanes over the descriptor entries, a fixed shuffle-tree sum.
+static __global__ void rescore_candidates_kernel(const float* __restrict__ query, const float* __restrict__ key,
+                                                 const int2* __restrict__ dtable, const float* __restrict__ qnorm,
+                                                 const float* __restrict__ knorm, MatchGeom g, int64_t key_offset,
+                                                 int64_t state_n, TcLists lists, float* __restrict__ cscore) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int64_t q_plane = static_cast<int64_t>(g.Hq) * g.Wq, k_plane = static_cast<int64_t>(g.Hk) * g.Wk;
+  for (int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; w < state_n * kTcCandidates;
+       w += n_warps) {
+    const int64_t t = w / kTcCandidates;
+    const int j = static_cast<int>(w - t * kTcCandidates), count = lists.count[t];
+    if (j >= count || count > kTcCandidates) continue;  // warp-uniform
+    const int64_t loc = lists.cand[w] - key_offset;
+    if (loc < 0 || loc >= g.nk) continue;  // another key map's candidate
+    const int b = static_cast<int>(t / g.nq), qn = static_cast<int>(t - static_cast<int64_t>(b) * g.nq);
+    const int qy = (qn / g.gqw) * g.s - g.pad, qx = (qn % g.gqw) * g.s - g.pad;
+    const int ky = static_cast<int>(loc / g.gkw) * g.s - g.pad, kx = static_cast<int>(loc % g.gkw) * g.s - g.pad;
+    const float* qb = query + static_cast<int64_t>(b) * g.C * q_plane;
+    const float* kb = key + static_cast<int64_t>(b) * g.C * k_plane;
+    float acc = 0.0f;
+    for (int d = lane; d < g.D; d += 32) {
+      const int2 e = __ldg(dtable + d);
+      const int c = e.x, dy = e.y >> 16, dx = e.y & 0xffff;
+      const int ay = qy + dy, ax = qx + dx, by = ky + dy, bx = kx + dx;
+      if (ay < 0 || ay >= g.Hq || ax < 0 || ax >= g.Wq || by < 0 || by >= g.Hk || bx < 0 || bx >= g.Wk) continue;
+      acc = fmaf(__ldg(qb + c * q_plane + static_cast<int64_t>(ay) * g.Wq + ax),
+                 __ldg(kb + c * k_plane + static_cast<int64_t>(by) * g.Wk + bx), acc);
+    }
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0)
+      cscore[w] = acc * inv_clamped_norm(qnorm[t]) * inv_clamped_norm(knorm[static_cast<int64_t>(b) * g.nk + loc]);
+  }
+}
+
+// The best listed candidate of every query whose list did not overflow (zero rows stay as set).
+static __global__ void select_candidates_kernel(int64_t state_n, const float* __restrict__ qnorm, TcLists lists,
+                                                const float* __restrict__ cscore, float* __restrict__ best_val,
+                                                int64_t* __restrict__ best_idx) {
+  SRNTT_KERNEL_LOOP(t, state_n) {
+    const int count = lists.count[t];
+    if (qnorm[t] == 0.0f || count < 1 || count > kTcCandidates) continue;
+    float v = -INFINITY;
+    int64_t id = 0;
+    for (int j = 0; j < count; ++j) {
+      const float cv = cscore[t * kTcCandidates + j];
+      const int64_t ci = lists.cand[t * kTcCandidates + j];
+      if (better(cv, ci, v, id)) {
+        v = cv;
+        id = ci;
+      }
+    }
+    best_val[t] = v;
+    best_idx[t] = id;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -616,6 +715,11 @@ PatchMatchPlan plan_patch_match(const PatchMatchArgs<T>& a) {
   ws.take<T>(plan.splits * state_n);
   ws.take<int64_t>(plan.splits * state_n);
   ws.take<float>(plan.splits * state_n);
+  if (plan.tensor_cores) {
+    ws.take<int>(state_n);                  // candidate counts
+    ws.take<int64_t>(state_n * kTcCandidates);  // candidate lists
+    ws.take<float>(state_n * kTcCandidates);
+  }
   plan.workspace_bytes = ws.bytes();
   plan.ok = true;
   return plan;
@@ -671,49 +775,86 @@ cudaError_t patch_match(const PatchMatchArgs<T>& a, void* workspace, size_t work
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   const float margin = candidate_margin(a.precision, plan.D);
-  int64_t key_offset = 0;
-  for (int i = 0; i < a.num_keys; ++i) {
-    MatchGeom g;
-    g.C = a.C;
-    g.D = plan.D;
-    g.p = a.patch_size;
-    g.s = a.stride;
-    g.pad = a.padding;
-    g.Hq = a.Hq;
-    g.Wq = a.Wq;
-    g.gqw = plan.gqw;
-    g.nq = plan.nq;
-    g.Hk = a.key_hw[2 * i];
-    g.Wk = a.key_hw[2 * i + 1];
-    g.gkw = grid_size(g.Wk, g.p, g.s, g.pad);
-    g.nk = grid_size(g.Hk, g.p, g.s, g.pad) * g.gkw;
-    err = patch_match_norms(a.keys[i], a.B, a.C, g.Hk, g.Wk, g.p, g.s, g.pad, ss, knorm, stream);
-    if (err != cudaSuccess) return err;
-
-    const int k_tiles = static_cast<int>(ceil_div(g.nk, kExactBN));
-    const int splits = plan.splits < k_tiles ? plan.splits : k_tiles;
-    const dim3 grid(plan.q_tiles, splits, a.B);
-    if (plan.tensor_cores) {
-      if constexpr (std::is_same<T, float>::value) {
-        if (a.precision == MatchPrecision::kMedium)
-          match_tc_kernel<true><<<grid, kTcThreads, 0, stream>>>(
-              a.query, a.keys[i], dtable, qnorm, knorm, g, key_offset, splits, state_n, margin,
-              best_apx, part_val, part_idx, part_apx);
-        else
-          match_tc_kernel<false><<<grid, kTcThreads, 0, stream>>>(
-              a.query, a.keys[i], dtable, qnorm, knorm, g, key_offset, splits, state_n, margin,
-              best_apx, part_val, part_idx, part_apx);
-      }
-    } else {
-      match_exact_kernel<T><<<grid, kExactThreads, 0, stream>>>(
-          a.query, a.keys[i], dtable, qnorm, knorm, g, key_offset, splits, state_n, part_val, part_idx);
+  TcLists lists{nullptr, nullptr};
+  float* cscore = nullptr;
+  if (plan.tensor_cores) {
+    lists.count = ws.take<int>(state_n);
+    lists.cand = ws.take<int64_t>(state_n * kTcCandidates);
+    cscore = ws.take<float>(state_n * kTcCandidates);
+    if ((err = cudaMemsetAsync(lists.count, 0, state_n * sizeof(int), stream)) != cudaSuccess) return err;
+  }
+  // One pass over every key map (the tensor-core passes of the top comment, or the exact kernel).
+  auto over_keys = [&](auto launch) -> cudaError_t {
+    int64_t key_offset = 0;
+    for (int i = 0; i < a.num_keys; ++i) {
+      MatchGeom g;
+      g.C = a.C;
+      g.D = plan.D;
+      g.p = a.patch_size;
+      g.s = a.stride;
+      g.pad = a.padding;
+      g.Hq = a.Hq;
+      g.Wq = a.Wq;
+      g.gqw = plan.gqw;
+      g.nq = plan.nq;
+      g.Hk = a.key_hw[2 * i];
+      g.Wk = a.key_hw[2 * i + 1];
+      g.gkw = grid_size(g.Wk, g.p, g.s, g.pad);
+      g.nk = grid_size(g.Hk, g.p, g.s, g.pad) * g.gkw;
+      cudaError_t e = patch_match_norms(a.keys[i], a.B, a.C, g.Hk, g.Wk, g.p, g.s, g.pad, ss, knorm, stream);
+      if (e != cudaSuccess) return e;
+      const int k_tiles = static_cast<int>(ceil_div(g.nk, kExactBN));
+      const int splits = plan.splits < k_tiles ? plan.splits : k_tiles;
+      if ((e = launch(a.keys[i], g, key_offset, splits, dim3(plan.q_tiles, splits, a.B))) != cudaSuccess) return e;
+      key_offset += g.nk;
     }
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    return cudaSuccess;
+  };
+  auto merge = [&](int splits, bool apx) {
     merge_kernel<T><<<blocks_for(state_n, threads), threads, 0, stream>>>(
-        state_n, splits, part_val, part_idx, plan.tensor_cores ? part_apx : nullptr, best_val, best_idx,
-        best_apx);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    key_offset += g.nk;
+        state_n, splits, part_val, part_idx, apx ? part_apx : nullptr, best_val, best_idx, best_apx);
+    return cudaGetLastError();
+  };
+  if constexpr (std::is_same<T, float>::value) {
+    if (plan.tensor_cores) {
+      auto tc_pass = [&](auto pass) {
+        return over_keys([&](const float* key, const MatchGeom& g, int64_t off, int splits, dim3 grid) {
+          constexpr TcPass kPass = decltype(pass)::value;
+          if (a.precision == MatchPrecision::kMedium)
+            match_tc_kernel<true, kPass><<<grid, kTcThreads, 0, stream>>>(
+                a.query, key, dtable, qnorm, knorm, g, off, splits, state_n, margin, best_apx, lists, part_val,
+                part_idx, part_apx);
+          else
+            match_tc_kernel<false, kPass><<<grid, kTcThreads, 0, stream>>>(
+                a.query, key, dtable, qnorm, knorm, g, off, splits, state_n, margin, best_apx, lists, part_val,
+                part_idx, part_apx);
+          cudaError_t e = cudaGetLastError();
+          if (e != cudaSuccess || kPass == TcPass::kCollect) return e;
+          return merge(splits, kPass == TcPass::kApprox);
+        });
+      };
+      if ((err = tc_pass(std::integral_constant<TcPass, TcPass::kApprox>{})) != cudaSuccess) return err;
+      if ((err = tc_pass(std::integral_constant<TcPass, TcPass::kCollect>{})) != cudaSuccess) return err;
+      err = over_keys([&](const float* key, const MatchGeom& g, int64_t off, int, dim3) {
+        rescore_candidates_kernel<<<blocks_for(state_n * kTcCandidates * 32, threads), threads, 0, stream>>>(
+            a.query, key, dtable, qnorm, knorm, g, off, state_n, lists, cscore);
+        return cudaGetLastError();
+      });
+      if (err != cudaSuccess) return err;
+      select_candidates_kernel<<<blocks_for(state_n, threads), threads, 0, stream>>>(state_n, qnorm, lists, cscore,
+                                                                                     best_val, best_idx);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      if ((err = tc_pass(std::integral_constant<TcPass, TcPass::kFallback>{})) != cudaSuccess) return err;
+    }
+  }
+  if (!plan.tensor_cores) {
+    err = over_keys([&](const T* key, const MatchGeom& g, int64_t off, int splits, dim3 grid) {
+      match_exact_kernel<T><<<grid, kExactThreads, 0, stream>>>(a.query, key, dtable, qnorm, knorm, g, off, splits,
+                                                                state_n, part_val, part_idx);
+      cudaError_t e = cudaGetLastError();
+      return e != cudaSuccess ? e : merge(splits, false);
+    });
+    if (err != cudaSuccess) return err;
   }
   write_output_kernel<T><<<blocks_for(state_n, threads), threads, 0, stream>>>(state_n, best_val, best_idx,
                                                                               a.index, a.score);

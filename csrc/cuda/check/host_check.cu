@@ -31,9 +31,11 @@ void expect(bool ok, const char* what, const char* detail = "") {
 
 struct SwapCase {
   int B, Cv, p, s, pad, scale, gqh, gqw, out_h, out_w;
-  bool mean;
+  bool mean, heavy;
   std::vector<int> hw;  // Hv, Wv per reference
 };
+
+int g_heavy_bucket_cases = 0;  // swap cases with a bucket longer than the chunk
 
 // Brute force: scatter every window (docs/CONTRACT.md §3), counting covers regardless of reads.
 void swap_reference(const SwapCase& sc, const std::vector<std::vector<double>>& values,
@@ -101,6 +103,10 @@ void check_swap_case(const SwapCase& sc, std::mt19937& rng) {
   std::vector<int64_t> index(static_cast<size_t>(sc.B) * sc.gqh * sc.gqw);
   for (auto& k : index) k = K(rng);
   if (index.size() > 3) index[1] = index[0];  // shared matches: buckets with several cells
+  // Heavy buckets (longer than the chunk below): half the cells matched to one key, as zero query
+  // patches are.
+  if (sc.heavy)
+    for (size_t t = 0; t < index.size() / 2; ++t) index[t] = index[0];
 
   SwapGeom g{sc.B, sc.Cv, sc.out_h, sc.out_w, sc.gqh, sc.gqw, sc.p, sc.s, sc.pad, sc.scale, sc.mean};
 
@@ -133,7 +139,8 @@ void check_swap_case(const SwapCase& sc, std::mt19937& rng) {
 
   // Backward: the adjoint, checked through <grad_out, forward(values)> = <backward(grad_out), values>
   // for random grad_out, plus determinism of the inverse map (stable sort).
-  const SwapBackwardPlan plan = plan_feature_swap_backward(sc.hw.data(), R, g, /*sort_bytes=*/false);
+  const SwapBackwardPlan plan =
+      plan_feature_swap_backward(sc.hw.data(), R, g, sizeof(double), /*sort_bytes=*/false);
   expect(plan.ok && plan.nk_total == nk_total, "backward plan", detail);
   std::vector<unsigned long long> keys(plan.num_cells);
   std::vector<int> cells(plan.num_cells);
@@ -157,6 +164,23 @@ void check_swap_case(const SwapCase& sc, std::mt19937& rng) {
 
   std::vector<double> grad_out(out.size());
   for (auto& x : grad_out) x = U(rng);
+  // Chunk sums as feature_swap_chunk_kernel computes them, with a chunk of 3 positions.
+  const int chunk = 3, ww = sc.p * sc.scale * sc.p * sc.scale;
+  const int64_t num_chunks = (plan.num_cells + chunk - 1) / chunk;
+  std::vector<double> part(static_cast<size_t>(num_chunks) * 2 * sc.Cv * ww);
+  for (int64_t q = 0; q < num_chunks; ++q)
+    for (int slot = 0; slot < 2; ++slot)
+      for (int c = 0; c < sc.Cv; ++c)
+        for (int w = 0; w < ww; ++w)
+          part[((q * 2 + slot) * sc.Cv + c) * ww + w] =
+              swap_chunk_element(grad_out.data(), scells.data(), skeys.data(), bucket_start.data(),
+                                 plan.num_cells, nk_total, plan.num_buckets - 1, chunk, g, q, slot, c, w);
+  const SwapChunks<double> chunks{chunk, num_chunks, part.data()};
+  for (int64_t k = 0; k + 1 < plan.num_buckets; ++k)
+    if (bucket_start[k + 1] - bucket_start[k] > chunk) {
+      ++g_heavy_bucket_cases;
+      break;
+    }
   double lhs = 0, rhs = 0;
   for (size_t t = 0; t < out.size(); ++t) lhs += grad_out[t] * out[t];
   int64_t off = 0;
@@ -173,12 +197,13 @@ void check_swap_case(const SwapCase& sc, std::mt19937& rng) {
         for (int yv = 0; yv < m.hv; ++yv)
           for (int xv = 0; xv < m.wv; ++xv) {
             const double gv =
-                swap_backward_element(grad_out.data(), scells.data(), bucket_start.data(), m, g, b, c, yv, xv);
+                swap_backward_element(grad_out.data(), scells.data(), bucket_start.data(), chunks, m, g, b, c, yv, xv);
             rhs += gv * values[r][((static_cast<size_t>(b) * sc.Cv + c) * m.hv + yv) * m.wv + xv];
           }
   }
-  std::snprintf(detail, sizeof detail, "p=%d s=%d pad=%d scale=%d refs=%d mean=%d <g,Fv>=%.12g <F*g,v>=%.12g",
-                sc.p, sc.s, sc.pad, sc.scale, R, sc.mean, lhs, rhs);
+  std::snprintf(detail, sizeof detail,
+                "p=%d s=%d pad=%d scale=%d refs=%d mean=%d heavy=%d <g,Fv>=%.12g <F*g,v>=%.12g", sc.p, sc.s,
+                sc.pad, sc.scale, R, sc.mean, sc.heavy, lhs, rhs);
   expect(std::fabs(lhs - rhs) < 1e-9 * (1 + std::fabs(lhs)), "feature_swap backward (adjoint)", detail);
 }
 
@@ -199,6 +224,7 @@ void check_feature_swap() {
           sc.pad = pad;
           sc.scale = scale;
           sc.mean = (cases % 2) == 0;
+          sc.heavy = (cases % 4) < 2;
           const int R = cases % 7 == 0 ? 10 : 1 + cases % 3;  // 10 refs: two launches
           for (int r = 0; r < R; ++r) {
             const int hk = std::max(p, 1 + D(rng) % 7), wk = std::max(p, 1 + D(rng) % 8);
@@ -215,7 +241,9 @@ void check_feature_swap() {
           check_swap_case(sc, rng);
           ++cases;
         }
-  std::printf("feature_swap: %d random cases (forward vs scatter, backward adjoint)\n", cases);
+  std::printf("feature_swap: %d random cases (forward vs scatter, backward adjoint), %d with heavy buckets\n",
+              cases, g_heavy_bucket_cases);
+  expect(g_heavy_bucket_cases >= cases / 4, "heavy buckets exercised", "");
 }
 
 void check_covering_windows() {
@@ -293,16 +321,23 @@ float round_mantissa(float x, int kept_bits) {  // round to nearest even, kept_b
   return x;
 }
 
-float truncate_mantissa(float x, int kept_bits) {
+// cvt.rna.tf32.f32 (wmma::__float_to_tf32): round to nearest, ties away from zero, kept_bits
+// after the point.
+float round_mantissa_away(float x, int kept_bits) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  u &= ~((1u << (23 - kept_bits)) - 1);
+  const int drop = 23 - kept_bits;
+  const uint32_t mask = (1u << drop) - 1;
+  const bool up = (u & mask) >= (1u << (drop - 1));
+  u &= ~mask;
+  if (up) u += 1u << drop;
   std::memcpy(&x, &u, 4);
   return x;
 }
 
 // The bound |s~ - s| <= delta behind candidate_margin, on emulated tensor-core inputs (TF32: 10
-// stored bits, also truncated; BF16: 7), fp32 accumulation, descriptors of VGG-like length.
+// stored bits, cvt.rna; BF16: 7, nearest even), fp32 accumulation, descriptors of VGG-like length.
+// Inputs are also drawn right at the rounding boundaries (the worst case of the input term).
 void check_margin() {
   std::mt19937 rng(99);
   std::uniform_real_distribution<float> U(0.0f, 1.0f);
@@ -319,6 +354,11 @@ void check_margin() {
       for (int i = 0; i < D; ++i) {
         q[i] = relu ? U(rng) * U(rng) : N(rng);
         k[i] = relu ? U(rng) : N(rng);
+        if (trial % 4 >= 2) {  // x = (1 + (2j + 1) 2^-(m+1)) 2^e: halfway, the largest rounding error
+          const int m = prec == MatchPrecision::kMedium ? 7 : 10;
+          q[i] = std::ldexp(1.0f + std::ldexp(2.0f * (i % 7) + 1, -(m + 1)), i % 5 - 2);
+          k[i] = std::ldexp(1.0f + std::ldexp(2.0f * (i % 5) + 1, -(m + 1)), i % 3 - 1);
+        }
       }
       double dot = 0, nq = 0, nk = 0;
       float approx = 0, nqf = 0, nkf = 0;
@@ -326,8 +366,8 @@ void check_margin() {
         dot += static_cast<double>(q[i]) * k[i];
         nq += static_cast<double>(q[i]) * q[i];
         nk += static_cast<double>(k[i]) * k[i];
-        const float qr = prec == MatchPrecision::kMedium ? round_mantissa(q[i], 7) : truncate_mantissa(q[i], 10);
-        const float kr = prec == MatchPrecision::kMedium ? round_mantissa(k[i], 7) : truncate_mantissa(k[i], 10);
+        const float qr = prec == MatchPrecision::kMedium ? round_mantissa(q[i], 7) : round_mantissa_away(q[i], 10);
+        const float kr = prec == MatchPrecision::kMedium ? round_mantissa(k[i], 7) : round_mantissa_away(k[i], 10);
         approx = std::fma(qr, kr, approx);
         nqf = std::fma(q[i], q[i], nqf);
         nkf = std::fma(k[i], k[i], nkf);

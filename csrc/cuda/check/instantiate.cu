@@ -17,12 +17,8 @@ template __global__ void match_exact_kernel<float>(const float*, const float*, c
 template __global__ void match_exact_kernel<double>(const double*, const double*, const int2*,
                                                     const double*, const double*, MatchGeom, int64_t, int,
                                                     int64_t, double*, int64_t*);
-template __global__ void match_tc_kernel<false>(const float*, const float*, const int2*, const float*,
-                                                const float*, MatchGeom, int64_t, int, int64_t, float,
-                                                const float*, float*, int64_t*, float*);
-template __global__ void match_tc_kernel<true>(const float*, const float*, const int2*, const float*,
-                                               const float*, MatchGeom, int64_t, int, int64_t, float,
-                                               const float*, float*, int64_t*, float*);
+// match_tc_kernel (every precision and pass), rescore_candidates_kernel and select_candidates_kernel
+// are instantiated through patch_match<float>.
 
 template cudaError_t feature_swap_forward<float>(const float* const*, const int*, int, const int64_t*, float*,
                                                  const SwapGeom&, cudaStream_t);
