@@ -91,8 +91,9 @@ class ReferenceBank(nn.Module):
     ``srntt_core.swap.texture_swap(lr, refs).maps``, for any number of inputs and tiles.
 
     ``channels_last``: run the VGG passes in channels-last layout (oneDNN's faster path on CPU).
-    NB: the key patches' norms are not kept: the kernels compute them inside every match, a pass
-    over the keys that costs ~1/N_query of the match itself.
+    NB: the key patches' norms are not kept: the kernels take none precomputed and compute them in
+    every match, a key-side pass measured at ~6% of the match at the default tile size
+    (docs/benchmarks.md, "End-to-end super-resolution").
     """
 
     def __init__(self, refs: Sequence[torch.Tensor], extractor: nn.Module | None = None,
