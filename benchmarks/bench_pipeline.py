@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import peers
 import pytest
@@ -60,7 +61,7 @@ def test_texture_swap(bench, data, shape, provider):
 # ---------------------------------------------------------------------------------------------
 # the whole super-resolution: generator + swap stage, and the `srntt sr` process
 
-SR_PROVIDERS = ("optimized", "straightforward", "ttsr")
+SR_PROVIDERS = ("optimized", "compiled", "bf16", "straightforward", "ttsr")
 SR_LARGE_DEFAULT: set = set()  # 1080p SR is opt-in: SRNTT_BENCH_LARGE=1
 SR_ROUNDS = {"cufed5": 3, "1080p": 1}
 SGEMM_N = 2048
@@ -76,8 +77,8 @@ def _memo(key, make):
     return _MEMO[key]
 
 
-def _generator():
-    return _memo("generator", infer.load_model)
+def _generator(data):
+    return _memo("generator", lambda: infer.load_model(device=data.DEVICE))
 
 
 def _sr_inputs(data, shape):
@@ -90,11 +91,14 @@ def _sr_inputs(data, shape):
 
 
 def _sr_fn(data, shape, provider):
-    model, (lr, ref) = _generator(), _sr_inputs(data, shape)
-    if provider == "optimized":
-        return lambda: infer.super_resolve(model, lr, [ref])
-    if provider == "straightforward":
-        return lambda: infer.super_resolve(model, lr, [ref], fast=False)
+    """The whole SR, untiled below 1080p (one tile shape, as a compiled generator wants), else in
+    128-pixel LR tiles."""
+    model, (lr, ref) = _generator(data), _sr_inputs(data, shape)
+    tile = 128 if shape == data.LARGE_SHAPE else None
+    options = {"optimized": {}, "compiled": {"compile": True}, "bf16": {"precision": "medium"},
+               "straightforward": {"fast": False}}
+    if provider in options:
+        return lambda: infer.super_resolve(model, lr, [ref], tile=tile, **options[provider])
     extractor = data.vgg()
 
     def ttsr():
@@ -126,28 +130,43 @@ def _sr_flops(data, shape) -> float:
     return _memo(("flops", shape), make)
 
 
-def test_sgemm(bench):
-    """The machine's sgemm speed in this run: SR times normalize by it (the machine is shared)."""
-    a, b = torch.randn(SGEMM_N, SGEMM_N), torch.randn(SGEMM_N, SGEMM_N)
+def test_sgemm(bench, data):
+    """The device's sgemm speed in this run: SR times normalize by it (the machine is shared)."""
+    a, b = (torch.randn(SGEMM_N, SGEMM_N, device=data.DEVICE) for _ in range(2))
     bench.run(lambda: a @ b, group="sgemm", provider="torch.mm", shape="cufed5", features="random",
               n_query=SGEMM_N, n_key=SGEMM_N, rounds=10, warmup=2, flops=2.0 * SGEMM_N**3)
 
 
 @pytest.mark.parametrize("provider", SR_PROVIDERS)
 def test_super_resolve(bench, data, shape, provider):
-    """x4 SR of the LR half with the other half as reference: the optimized path (BN folded,
-    reference features once), the straightforward one (same weights, BN unfolded), and a TTSR-style
-    pipeline (bmm relevance matrix + fold swaps, same VGG and generator)."""
+    """x4 SR of the LR half with the other half as reference, on the benchmark device: the optimized
+    path (BN folded once per model, reference features once, channels-last), the same compiled by
+    inductor (CUDA graphs on a GPU; its first call, the compile, is timed apart as ``compile_s``), the
+    same with bfloat16 networks and the bf16 match (GPU only), the straightforward one (same weights,
+    BN unfolded, NCHW), and a TTSR-style pipeline (bmm relevance matrix + fold swaps, same VGG and
+    generator)."""
     if shape not in SR_ROUNDS:
         pytest.skip(f"super_resolve runs at {', '.join(SR_ROUNDS)}")
+    if provider == "bf16" and data.DEVICE.type != "cuda":
+        pytest.skip("bf16: bfloat16 networks are a GPU option (this CPU has no bf16 matrix units)")
     h, w = data.SHAPES[shape]
     n = (h - 2) * (w - 2)
     if provider == "ttsr":
         data.skip_if_too_big(peers.ttsr_patch_match_bytes(n, n, data.CHANNELS), "the N x N relevance matrix")
     data.skip_large(shape, (provider,), SR_LARGE_DEFAULT, "several minutes per provider")
     fn = _sr_fn(data, shape, provider)
+    info = {}
+    if provider == "compiled":
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        fn()
+        if data.DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        info["compile_s"] = round(time.perf_counter() - t0, 2)
     out = bench.run(fn, group=f"super_resolve {shape} real", provider=provider, shape=shape, features="real",
-                    n_query=n, n_key=n, rounds=SR_ROUNDS[shape], flops=_sr_flops(data, shape))
+                    n_query=n, n_key=n, rounds=SR_ROUNDS[shape], flops=_sr_flops(data, shape), **info)
     bench.benchmark.extra_info["max_abs_diff_vs_straightforward"] = float(
         (out - _sr_reference_output(data, shape)).abs().max())
 

@@ -144,6 +144,12 @@ stage bench_cufed5 75 "$RESULTS/bench_cufed5.log" env SRNTT_BENCH_SHAPES=cufed5 
 stage bench_swap_cufed5 40 "$RESULTS/bench_swap_cufed5.log" env SRNTT_BENCH_SHAPES=cufed5 \
   "${BENCH[@]}" -k "test_feature_swap and not python_loop" \
   --benchmark-json="$BENCH_DIR/gpu_check_swap_cufed5.json"
+# the whole SR on the GPU at CUFED5 size (optimized, compiled with CUDA graphs, bf16, straightforward,
+# TTSR-style) against the same run's sgemm
+stage bench_pipeline_cufed5 120 "$RESULTS/bench_pipeline_cufed5.log" env SRNTT_BENCH_SHAPES=cufed5 \
+  "$PY" -m pytest -q -p no:cacheprovider -rs benchmarks/bench_pipeline.py --benchmark-only \
+  -k "sgemm or super_resolve" --benchmark-json="$BENCH_DIR/gpu_check_pipeline_cufed5.json"
+[ -f "$BENCH_DIR/gpu_check_pipeline_cufed5.json" ] && cp "$BENCH_DIR/gpu_check_pipeline_cufed5.json" "$RESULTS/"
 
 # 4. compute-sanitizer memcheck on a small subset of the CUDA tests (caching allocator off, so an
 # out-of-bounds access inside a cached block is seen)

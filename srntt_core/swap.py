@@ -30,7 +30,8 @@ from .ops.library import PRECISIONS, REDUCTIONS, PatchMatch
 
 __all__ = [
     "PatchMatch", "SwapResult", "patch_match", "feature_swap", "weight_maps", "texture_swap",
-    "TextureSwapper", "BackendUnavailableError", "available", "LEVELS",
+    "TextureSwapper", "BackendUnavailableError", "available", "LEVELS", "UPSCALE", "bicubic",
+    "ReferenceFeatures", "reference_features", "query_features", "swap_levels", "default_extractor",
 ]
 
 # SRNTT's swap levels: VGG layer -> scale relative to relu3_1.
@@ -342,8 +343,15 @@ def weight_maps(
 # ---------------------------------------------------------------------------------------------
 # the SRNTT swap stage
 
-def _bicubic(x: Tensor, factor: float) -> Tensor:
-    # NB: antialias when shrinking, to behave like PIL's bicubic (docs/CONTRACT.md §10).
+# NB: the LR is matched upsampled by relu1_1's scale relative to relu3_1 (x4, SRNTT's SR factor), so
+# relu3_1 of the upsampled LR has the LR's size and the swapped maps line up with the LR; a
+# reference's sides are multiples of it, so that its relu1_1 values are exactly x4 its relu3_1 keys.
+UPSCALE = LEVELS["relu1_1"]
+
+
+def bicubic(x: Tensor, factor: float) -> Tensor:
+    """Bicubic resampling of (B, 3, H, W) RGB in [0, 1] by ``factor``, clamped to [0, 1], as the swap
+    stage resamples (NB: antialiased when shrinking, to behave like PIL's bicubic; docs/CONTRACT.md §10)."""
     return F.interpolate(x, scale_factor=factor, mode="bicubic", align_corners=False,
                          antialias=factor < 1).clamp(0, 1)
 
@@ -361,6 +369,53 @@ def default_extractor() -> nn.Module:
     return _DEFAULT_EXTRACTOR
 
 
+class ReferenceFeatures(NamedTuple):
+    """VGG features of one reference: ``key``, relu3_1 of the blurred reference (bicubic x1/4 then
+    x4), which the LR is matched against; ``values``, relu3_1/2_1/1_1 of the reference itself, which
+    are swapped. Contiguous (the kernels read them so), so a kept copy is read as is by every match."""
+
+    key: Tensor
+    values: dict[str, Tensor]
+
+
+def _extract(extractor: nn.Module, x: Tensor, channels_last: bool) -> dict[str, Tensor]:
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return extractor(x)
+
+
+def reference_features(ref: Tensor, extractor: nn.Module | None = None, *,
+                       channels_last: bool = False) -> ReferenceFeatures:
+    """The :class:`ReferenceFeatures` of ``ref`` (B, 3, H, W) in [0, 1], H and W multiples of 4: two
+    VGG passes, computed once per reference however many inputs or tiles are matched against it.
+
+    ``extractor``: as for :func:`texture_swap`. ``channels_last``: run the VGG passes in channels-last
+    layout (oneDNN's faster direct convolutions on CPU); the features are stored contiguous either way.
+    """
+    extractor = extractor if extractor is not None else default_extractor().to(ref.device)
+    blurred = bicubic(bicubic(ref, 1 / UPSCALE), UPSCALE)
+    key = _extract(extractor, blurred, channels_last)["relu3_1"]
+    feats = _extract(extractor, ref, channels_last)
+    return ReferenceFeatures(key.contiguous(), {layer: feats[layer].contiguous() for layer in LEVELS})
+
+
+def query_features(lr: Tensor, extractor: nn.Module | None = None, *, lr_up: Tensor | None = None,
+                   channels_last: bool = False) -> Tensor:
+    """relu3_1 of the upsampled LR (``lr_up``, default bicubic x4 of ``lr``): the LR's side of the match."""
+    extractor = extractor if extractor is not None else default_extractor().to(lr.device)
+    return _extract(extractor, bicubic(lr, UPSCALE) if lr_up is None else lr_up, channels_last)["relu3_1"]
+
+
+def swap_levels(values: Sequence[dict[str, Tensor]], index: Tensor, size: tuple[int, int], *,
+                backend: str = "auto") -> dict[str, Tensor]:
+    """The matched windows of every reference's ``values`` at each level of :data:`LEVELS`, in the
+    layout of an LR of ``size`` (h, w): relu3_1 at (h, w), relu2_1 at x2, relu1_1 at x4."""
+    h, w = size
+    return {layer: feature_swap([v[layer] for v in values], index, scale=s, out_size=(h * s, w * s),
+                                backend=backend)
+            for layer, s in LEVELS.items()}
+
+
 def texture_swap(
     lr: Tensor,
     refs: Tensor | Sequence[Tensor],
@@ -374,7 +429,8 @@ def texture_swap(
 
     Matching uses relu3_1 of the bicubic-upsampled LR against relu3_1 of the blurred reference
     (bicubic x1/4 then x4), 3x3 patches on the valid grid; the swapped maps come from the
-    unblurred reference at relu3_1, relu2_1 and relu1_1.
+    unblurred reference at relu3_1, relu2_1 and relu1_1 (:func:`query_features`,
+    :func:`reference_features`, :func:`swap_levels`).
 
     Args:
         lr: (B, 3, h, w) low-resolution RGB in [0, 1].
@@ -389,29 +445,19 @@ def texture_swap(
         _check_map(name, r)
         if r.shape[1] != 3 or r.shape[0] != lr.shape[0]:
             raise ValueError(f"{name}: expected (B={lr.shape[0]}, 3, H, W), got {tuple(r.shape)}")
-        if r.shape[-2] % 4 or r.shape[-1] % 4:
-            raise ValueError(f"{name}: height and width must be multiples of 4, got {tuple(r.shape[-2:])}")
+        if r.shape[-2] % UPSCALE or r.shape[-1] % UPSCALE:
+            raise ValueError(f"{name}: height and width must be multiples of {UPSCALE}, "
+                             f"got {tuple(r.shape[-2:])}")
     if lr.shape[1] != 3:
         raise ValueError(f"lr: expected 3 channels (RGB), got {lr.shape[1]}")
     _same_device("lr", lr, names, ref_list)
     library.check_finite(["lr", *names], [lr, *ref_list])
     if extractor is None:
         extractor = default_extractor().to(lr.device)
-    if lr_up is None:
-        lr_up = _bicubic(lr, 4)
-    h, w = lr.shape[-2:]
-    query = extractor(lr_up)["relu3_1"]
-    keys, values = [], {layer: [] for layer in LEVELS}
-    for r in ref_list:
-        keys.append(extractor(_bicubic(_bicubic(r, 0.25), 4))["relu3_1"])
-        feats = extractor(r)
-        for layer in LEVELS:
-            values[layer].append(feats[layer])
-    match = patch_match(query, keys, backend=backend, precision=precision)
-    maps = {
-        layer: feature_swap(values[layer], match.index, scale=s, out_size=(h * s, w * s), backend=backend)
-        for layer, s in LEVELS.items()
-    }
+    query = query_features(lr, extractor, lr_up=lr_up)
+    feats = [reference_features(r, extractor) for r in ref_list]
+    match = patch_match(query, [f.key for f in feats], backend=backend, precision=precision)
+    maps = swap_levels([f.values for f in feats], match.index, tuple(lr.shape[-2:]), backend=backend)
     weights = dict(zip(LEVELS, weight_maps(match.score, scales=tuple(LEVELS.values())), strict=True))
     return SwapResult(maps, weights, match.index, match.score)
 

@@ -3,6 +3,7 @@ straightforward path (same weights, BN unfolded, nothing cached), lazy imports."
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +13,12 @@ from torch import nn
 
 from srntt_core.cli import SAMPLE_IMAGE
 from srntt_core.models import infer as I
-from srntt_core.models.fuse import fold_batchnorm, has_batchnorm, inference_copy
+from srntt_core.models.fuse import fast_generator, fold_batchnorm, has_batchnorm, inference_copy
 from srntt_core.models.metrics import psnr_y
 from srntt_core.models.srntt import SRNTT
 
 ZEBRA = SAMPLE_IMAGE
+TEST_IMAGES = Path(__file__).resolve().parent / "data" / "images"
 TINY = dict(ch=8, content_blocks=2, transfer_blocks=(1, 1, 1))
 
 
@@ -142,3 +144,156 @@ def test_import_swap_and_build_the_extractor_stay_light(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# the folded copy is built once per model, and rebuilt when the weights change
+
+def _tiny_bn_model(seed: int) -> SRNTT:
+    """A tiny SRNTT with trained-like BN statistics and a non-zero output layer (a fresh one is
+    zero-initialized, which would hide every other weight from the output)."""
+    torch.manual_seed(seed)
+    model = _randomize_bn(SRNTT(**TINY), seed).eval()
+    last = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.normal_(0, 0.1)
+    return model
+
+
+def test_the_folded_copy_is_built_once_per_model(monkeypatch, zebra):
+    from srntt_core.models import fuse
+
+    built = []
+    real = fuse.inference_copy
+    monkeypatch.setattr(fuse, "inference_copy", lambda *a, **k: built.append(1) or real(*a, **k))
+    model = _tiny_bn_model(3)
+    _, lr, ref = zebra
+    first = I.super_resolve(model, lr, [ref], tile=None)
+    second = I.super_resolve(model, lr, [ref], tile=None)
+    I.super_resolve(model, lr, [ref], tile=24, overlap=4)
+    assert len(built) == 1
+    assert fuse.fast_generator(model) is fuse.fast_generator(model)
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("change", ["optimizer_step", "data_write", "load_state_dict", "bn_statistics"])
+def test_a_changed_weight_is_seen(zebra, change):
+    """A training loop that validates between steps gets the current weights, however they changed."""
+    _, lr, ref = zebra
+    lr = lr[:, :16, :16]
+    model = _tiny_bn_model(4)
+    before = I.super_resolve(model, lr, [ref], tile=None)
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
+    if change == "optimizer_step":
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        model.train()
+        with torch.enable_grad():
+            out = model(lr[None] * 2 - 1, I.ReferenceBank([I.prepare_reference(ref)]).swap(lr[None]))
+            out.mean().backward()
+        opt.step()
+        model.eval()
+    elif change == "data_write":
+        last.bias.data.add_(0.1)
+    elif change == "load_state_dict":
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state[f"{name}.bias"] += 0.1
+        model.load_state_dict(state)
+    else:  # a training-mode forward updates BatchNorm's running statistics (no version bump)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 1.0
+        model.train()
+        model(lr[None] * 4 - 2, I.ReferenceBank([I.prepare_reference(ref)]).swap(lr[None]))
+        model.eval()
+    after = I.super_resolve(model, lr, [ref], tile=None)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, I.super_resolve(model, lr, [ref], tile=None, fast=False),
+                               atol=1e-4, rtol=0)
+
+
+def test_the_cache_does_not_keep_a_model_alive(zebra):
+    import gc
+    import weakref
+
+    from srntt_core.models import fuse
+
+    _, lr, ref = zebra
+    model = _tiny_bn_model(5)
+    I.super_resolve(model, lr[:, :12, :12], [ref], tile=None)
+    alive = weakref.ref(model)
+    assert model in fuse._CACHE
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# opt-in: torch.compile, bfloat16 networks
+
+@pytest.mark.slow
+def test_compile_matches_the_fast_path_and_is_kept_per_model(zebra):
+    import torch._dynamo
+
+    from srntt_core.models import fuse
+
+    _, lr, ref = zebra
+    lr = lr[:, :12, :16]
+    torch.manual_seed(6)
+    model = _randomize_bn(SRNTT(ch=4, content_blocks=1, transfer_blocks=(1, 1, 1)), 6).eval()
+    eager = I.super_resolve(model, lr, [ref], tile=None)
+    torch._dynamo.reset()
+    compiled = I.super_resolve(model, lr, [ref], tile=None, compile=True)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    again = I.super_resolve(model, lr, [ref], tile=None, compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompile for one shape
+    torch.testing.assert_close(again, compiled, atol=0, rtol=0)
+    compiled_generator = fuse.fast_generator(model, compile_mode="default")
+    assert compiled_generator is fuse.fast_generator(model, compile_mode="default")
+    with pytest.raises(ValueError, match="compile"):
+        I.super_resolve(model, lr, [ref], tile=None, compile=True, fast=False)
+
+
+def test_medium_precision_runs_the_networks_in_bfloat16(zebra):
+    _, lr, ref = zebra
+    lr = lr[:, :16, :16]
+    model = _tiny_bn_model(7)
+    dtypes = []
+    conv = fast_generator(model).texture_transfer.large_in[0]
+    hook = conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    try:
+        medium = I.super_resolve(model, lr, [ref], tile=None, precision="medium")
+        highest = I.super_resolve(model, lr, [ref], tile=None)
+    finally:
+        hook.remove()
+    assert dtypes == [torch.bfloat16, torch.float32]
+    assert medium.dtype == torch.float32 and medium.shape == highest.shape
+    assert 0 < (medium - highest).abs().mean() < 0.02
+    with pytest.raises(ValueError, match="precision"):
+        I.super_resolve(model, lr, [ref], tile=None, precision="low")
+
+
+# ---------------------------------------------------------------------------------------------
+# srntt eval, both ways
+
+def test_eval_fast_and_straightforward_give_the_same_psnr(tmp_path):
+    """``srntt eval --straightforward`` runs the model as given; the table agrees to 0.01 dB."""
+    import csv
+    import shutil
+
+    from srntt_core.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("zebra_target.png", "baboon_tl.png"):
+        shutil.copy(TEST_IMAGES / name, images / name)
+    psnr = {}
+    for way, flags in (("fast", []), ("straightforward", ["--straightforward"])):
+        table = tmp_path / f"{way}.csv"
+        assert main(["eval", str(images), "--rows", "srntt_ref", "--device", "cpu",
+                     "--tile", "24", "--overlap", "4", "--csv", str(table), *flags]) == 0
+        with open(table) as f:
+            psnr[way] = {r["name"]: float(r["srntt_ref_psnr"]) for r in csv.DictReader(f)}
+    assert psnr["fast"].keys() == psnr["straightforward"].keys() and len(psnr["fast"]) == 2
+    for name, fast in psnr["fast"].items():
+        assert abs(fast - psnr["straightforward"][name]) < 0.01, (name, fast, psnr["straightforward"][name])

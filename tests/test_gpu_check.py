@@ -34,6 +34,7 @@ def test_gpu_check_dry_run(tmp_path):
         "tests: dry-run",
         "bench_cufed5: dry-run",
         "bench_swap_cufed5: dry-run",
+        "bench_pipeline_cufed5: dry-run",
         "memcheck: dry-run",
         "bench_1080p: dry-run",
     ]

@@ -181,3 +181,26 @@ def test_weight_maps_are_differentiable():
 def test_weight_maps_scales(scales):
     maps = sw.weight_maps(torch.rand(1, 5, 5), scales=scales)
     assert [m.shape[-1] for m in maps] == [7 * s for s in scales]
+
+
+def test_the_public_steps_are_the_swap_stage(real_images, vgg):
+    """reference_features / query_features / swap_levels, the steps texture_swap is made of, are
+    each the direct computation; a kept ReferenceFeatures gives texture_swap's maps exactly."""
+    lr, refs = real_images["lr"], real_images["refs"]
+    feats = [sw.reference_features(r, vgg) for r in refs]
+    query = sw.query_features(lr, vgg)
+    direct_query, direct_keys, _, _ = _direct(lr, refs, vgg, torch.zeros(1, 1, 1, dtype=torch.long),
+                                              torch.zeros(1, 1, 1))
+    torch.testing.assert_close(query, direct_query, atol=0, rtol=0)
+    for f, key, r in zip(feats, direct_keys, refs, strict=True):
+        torch.testing.assert_close(f.key, key, atol=0, rtol=0)
+        assert f.key.is_contiguous() and all(v.is_contiguous() for v in f.values.values())
+        assert set(f.values) == set(LEVELS) and f.values["relu1_1"].shape[-2:] == r.shape[-2:]
+    match = sw.patch_match(query, [f.key for f in feats])
+    maps = sw.swap_levels([f.values for f in feats], match.index, tuple(lr.shape[-2:]))
+    want = sw.texture_swap(lr, refs, extractor=vgg)
+    for layer in LEVELS:
+        assert torch.equal(maps[layer], want.maps[layer]), layer
+    layout = sw.reference_features(refs[0], vgg, channels_last=True)
+    torch.testing.assert_close(layout.key, feats[0].key, atol=1e-4, rtol=1e-4)
+    assert layout.key.is_contiguous()

@@ -86,6 +86,9 @@ def add_sr_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file, even one of the inputs (folder / CSV input: "
                         "without it, finished outputs are skipped)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the generator with torch.compile (inductor; CUDA graphs on a GPU): pays "
+                        "a compile per tile shape, for many images of one size (docs/benchmarks.md)")
     _add_common(p)
 
 
@@ -116,7 +119,7 @@ def run_sr(args) -> int:
         refs = [no_reference(lr)]
     t0 = time.perf_counter()
     sr = super_resolve(model, lr, refs, backend=args.backend, tile=args.tile or None,
-                       overlap=args.overlap, progress=_progress_bar("sr"))
+                       overlap=args.overlap, progress=_progress_bar("sr"), compile=args.compile)
     if device.type == "cuda":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
@@ -225,10 +228,10 @@ def run_sr_many(args) -> int:
             if key is None or key != bank_key:
                 ref_imgs = [load_image(r, args.max_pixels) for r in refs] or [no_reference(lr)]
                 bank = ReferenceBank([prepare_reference(r.to(device)) for r in ref_imgs], extractor,
-                                     args.backend)
+                                     args.backend, channels_last=True)  # as super_resolve's fast path
                 bank_key = key
             sr = super_resolve(model, lr, bank, backend=args.backend, tile=args.tile or None,
-                               overlap=args.overlap)
+                               overlap=args.overlap, compile=args.compile)
             save_image(sr.cpu(), target)
             written += 1
         if device.type == "cuda":
@@ -348,6 +351,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated rows: bicubic, srntt_ref, srntt_noref, srntt_oracle")
     p.add_argument("--csv", default=None, help="also write per-image results to this CSV")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
+    p.add_argument("--straightforward", action="store_true",
+                   help="run the model as given (BatchNorm unfolded, NCHW) instead of the fast path")
     _add_common(p)
 
 
@@ -371,7 +376,7 @@ def run_eval(args) -> int:
         model = load_model(args.checkpoint, device)
         result = evaluate_folder(model, args.dataset_dir, layout=args.layout, limit=args.limit, rows=rows,
                                  backend=args.backend, tile=args.tile or None, overlap=args.overlap,
-                                 max_pixels=args.max_pixels, ctx=ctx)
+                                 max_pixels=args.max_pixels, ctx=ctx, fast=not args.straightforward)
     if not ctx.is_main:
         return 0
     print(result.table())

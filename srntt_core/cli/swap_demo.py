@@ -65,7 +65,7 @@ def run(out: str | Path = "out/swap_demo.png", backend: str = "auto",
         result = swapper(lr, ref, lr_up=lr_up)
         total = time.perf_counter() - t0
         query = extractor(lr_up)["relu3_1"]
-        key = extractor(swap._bicubic(swap._bicubic(ref, 0.25), 4))["relu3_1"]
+        key = swap.reference_features(ref, extractor).key
         print(f"sample {Path(sample).name}: target {tuple(target.shape[-2:])}, "
               f"reference {tuple(ref.shape[-2:])}, "
               f"relu3_1 maps {tuple(query.shape[-2:])} vs {tuple(key.shape[-2:])}, "

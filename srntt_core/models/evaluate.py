@@ -70,7 +70,7 @@ class EvalResult:
 
 def evaluate_pairs(model, pairs: Sequence[Pair], *, rows: Sequence[str] = ROWS, backend: str = "auto",
                    tile: int | None = 128, overlap: int = 16, dataset: str = "", layout: str = "",
-                   verbose: bool = True) -> EvalResult:
+                   verbose: bool = True, fast: bool = True) -> EvalResult:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"rows: unknown {unknown}; choose from {ROWS}")
@@ -87,7 +87,7 @@ def evaluate_pairs(model, pairs: Sequence[Pair], *, rows: Sequence[str] = ROWS, 
         for r in ("srntt_ref", "srntt_noref", "srntt_oracle"):
             if r in rows:
                 outputs[r] = super_resolve(model, lr, refs_for[r], backend=backend, tile=tile,
-                                           overlap=overlap).cpu()
+                                           overlap=overlap, fast=fast).cpu()
         rec = {"name": pair.name}
         for r, out in outputs.items():
             out = quantize(out)

@@ -1,22 +1,25 @@
 """x4 reference-based super-resolution with a trained SRNTT generator.
 
 - Any size and aspect: the LR image is padded (edge replication) to a multiple of 4 (and
-  at least 12 px, one relu3_1 patch of the reference side), and the output cropped back.
+  at least :data:`MIN_SIDE` px, one relu3_1 patch of the reference side), and the output cropped back.
 - Several references: their patches form one pool (one global argmax, as SRNTT matches several references).
 - Large inputs are cut into overlapping LR tiles; outputs are blended with linear ramps in
   the overlaps, so memory is bounded by the tile size (plus the reference features, which
   are computed once: a :class:`ReferenceBank`, which may also be passed in to share them
   across inputs).
-- The inference path does the least work: the generator runs as a BatchNorm-folded copy
-  (:func:`srntt_core.models.fuse.inference_copy`), it and the VGG passes in channels-last
-  layout (oneDNN's direct path on CPU, ~25% faster than NCHW here); ``fast=False`` runs the
-  model as given (the straightforward path, which the fast one matches to 1e-4 per pixel).
+- The inference path does the least work: the generator runs as a BatchNorm-folded copy, built
+  once per model and rebuilt when its weights change (:func:`srntt_core.models.fuse.fast_generator`),
+  it and the VGG passes in channels-last layout (oneDNN's direct path on CPU, ~25% faster than
+  NCHW here); ``fast=False`` runs the model as given (the straightforward path, which the fast one
+  matches to 1e-4 per pixel). Opt-in: ``compile=True`` (inductor; CUDA graphs on a GPU) and
+  ``precision="medium"`` (bfloat16 networks, bf16 match).
 - Errors: missing / corrupt images raise from :mod:`srntt_core.models.data`; a checkpoint that is
   refused or does not fit the network raises :class:`srntt_core.models.checkpoint.CheckpointError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import swap
+from ..ops.library import PRECISIONS, check_choice
 from .checkpoint import CheckpointError, load_generator
 from .srntt import SRNTT
 
@@ -33,8 +38,12 @@ __all__ = ["CheckpointError", "ReferenceBank", "check_tiling", "load_model", "no
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 BUNDLED_CHECKPOINT = CHECKPOINT_DIR / "srntt_l2.pt"
-LEVELS = {"relu3_1": 1, "relu2_1": 2, "relu1_1": 4}
-MIN_LR = 3  # one 3x3 relu3_1 patch
+# The generator's output scale; NB: the swap stage lines its maps up with the LR only because it
+# equals swap.UPSCALE (relu1_1's scale over relu3_1).
+SCALE = SRNTT.scale
+# The smallest side of a reference, an LR image and an LR tile: a reference's relu3_1 map
+# (1/swap.UPSCALE of it) then holds one 3x3 patch.
+MIN_SIDE = 3 * swap.UPSCALE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,71 +85,51 @@ def resolve_device(device: str) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 # swapping with reference features computed once
 
-def _bicubic(x: torch.Tensor, factor: float) -> torch.Tensor:
-    # same resampling as srntt_core.swap.texture_swap
-    return F.interpolate(x, scale_factor=factor, mode="bicubic", align_corners=False,
-                         antialias=factor < 1).clamp(0, 1)
-
-
 class ReferenceBank(nn.Module):
-    """VGG features of the references, computed once: keys (relu3_1 of Ref↓↑) and values
-    (relu3_1/2_1/1_1 of Ref). ``swap(lr)`` then equals ``srntt_core.swap.texture_swap(lr, refs)``.
+    """:func:`srntt_core.swap.reference_features` of the references, computed once (keys: relu3_1 of
+    Ref↓↑; values: relu3_1/2_1/1_1 of Ref) and kept in float32. ``swap(lr)`` then equals
+    ``srntt_core.swap.texture_swap(lr, refs).maps``, for any number of inputs and tiles.
 
-    ``channels_last``: run the VGG passes in channels-last layout (oneDNN's faster path on CPU);
-    the stored features are contiguous either way, as the swap kernels read them.
+    ``channels_last``: run the VGG passes in channels-last layout (oneDNN's faster path on CPU).
+    NB: the key patches' norms are not kept: the kernels take none precomputed and compute them in
+    every match, a key-side pass measured at ~6% of the match at the default tile size
+    (docs/benchmarks.md, "End-to-end super-resolution").
     """
 
     def __init__(self, refs: Sequence[torch.Tensor], extractor: nn.Module | None = None,
                  backend: str = "auto", channels_last: bool = False):
         super().__init__()
-        from .. import swap
-
         self.backend = backend
         self.channels_last = channels_last
         self.extractor = extractor if extractor is not None else swap.default_extractor()
-        self.keys: list[torch.Tensor] = []
-        self.values: dict[str, list[torch.Tensor]] = {k: [] for k in LEVELS}
         with torch.no_grad():
-            for r in refs:
-                r = r if r.dim() == 4 else r[None]
-                self.keys.append(self._features(_bicubic(_bicubic(r, 0.25), 4))["relu3_1"].contiguous())
-                feats = self._features(r)
-                for k in LEVELS:
-                    self.values[k].append(feats[k].contiguous())
-
-    def _features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.extractor(x)
+            feats = [swap.reference_features(r if r.dim() == 4 else r[None], self.extractor,
+                                             channels_last=channels_last) for r in refs]
+        self.keys = [f.key.float() for f in feats]
+        self.values = [{layer: v.float() for layer, v in f.values.items()} for f in feats]
 
     @torch.no_grad()
-    def swap(self, lr: torch.Tensor) -> dict[str, torch.Tensor]:
-        from .. import swap
-
+    def swap(self, lr: torch.Tensor, precision: str = "highest") -> dict[str, torch.Tensor]:
         b = lr.shape[0]
-        query = self._features(_bicubic(lr, 4))["relu3_1"]
-        keys = [k.expand(b, -1, -1, -1) for k in self.keys]
-        match = swap.patch_match(query, keys, backend=self.backend)
-        h, w = lr.shape[-2:]
-        return {
-            k: swap.feature_swap([v.expand(b, -1, -1, -1) for v in self.values[k]], match.index, scale=s,
-                                 out_size=(h * s, w * s), backend=self.backend)
-            for k, s in LEVELS.items()
-        }
+        query = swap.query_features(lr, self.extractor, channels_last=self.channels_last)
+        match = swap.patch_match(query, [k.expand(b, -1, -1, -1) for k in self.keys], backend=self.backend,
+                                 precision=precision)
+        values = [{layer: v.expand(b, -1, -1, -1) for layer, v in vs.items()} for vs in self.values]
+        return swap.swap_levels(values, match.index, tuple(lr.shape[-2:]), backend=self.backend)
 
 
 def prepare_reference(ref: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) in [0, 1] -> (1, 3, H', W'): cropped to a multiple of 4, at least 12 px (padded)."""
+    """(3, H, W) in [0, 1] -> (1, 3, H', W'): cropped to a multiple of 4, at least MIN_SIDE px (padded)."""
     if ref.dim() == 3:
         ref = ref[None]
     if ref.dim() != 4 or ref.shape[:2] != (1, 3):
         raise ValueError(f"reference: expected (3, H, W) RGB, got shape {tuple(ref.shape)}")
     h, w = ref.shape[-2:]
-    ph, pw = max(12 - h, 0), max(12 - w, 0)
+    ph, pw = max(MIN_SIDE - h, 0), max(MIN_SIDE - w, 0)
     if ph or pw:
         ref = F.pad(ref, (0, pw, 0, ph), mode="replicate")
     h, w = ref.shape[-2:]
-    return ref[..., : h - h % 4, : w - w % 4].contiguous()
+    return ref[..., : h - h % swap.UPSCALE, : w - w % swap.UPSCALE].contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +137,8 @@ def prepare_reference(ref: torch.Tensor) -> torch.Tensor:
 
 def _pad_lr(lr: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     h, w = lr.shape[-2:]
-    hp = max(-(-h // 4) * 4, 12)
-    wp = max(-(-w // 4) * 4, 12)
+    hp = max(-(-h // SCALE) * SCALE, MIN_SIDE)
+    wp = max(-(-w // SCALE) * SCALE, MIN_SIDE)
     if (hp, wp) != (h, w):
         lr = F.pad(lr, (0, wp - w, 0, hp - h), mode="replicate")
     return lr, h, w
@@ -176,11 +165,66 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
 
 
 def check_tiling(tile: int | None, overlap: int) -> None:
-    """``tile``: None (whole image) or >= 12 LR pixels; ``overlap`` in [0, tile/2)."""
-    if tile is not None and tile < 12:
-        raise ValueError(f"tile: must be >= 12 LR pixels (or none), got {tile}")
+    """``tile``: None (whole image) or >= MIN_SIDE LR pixels; ``overlap`` in [0, tile/2)."""
+    if tile is not None and tile < MIN_SIDE:
+        raise ValueError(f"tile: must be >= {MIN_SIDE} LR pixels (or none), got {tile}")
     if tile is not None and not 0 <= overlap < tile // 2:
         raise ValueError(f"overlap: must be in [0, tile/2), got {overlap} for tile {tile}")
+
+
+def _check_lr(lr: torch.Tensor) -> torch.Tensor:
+    if lr.dim() == 4:
+        if lr.shape[0] != 1:
+            raise ValueError(f"lr: one image at a time, got batch of {lr.shape[0]}")
+        lr = lr[0]
+    if lr.dim() != 3 or lr.shape[0] != 3:
+        raise ValueError(f"lr: expected (3, h, w) RGB, got shape {tuple(lr.shape)}")
+    return lr
+
+
+def _generator(model: SRNTT, fast: bool, compile: bool, device: torch.device) -> nn.Module:
+    if compile and not fast:
+        raise ValueError("compile: compiles the fast path's generator; it needs fast=True")
+    if not fast:
+        return model
+    from .fuse import fast_generator
+
+    # NB: on a GPU, "reduce-overhead" replays CUDA graphs, one per tile shape; their outputs are
+    # overwritten by the next replay, so every output is copied (the blend or the clamp) before it.
+    mode = ("reduce-overhead" if device.type == "cuda" else "default") if compile else None
+    return fast_generator(model, channels_last=True, compile_mode=mode)
+
+
+def _networks_precision(device: torch.device, precision: str):
+    """The networks' precision: "medium" runs the VGG passes and the generator under bfloat16
+    autocast; "highest" and "high" run them in float32 (torch's defaults; the match precision
+    differs)."""
+    if precision == "medium":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _blend_tiles(run: Callable[[torch.Tensor], torch.Tensor], lr: torch.Tensor, tile: int, overlap: int,
+                 progress: Callable[[int, int], None] | None) -> torch.Tensor:
+    h, w = lr.shape[-2:]
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    out = torch.zeros(3, SCALE * h, SCALE * w, dtype=torch.float64, device=lr.device)
+    weight = torch.zeros(1, SCALE * h, SCALE * w, dtype=torch.float64, device=lr.device)
+    total, done = len(ys) * len(xs), 0
+    for y in ys:
+        for x in xs:
+            th, tw = min(tile, h - y), min(tile, w - x)
+            sr = run(lr[:, y:y + th, x:x + tw]).double()
+            wy = _ramp(SCALE * th, SCALE * overlap, y == 0, y + th >= h).to(lr.device)
+            wx = _ramp(SCALE * tw, SCALE * overlap, x == 0, x + tw >= w).to(lr.device)
+            wt = (wy[:, None] * wx[None, :])[None]
+            rows, cols = slice(SCALE * y, SCALE * (y + th)), slice(SCALE * x, SCALE * (x + tw))
+            out[:, rows, cols] += sr * wt
+            weight[:, rows, cols] += wt
+            done += 1
+            if progress:
+                progress(done, total)
+    return (out / weight).float()
 
 
 @torch.no_grad()
@@ -195,6 +239,8 @@ def super_resolve(
     extractor: nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
     fast: bool = True,
+    compile: bool = False,
+    precision: str = "highest",
 ) -> torch.Tensor:
     """x4 SR of ``lr`` (3, h, w) in [0, 1] with reference images ``refs`` (each (3, H, W) in [0, 1]),
     or a :class:`ReferenceBank` of them (features computed once for several inputs).
@@ -203,15 +249,17 @@ def super_resolve(
     image at once); tiles overlap by ``overlap`` LR pixels and are blended linearly.
     ``progress(done, total)`` is called after each tile. ``refs`` may be a :class:`ReferenceBank`
     built once for several inputs sharing references (its backend and extractor are then used).
-    ``fast``: run a BatchNorm-folded copy of ``model`` (a model without BatchNorm runs as is) and
-    everything in channels-last layout; False: ``model`` itself, NCHW (the straightforward path).
+    ``fast``: run a BatchNorm-folded copy of ``model`` (built once per model, rebuilt when its
+    weights change; a model without BatchNorm runs as is) and everything in channels-last layout;
+    False: ``model`` itself, NCHW (the straightforward path).
+    ``compile``: run that copy compiled by ``torch.compile`` (inductor; CUDA graphs on a GPU), kept
+    per model and tile shape: the first call of each shape pays the compile time.
+    ``precision``: the match's (:func:`srntt_core.swap.patch_match`); "medium" also runs the
+    networks under bfloat16 autocast (NB: the match is then exact for the bf16 features, which
+    differ from the float32 ones, so the output is not within 1e-4 of the float32 path).
     """
-    if lr.dim() == 4:
-        if lr.shape[0] != 1:
-            raise ValueError(f"lr: one image at a time, got batch of {lr.shape[0]}")
-        lr = lr[0]
-    if lr.dim() != 3 or lr.shape[0] != 3:
-        raise ValueError(f"lr: expected (3, h, w) RGB, got shape {tuple(lr.shape)}")
+    lr = _check_lr(lr)
+    precision = check_choice("precision", precision, PRECISIONS)
     bank = refs if isinstance(refs, ReferenceBank) else None
     if isinstance(refs, torch.Tensor):
         refs = [refs] if refs.dim() == 3 else list(refs)
@@ -219,50 +267,28 @@ def super_resolve(
         raise ValueError("refs: give at least one reference image (or the LR upsampled, for no reference)")
     check_tiling(tile, overlap)
     device = next(model.parameters()).device
+    generator = _generator(model, fast, compile, device)
     lr = lr.to(device, torch.float32)
-    if bank is None:
-        if extractor is None:
-            from ..swap import default_extractor
-
-            extractor = default_extractor().to(device)
-        bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor,
-                             backend, channels_last=fast)
-    if fast:
-        from .fuse import has_batchnorm, inference_copy
-
-        if has_batchnorm(model):
-            model = inference_copy(model, channels_last=True)
     layout = torch.channels_last if fast else torch.contiguous_format
-    h, w = lr.shape[-2:]
+    with _networks_precision(device, precision):
+        if bank is None:
+            extractor = extractor if extractor is not None else swap.default_extractor().to(device)
+            bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor,
+                                 backend, channels_last=fast)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        xp, hh, ww = _pad_lr(x[None])
-        maps = {k: v.contiguous(memory_format=layout) for k, v in bank.swap(xp).items()}
-        sr = model((xp * 2 - 1).contiguous(memory_format=layout), maps)
-        return ((sr + 1) / 2).clamp(0, 1)[0, :, : 4 * hh, : 4 * ww]
+        def run(x: torch.Tensor) -> torch.Tensor:
+            xp, hh, ww = _pad_lr(x[None])
+            maps = {k: v.contiguous(memory_format=layout) for k, v in bank.swap(xp, precision).items()}
+            sr = generator((xp * 2 - 1).contiguous(memory_format=layout), maps).float()
+            return ((sr + 1) / 2).clamp(0, 1)[0, :, : SCALE * hh, : SCALE * ww]
 
-    if tile is None or (h <= tile and w <= tile):
-        out = run(lr)
-        if progress:
-            progress(1, 1)
-        return out
-    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-    out = torch.zeros(3, 4 * h, 4 * w, dtype=torch.float64, device=device)
-    weight = torch.zeros(1, 4 * h, 4 * w, dtype=torch.float64, device=device)
-    total, done = len(ys) * len(xs), 0
-    for y in ys:
-        for x in xs:
-            th, tw = min(tile, h - y), min(tile, w - x)
-            sr = run(lr[:, y:y + th, x:x + tw]).double()
-            wy = _ramp(4 * th, 4 * overlap, y == 0, y + th >= h).to(device)
-            wx = _ramp(4 * tw, 4 * overlap, x == 0, x + tw >= w).to(device)
-            wt = (wy[:, None] * wx[None, :])[None]
-            out[:, 4 * y:4 * (y + th), 4 * x:4 * (x + tw)] += sr * wt
-            weight[:, 4 * y:4 * (y + th), 4 * x:4 * (x + tw)] += wt
-            done += 1
+        h, w = lr.shape[-2:]
+        if tile is None or (h <= tile and w <= tile):
+            out = run(lr)
             if progress:
-                progress(done, total)
-    return (out / weight).float()
+                progress(1, 1)
+            return out
+        return _blend_tiles(run, lr, tile, overlap, progress)
 
 
 def no_reference(lr: torch.Tensor) -> torch.Tensor:
