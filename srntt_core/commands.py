@@ -394,7 +394,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=160, help="HR crop (multiple of 4; default 160)")
     p.add_argument("--ref-crop", type=int, default=160, help="reference crop (default 160)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="cosine: from --lr to lr x --lr-floor over --steps (or --time-budget)")
+    p.add_argument("--lr-floor", type=float, default=0.05, help="cosine end value relative to --lr (0.05)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up over the first steps")
     p.add_argument("--losses", default="l2", choices=["l2", "full"],
                    help="l2: reconstruction only (SRNTT-l2); full: + perceptual, texture, WGAN-GP")
     p.add_argument("--pretrain-steps", type=int, default=0,
@@ -406,6 +409,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual", default=None, choices=["bicubic"],
                    help="NOT in the original: predict a residual on top of bicubic x4 (faster convergence)")
     p.add_argument("--augment", action="store_true", help="random flips / rotations (not in the original)")
+    p.add_argument("--pair-mix", default="half:1",
+                   help="reference modes of the training pairs, e.g. overlap:0.5,half:0.3,unrelated:0.2 "
+                        "(overlap: another view of the target's image; half: the item's own reference; "
+                        "unrelated: another image). Default half:1")
+    p.add_argument("--init", default=None,
+                   help="a new run starts from these generator weights: 'bundled' or a checkpoint file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
@@ -431,7 +440,8 @@ def run_train(args) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch=args.batch, crop=args.crop,
         ref_crop=args.ref_crop,
-        lr=args.lr, lr_schedule=args.lr_schedule, losses=args.losses, pretrain_steps=args.pretrain_steps,
+        lr=args.lr, lr_schedule=args.lr_schedule, lr_floor=args.lr_floor, warmup_steps=args.warmup_steps,
+        pair_mix=args.pair_mix, init=args.init, losses=args.losses, pretrain_steps=args.pretrain_steps,
         texture_weighting=args.texture_weighting, train_with_truth=args.train_with_truth,
         truth_every=args.truth_every, residual=args.residual, augment=args.augment, seed=args.seed,
         device=args.device, amp=not args.no_amp, backend=args.backend, save_every=args.save_every,

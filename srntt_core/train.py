@@ -59,6 +59,7 @@ from .checkpoint import (
 from .distributed import DistributedError, rank_slice
 from .models import losses as L
 from .models.discriminator import Discriminator
+from .models.pairs import DEFAULT_PAIR_MIX, parse_pair_mix
 from .models.srntt import SRNTT, validate_config
 
 BATCH_NORM_MODES = ("batch", "sync", "frozen")
@@ -76,6 +77,7 @@ class TrainConfig:
     lr: float = 1e-4
     lr_schedule: str = "constant"  # "constant" or "cosine" (over max(step/steps, elapsed/time_budget))
     lr_floor: float = 0.05  # cosine end value, relative to lr
+    warmup_steps: int = 0  # linear warm-up of the lr over the first steps (on top of the schedule)
     losses: str = "l2"  # "l2" or "full"
     pretrain_steps: int = 0
     weights: dict = field(default_factory=lambda: dict(L.LOSS_WEIGHTS))
@@ -87,6 +89,8 @@ class TrainConfig:
     residual: str | None = None
     model: dict = field(default_factory=dict)  # extra SRNTT(...) arguments (tests use tiny networks)
     augment: bool = False
+    pair_mix: str = DEFAULT_PAIR_MIX  # reference modes of the training pairs (srntt_core.models.pairs)
+    init: str | None = None  # a new run starts from these generator weights: "bundled" or a checkpoint
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -122,6 +126,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     integer("crop", 16, 4096)
     integer("ref_crop", 16, 4096)
     integer("pretrain_steps", 0, 10**9)
+    integer("warmup_steps", 0, 10**9)
     integer("truth_every", 1, 10**9)
     integer("save_every", 1, 10**9)
     integer("bn_recalibrate", 0, 10**6)
@@ -147,6 +152,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"dist_timeout: expected seconds > 0, got {cfg.dist_timeout!r}")
     if not cfg.data:
         raise ValueError("data: give at least one training folder")
+    parse_pair_mix(cfg.pair_mix)
+    if cfg.init is not None:
+        _init_path(cfg.init)
     if not isinstance(cfg.model, dict):
         raise TypeError(f"model: expected a dict of SRNTT arguments, got {type(cfg.model).__name__}")
     validate_config({**cfg.model, "residual": cfg.residual})
@@ -171,7 +179,36 @@ def _deadline(cfg: TrainConfig, now: float) -> float | None:
     return now + (t - today).total_seconds()
 
 
+def _init_path(init: str) -> Path:
+    """The checkpoint ``init`` names ("bundled" or a path); it must be a file."""
+    from .infer import BUNDLED_CHECKPOINT
+
+    if not isinstance(init, str) or not init:
+        raise TypeError(f"init: expected 'bundled' or a checkpoint path, got {init!r}")
+    path = BUNDLED_CHECKPOINT if init == "bundled" else Path(init)
+    if not path.is_file():
+        raise FileNotFoundError(f"init: checkpoint not found: {path}")
+    return path
+
+
+def _load_init(cfg: TrainConfig, model: SRNTT) -> None:
+    """Load the generator weights ``cfg.init`` names into ``model`` (same configuration)."""
+    from .checkpoint import load_generator
+
+    path = _init_path(cfg.init)
+    init = load_generator(path)
+    if init.config != model.config:
+        raise ValueError(f"init: {path} is a network with {init.config}, this run builds {model.config} "
+                         "(check --residual)")
+    model.load_state_dict(init.state_dict())
+
+
 def _lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return warm * _scheduled_lr(cfg, step, elapsed)
+
+
+def _scheduled_lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
     if cfg.lr_schedule == "constant":
         return cfg.lr
     if cfg.lr_schedule != "cosine":
@@ -352,6 +389,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device: torch.device,
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     step, elapsed, samples = 0, 0.0, 0
+    if state is None and cfg.init is not None:
+        _load_init(cfg, model)
     if state is not None:
         _restore(state, ckpt_path, model, opt, critic, d_opt, scaler)
         step, elapsed = state["step"], float(state["elapsed"])
@@ -391,7 +430,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device: torch.device,
         print(f"{ckpt_path}: already at step {step} >= steps={cfg.steps}; nothing to train", file=sys.stderr)
     data = sampler = None
     if step < cfg.steps:
-        data = TrainCrops(cfg.data, crop=cfg.crop, ref_crop=cfg.ref_crop, augment=cfg.augment)
+        data = TrainCrops(cfg.data, crop=cfg.crop, ref_crop=cfg.ref_crop, augment=cfg.augment,
+                          pair_mix=cfg.pair_mix)
         sampler = distributed.GlobalSampler(len(data), cfg.seed)
     offset, per_rank = rank_slice(cfg.batch, ctx)
     if main:
@@ -519,10 +559,12 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device: torch.device,
                 batches.append((lr_img * 2 - 1, maps))
             recalibrate_bn(model, batches)
         meta = {"steps": step, "train_seconds": round(elapsed, 1), "device": _device_name(device),
-                "data": [str(d) for d in cfg.data], "batch": cfg.batch, "crop": cfg.crop,
+                "data": [Path(d).name for d in cfg.data], "batch": cfg.batch, "crop": cfg.crop,
                 "ref_crop": cfg.ref_crop, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "losses": cfg.losses,
                 "train_with_truth": cfg.train_with_truth, "truth_every": cfg.truth_every,
-                "bn_recalibrate": cfg.bn_recalibrate, "seed": cfg.seed, "world_size": ctx.world_size}
+                "bn_recalibrate": cfg.bn_recalibrate, "seed": cfg.seed, "world_size": ctx.world_size,
+                "pair_mix": cfg.pair_mix, "warmup_steps": cfg.warmup_steps, "lr_floor": cfg.lr_floor,
+                "init": None if cfg.init is None else Path(cfg.init).name}
         export_model(_plain_bn(model), cfg.export, fp16=True, meta=meta)
         summary["export"] = cfg.export
     # the other ranks leave once rank 0's files are complete
