@@ -344,8 +344,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset_dir", help="folder of HR images (split-image protocol) or in CUFED5 layout")
     p.add_argument("--layout", default="auto", choices=["auto", "split", "cufed5"])
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--rows", default="bicubic,srntt_ref,srntt_noref,srntt_oracle",
-                   help="comma-separated rows: bicubic, srntt_ref, srntt_noref, srntt_oracle")
+    p.add_argument("--rows", default="bicubic,srntt_ref,srntt_noref,srntt_oracle,srntt_ablation",
+                   help="comma-separated rows: bicubic, srntt_ref, srntt_noref, srntt_oracle, srntt_ablation "
+                        "(swapped maps zeroed); the reference's effect (real - none, oracle - real, "
+                        "real - ablation) is shown for the rows given")
     p.add_argument("--csv", default=None, help="also write per-image results to this CSV")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     _add_common(p)

@@ -183,8 +183,10 @@ def _init_path(init: str) -> Path:
     """The checkpoint ``init`` names ("bundled" or a path); it must be a file."""
     from .infer import BUNDLED_CHECKPOINT
 
-    if not isinstance(init, str) or not init:
-        raise TypeError(f"init: expected 'bundled' or a checkpoint path, got {init!r}")
+    if not isinstance(init, str):
+        raise TypeError(f"init: expected 'bundled' or a checkpoint path, got {type(init).__name__}")
+    if not init:
+        raise ValueError("init: expected 'bundled' or a checkpoint path, got an empty string")
     path = BUNDLED_CHECKPOINT if init == "bundled" else Path(init)
     if not path.is_file():
         raise FileNotFoundError(f"init: checkpoint not found: {path}")

@@ -11,6 +11,7 @@ from PIL import Image
 from srntt_core import checkpoint as C
 from srntt_core import data as D
 from srntt_core import train as T
+from srntt_core.models.srntt import SRNTT
 
 TINY = {"ch": 8, "content_blocks": 1, "transfer_blocks": [1, 1, 1]}
 
@@ -114,6 +115,55 @@ def test_lr_schedule_and_atomic_save(tmp_path):
     assert os.listdir(tmp_path / "x") == ["c.pt"]
 
 
+def test_warmup_is_defined_on_steps():
+    cfg = T.TrainConfig(data=[], out="", steps=100, lr=1e-3, lr_schedule="cosine", lr_floor=0.1,
+                        warmup_steps=10)
+    assert T._lr_at(cfg, 0, 0) == pytest.approx(1e-4)
+    assert T._lr_at(cfg, 4, 0) == pytest.approx(5e-4, rel=1e-2)
+    assert T._lr_at(cfg, 9, 0) == pytest.approx(T._scheduled_lr(cfg, 9, 0))
+    assert T._lr_at(cfg, 100, 0) == pytest.approx(1e-4)
+
+
+def _tiny_export(path, seed=0, **model):
+    torch.manual_seed(seed)
+    net = SRNTT(residual="bicubic", **{**TINY, **model})
+    return C.export_model(net, path, fp16=False), net
+
+
+def test_init_starts_a_new_run_from_given_weights(folder, tmp_path):
+    path, net = _tiny_export(tmp_path / "init.pt", seed=11)
+    out = tmp_path / "run"
+    # lr 0: the weights stay those of the init checkpoint (the BN statistics move with the batches)
+    T.train(_cfg(folder, out, steps=1, lr=0.0, init=str(path)))
+    trained = _state(out)["model"]
+    for k, v in net.state_dict().items():
+        if "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(trained[k], v, rtol=0, atol=0, msg=k)
+    # a resume continues from last.pt, not from init
+    T.train(_cfg(folder, out, steps=2, lr=1e-2, init=str(path)))
+    resumed = _state(out)["model"]
+    last = "texture_transfer.out.1.weight"
+    assert not torch.equal(resumed[last], net.state_dict()[last])
+    other = T.train(_cfg(folder, tmp_path / "fresh", steps=1, lr=0.0))
+    assert other["step"] == 1
+    fresh = _state(tmp_path / "fresh")["model"]
+    first = "content_extractor.head.0.weight"
+    assert not torch.equal(fresh[first], net.state_dict()[first])
+
+
+def test_init_must_fit_the_network(folder, tmp_path):
+    path, _ = _tiny_export(tmp_path / "wide.pt", ch=16)
+    with pytest.raises(ValueError, match="init: .* is a network with"):
+        T.train(_cfg(folder, tmp_path / "run", steps=1, init=str(path)))
+    with pytest.raises(FileNotFoundError, match="init: checkpoint not found"):
+        T.train(_cfg(folder, tmp_path / "run2", steps=1, init=str(tmp_path / "missing.pt")))
+    assert not (tmp_path / "run2").exists()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(C.CheckpointError):
+        T.train(_cfg(folder, tmp_path / "run3", steps=1, init=str(bad)))
+
+
 def test_log_of_a_run_killed_before_its_first_checkpoint_starts_over(folder, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -159,7 +209,8 @@ def test_resume_checks_the_optimizer_state(folder, tmp_path):
 
 @pytest.mark.parametrize("field,value", [("batch", 0), ("save_every", 0), ("steps", -1), ("truth_every", 0),
                                          ("crop", 8), ("lr", float("nan")), ("model", {"ch": 10**5}),
-                                         ("batch_norm", "group"), ("dist_timeout", 0)])
+                                         ("batch_norm", "group"), ("dist_timeout", 0), ("warmup_steps", -1),
+                                         ("pair_mix", "overlap:1,bogus:1"), ("init", "")])
 def test_bad_settings_refused_before_work(folder, tmp_path, field, value):
     with pytest.raises(ValueError, match=field if field != "model" else "ch"):
         T.train(_cfg(folder, tmp_path / "run", **{field: value}))
