@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,40 +251,38 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write(path, write)
 
 
-def plot_log(csv_path: str | os.PathLike, png_path: str | os.PathLike, width: int = 800,
-             height: int = 400) -> Path:
-    """Loss curve (log scale, raw + running mean) drawn with Pillow (matplotlib is optional)."""
-    from PIL import Image, ImageDraw
-
+def plot_log(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
+    """Loss chart (log scale: per step and a running mean; the lr on a second axis) with
+    matplotlib; without matplotlib (the ``bench`` extra) it warns once and draws nothing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no loss chart (pip install matplotlib)", RuntimeWarning,
+                      stacklevel=2)
+        return None
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    pad = 50
-    d.rectangle([pad, 10, width - 10, height - pad], outline="black")
-    pts = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss") not in (None, "")]
-    pts = [(s, v) for s, v in pts if v > 0 and math.isfinite(v)]
-    if len(pts) >= 2:
-        s0, s1 = pts[0][0], pts[-1][0]
-        lv = [math.log10(v) for _, v in pts]
-        lo, hi = min(lv), max(lv)
-        hi = hi if hi > lo else lo + 1
-
-        def xy(s, v):
-            x = pad + (s - s0) / max(s1 - s0, 1) * (width - 10 - pad)
-            y = 10 + (hi - v) / (hi - lo) * (height - pad - 10)
-            return x, y
-
-        d.line([xy(s, v) for (s, _), v in zip(pts, lv, strict=True)], fill=(170, 170, 230), width=1)
-        k = max(1, len(lv) // 20)
-        smooth = [sum(lv[max(0, i - k):i + 1]) / len(lv[max(0, i - k):i + 1]) for i in range(len(lv))]
-        d.line([xy(s, v) for (s, _), v in zip(pts, smooth, strict=True)], fill=(200, 0, 0), width=2)
-        d.text((5, 10), f"{10 ** hi:.3g}", fill="black")
-        d.text((5, height - pad - 10), f"{10 ** lo:.3g}", fill="black")
-        d.text((pad, height - pad + 5), str(s0), fill="black")
-        d.text((width - 60, height - pad + 5), str(s1), fill="black")
-    d.text((pad + 10, height - 20), "training loss (log scale; red: running mean) vs step", fill="black")
-    return atomic_write(png_path, lambda f: img.save(f, format="PNG"))
+        rows = [r for r in csv.DictReader(f) if r.get("loss")]
+    steps = [int(r["step"]) for r in rows]
+    loss = [float(r["loss"]) for r in rows]
+    fig = Figure(figsize=(8, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if rows:
+        k = max(1, len(loss) // 20)
+        mean = [sum(loss[max(0, i - k):i + 1]) / len(loss[max(0, i - k):i + 1]) for i in range(len(loss))]
+        ax.plot(steps, loss, color="#aab", linewidth=0.6, label="loss per step")
+        ax.plot(steps, mean, color="#c00", linewidth=1.5, label=f"running mean ({k + 1} steps)")
+        if all(v > 0 for v in loss):
+            ax.set_yscale("log")
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, [float(r["lr"]) for r in rows], color="#070", linewidth=1, label="lr")
+        lr_ax.set_ylabel("learning rate", color="#070")
+        ax.legend(loc="upper right", fontsize="small")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    fig.tight_layout()
+    return atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
 
 
 def vgg_to_maps(extractor: nn.Module, hr: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -317,10 +316,6 @@ def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -
 
 # ---------------------------------------------------------------------------------------------
 # training
-
-class _Stop(Exception):
-    pass
-
 
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) according to ``cfg``. Returns a summary dict.

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -272,3 +273,14 @@ def test_tensorboard_log_when_installed(folder, tmp_path):
     assert len(events.Images("val/bicubic|sr|hr")) == 2  # at both saves
     T.train(_cfg(folder, tmp_path / "off", steps=1, tensorboard=False))
     assert not (tmp_path / "off" / "tensorboard").exists()
+
+
+def test_loss_chart_with_and_without_matplotlib(tmp_path, monkeypatch):
+    log = tmp_path / "loss.csv"
+    log.write_text(",".join(T.LOG_FIELDS) + "\n1,1.0,0.001,0.5,0.5,,,,,,\n2,2.0,0.001,0.25,0.25,,,,,,\n")
+    png = T.plot_log(log, tmp_path / "loss.png")
+    assert Image.open(png).format == "PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.warns(RuntimeWarning, match="matplotlib is not installed: no loss chart"):
+        assert T.plot_log(log, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
