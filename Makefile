@@ -31,7 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-only \
-		--benchmark-json=benchmarks/results/$$($(PY) -m srntt_core.machine)/bench.json
+		--benchmark-json=benchmarks/results/$$($(PY) -m srntt_core.cli.machine)/bench.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check srntt_core kernels tests benchmarks setup.py

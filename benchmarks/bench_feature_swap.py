@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import srntt_core.swap as sw
-from srntt_core import dispatch
+from srntt_core.ops import dispatch
 
 BACKENDS = list(dispatch.BACKENDS)
 PEERS = {"ttsr_fold": peers.ttsr_fold_swap, "python_loop": peers.python_loop_swap}

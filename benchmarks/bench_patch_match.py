@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import srntt_core.swap as sw
-from srntt_core import dispatch
+from srntt_core.ops import dispatch
 
 BACKENDS = list(dispatch.BACKENDS)
 PEERS = {

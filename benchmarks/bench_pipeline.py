@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import srntt_core.swap as sw
-from srntt_core import dispatch, infer
+from srntt_core.models import infer
+from srntt_core.ops import dispatch
 
 BACKENDS = list(dispatch.BACKENDS)
 PEER_STAGES = {
@@ -153,7 +154,7 @@ def test_super_resolve(bench, data, shape, provider):
 
 def test_sr_process(bench, data, tmp_path):
     """``srntt sr`` as a user runs it (CUFED5 size: 125x83 LR, 500x332 reference), start-up included."""
-    from srntt_core.data import save_image
+    from srntt_core.models.data import save_image
 
     lr, ref = _sr_inputs(data, "cufed5")
     save_image(lr, tmp_path / "lr.png")

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srntt_core.machine import machine_name
+from srntt_core.cli.machine import machine_name
 
 REPO = Path(__file__).resolve().parents[1]
 

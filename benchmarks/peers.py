@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from srntt_core.bench import faiss_patch_match, im2col, ttsr_patch_match  # noqa: F401  (re-exported)
-from srntt_core.reference import grid_size
+from srntt_core.cli.bench import faiss_patch_match, im2col, ttsr_patch_match  # noqa: F401  (re-exported)
+from srntt_core.ops.torch_backend import grid_size
 
 EPS = 1e-12
 # Score tile of the chunked conv2d: filters per chunk x query cells x 4 bytes stays near this.

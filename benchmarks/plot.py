@@ -23,7 +23,7 @@ LEVEL_ORDER = {"relu3_1": 0, "relu2_1": 1, "relu1_1": 2, None: 3}
 
 def default_json() -> Path:
     sys.path.insert(0, str(HERE.parent))
-    from srntt_core.machine import machine_name
+    from srntt_core.cli.machine import machine_name
 
     return HERE / "results" / machine_name() / "bench.json"
 

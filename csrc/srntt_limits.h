@@ -1,6 +1,6 @@
 // Bounds of the integer arguments of the kernel-level ops (srntt::_*_fused) and overflow-checked
 // size arithmetic, checked at the entry of every kernel. The bounds are those of
-// srntt_core/geometry.py (tests/test_bounds.py checks that the two agree; docs/DESIGN.md, "Bounds
+// srntt_core/ops/geometry.py (tests/test_bounds.py checks that the two agree; docs/DESIGN.md, "Bounds
 // and bad input"): Python checks them first with the argument names users know, this is the
 // second line of defence for direct calls of the ops. Within them no size a kernel computes
 // overflows int64; the checked products below catch tensors whose own sizes would.

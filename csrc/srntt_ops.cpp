@@ -1,6 +1,6 @@
 // Schemas of the kernel-level ops, declared once. Each device's kernels register
 // implementations in their own files (TORCH_LIBRARY_IMPL(srntt, CPU|CUDA, m)).
-// Semantics: docs/DESIGN.md; the public ops built on them live in srntt_core/ops.py.
+// Semantics: docs/DESIGN.md; the public ops built on them live in srntt_core/ops/library.py.
 #include <Python.h>
 #include <torch/library.h>
 

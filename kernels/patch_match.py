@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..geometry import EPS, grid_size
+from ..ops.geometry import EPS, grid_size
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Score float32 "highest" with exact fp32 dots everywhere instead of TF32 candidates + fp32 re-scoring.

@@ -18,7 +18,7 @@
 #   --budget S    wall-clock budget of the whole run (default 400 s); each stage gets
 #                 min(its cap, what is left)
 #
-# Benchmark JSON also goes to benchmarks/results/<gpu-name>/ (name from srntt_core.machine).
+# Benchmark JSON also goes to benchmarks/results/<gpu-name>/ (name from srntt_core.cli.machine).
 # Exit status: 0 when every stage passed, 1 otherwise (each stage's status is in summary.txt).
 set -u
 cd "$(dirname "$0")/.."
@@ -131,7 +131,7 @@ stage tests 130 "$RESULTS/tests.log" env PYTHONUNBUFFERED=1 "${PYTEST_V[@]}" "${
 
 # 3. benchmarks: every provider at CUFED5 size (all precisions); after the memcheck, the fused GPU
 # backends and the TTSR bmm at 1080p (random features)
-MACHINE="$("$PY" -m srntt_core.machine 2>/dev/null || echo unknown)"
+MACHINE="$("$PY" -m srntt_core.cli.machine 2>/dev/null || echo unknown)"
 BENCH_DIR="benchmarks/results/$MACHINE"
 [ $DRY -eq 1 ] || mkdir -p "$BENCH_DIR"
 BENCH=("$PY" -m pytest -q -p no:cacheprovider -rs benchmarks/bench_patch_match.py benchmarks/bench_feature_swap.py

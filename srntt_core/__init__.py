@@ -8,19 +8,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _ext, ops  # noqa: E402,F401  (registers the custom ops)
+from .ops import extension, library  # noqa: E402,F401  (loads the extension, registers the custom ops)
 
 
 def build_info() -> str:
     """One line on how this install was built and which backends can run here."""
     import torch
 
-    from .dispatch import backend_report
+    from .ops.dispatch import backend_report
 
-    ext = "loaded" if _ext.LOADED else f"NOT loaded ({_ext.LOAD_ERROR})"
-    cuda = "with CUDA kernels" if _ext.has_kernel("_patch_match_fused", "CUDA") else "CPU kernels only"
+    ext = "loaded" if extension.LOADED else f"NOT loaded ({extension.LOAD_ERROR})"
+    cuda = "with CUDA kernels" if extension.has_kernel("_patch_match_fused", "CUDA") else "CPU kernels only"
     lines = [f"srntt-core {__version__}, torch {torch.__version__}; extension {ext}, {cuda}"]
-    if _ext.LOADED:
+    if extension.LOADED:
         # The variant of the CPU hot loops chosen for this CPU (SRNTT_CPU_CAPABILITY may lower it).
         lines.append(f"  CPU kernels: {torch.ops.srntt._cpu_capability()}")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):

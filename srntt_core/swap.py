@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dispatch, geometry, ops
-from .dispatch import BackendUnavailableError, available
-from .geometry import check_patch, check_scale, check_side
-from .ops import PRECISIONS, REDUCTIONS
+from .ops import dispatch, geometry, library
+from .ops.dispatch import BackendUnavailableError, available
+from .ops.geometry import check_patch, check_scale, check_side
+from .ops.library import PRECISIONS, REDUCTIONS, PatchMatch
 
 __all__ = [
     "PatchMatch", "SwapResult", "patch_match", "feature_swap", "weight_maps", "texture_swap",
@@ -33,14 +33,6 @@ __all__ = [
 
 # SRNTT's swap levels: VGG layer -> scale relative to relu3_1.
 LEVELS = {"relu3_1": 1, "relu2_1": 2, "relu1_1": 4}
-
-
-class PatchMatch(NamedTuple):
-    """Result of :func:`patch_match`: ``index`` (int64) and ``score`` of the best key patch per
-    query patch."""
-
-    index: Tensor
-    score: Tensor
 
 
 class SwapResult(NamedTuple):
@@ -60,7 +52,7 @@ class SwapResult(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # validation (docs/CONTRACT.md §6; bounds: docs/DESIGN.md, "Bounds and bad input")
 
-_check_choice = ops.check_choice
+_check_choice = library.check_choice
 
 
 def _check_map(name: str, t) -> Tensor:
@@ -147,11 +139,10 @@ def patch_match(
     geometry.map_grid("query", query.shape[-2], query.shape[-1], patch_size, stride, padding)
     name = dispatch.resolve(backend, query.device)
     dtype = _compute_dtype([query, *keys])
-    score, index = ops.patch_match(
+    return library.patch_match(
         query.to(dtype).contiguous(), [k.to(dtype).contiguous() for k in keys],
         patch_size, stride, padding, name, precision,
     )
-    return PatchMatch(index, score)
 
 
 def feature_swap(
@@ -233,7 +224,7 @@ def feature_swap(
         out_h, out_w = (check_side("out_size", s) for s in out_size)
     geometry.check_elements("out_size", (b, cv, out_h, out_w), value_list[0].element_size())
     name = dispatch.resolve(backend, value_list[0].device)
-    return ops.feature_swap(
+    return library.feature_swap(
         [v.contiguous() for v in value_list], index.to(torch.int64).contiguous(),
         patch_size, stride, padding, scale, out_h, out_w, reduce, name,
     )
@@ -335,7 +326,7 @@ def texture_swap(
     if lr.shape[1] != 3:
         raise ValueError(f"lr: expected 3 channels (RGB), got {lr.shape[1]}")
     _same_device("lr", lr, names, ref_list)
-    ops.check_finite(["lr", *names], [lr, *ref_list])
+    library.check_finite(["lr", *names], [lr, *ref_list])
     if extractor is None:
         extractor = default_extractor().to(lr.device)
     if lr_up is None:

@@ -1,6 +1,6 @@
 """Shared fixtures for the srntt_core tests: backend parametrization, the float64 oracle, real features.
 
-The oracle is the ``torch`` backend run in float64 (``srntt_core.reference``). On the small shapes
+The oracle is the ``torch`` backend run in float64 (``srntt_core.ops.torch_backend``). On the small shapes
 used here the tests also build the dense float64 similarity matrix, which gives the exact top-2
 margin and the exact score of whatever key a backend chose (docs/CONTRACT.md §4: indices are compared exactly
 only where the margin exceeds the tolerance; the chosen key's exact score must be within tolerance
@@ -23,11 +23,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from srntt_core import dispatch, reference  # noqa: E402
+from srntt_core.ops import dispatch, torch_backend  # noqa: E402
 
 # Small crops of real images, shipped with the tests (provenance: tests/data/README.md).
 TEST_IMAGES = Path(__file__).parent / "data" / "images"
-EPS = reference.EPS
+EPS = torch_backend.EPS
 # docs/CONTRACT.md §4, precision="highest": chosen key's exact score within this of the exact maximum.
 TOL = 1e-5
 
@@ -124,8 +124,8 @@ def exact_match(query, keys, patch_size=3, stride=1, padding=0) -> Exact:
     keys = [keys] if isinstance(keys, torch.Tensor) else list(keys)
     q64 = query.detach().double().cpu()
     k64 = [k.detach().double().cpu() for k in keys]
-    index, score = reference.patch_match(q64.contiguous(), [k.contiguous() for k in k64],
-                                         patch_size, stride, padding)
+    index, score = torch_backend.patch_match(q64.contiguous(), [k.contiguous() for k in k64],
+                                             patch_size, stride, padding)
     sim = dense_similarity(q64, k64, patch_size, stride, padding)
     shape = index.shape
     if sim.shape[2] > 1:

@@ -16,9 +16,10 @@ import torch
 from conftest import features
 
 import srntt_core.swap as sw
-from srntt_core import _ext, geometry
+from srntt_core.ops import extension, geometry
 
-needs_ext = pytest.mark.skipif(not _ext.LOADED, reason=f"srntt_core._C not loaded: {_ext.LOAD_ERROR}")
+needs_ext = pytest.mark.skipif(not extension.LOADED,
+                               reason=f"srntt_core._C not loaded: {extension.LOAD_ERROR}")
 
 
 def _raises(exc, words, fn, *args, **kwargs):
@@ -214,7 +215,7 @@ def test_ops_check_the_bounds(backend, name, top):
                                        ("out_h", geometry.SIDE_MAX),
                                        ("out_w", geometry.SIDE_MAX)])
 def test_kernel_bounds_agree_with_geometry(name, top):
-    """csrc/srntt_limits.h and srntt_core/geometry.py state the same bounds: the C++ ops accept
+    """csrc/srntt_limits.h and srntt_core/ops/geometry.py state the same bounds: the C++ ops accept
     the top value and reject the next with a ValueError naming the argument and the bound."""
     args = dict(patch_size=1, stride=1, padding=0, scale=1, out_h=1, out_w=1)
     v = features(1, 1, top if name == "scale" else 2, top if name == "scale" else 2, seed=2)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from srntt_core import checkpoint as C
-from srntt_core import infer as I
-from srntt_core import train as T
+from srntt_core.models import checkpoint as C
+from srntt_core.models import infer as I
+from srntt_core.models import train as T
 from srntt_core.models.srntt import SRNTT, validate_config
 
 TINY = {"ch": 8, "content_blocks": 1, "transfer_blocks": [1, 1, 1]}

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from srntt_core import cli, evaluate, infer
-from srntt_core import data as D
-from srntt_core.checkpoint import export_model
-from srntt_core.infer import BUNDLED_CHECKPOINT
+from srntt_core import cli
+from srntt_core.models import data as D
+from srntt_core.models import evaluate, infer
+from srntt_core.models.checkpoint import export_model
+from srntt_core.models.infer import BUNDLED_CHECKPOINT
 from srntt_core.models.srntt import SRNTT
 
 

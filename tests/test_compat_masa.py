@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from srntt_core.cli import SAMPLE_IMAGE
 from srntt_core.compat import _memory
 from srntt_core.compat.masa import MASAMethods, MASAWarp, masa_warp, search, search_org, transfer
 
-ASSET = Path(__file__).resolve().parents[1] / "srntt_core" / "assets" / "zebra.png"
+ASSET = SAMPLE_IMAGE
 MARGIN = 1e-5
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srntt_core import _ext
+from srntt_core.ops import extension
 
 ROOT = Path(__file__).parents[1]
 EPS = 1e-12
@@ -31,9 +31,9 @@ def _cuda_kernels(request):
     if request.node.get_closest_marker("cuda") is None:
         return
     for op in ("_patch_match_fused", "_feature_swap_fused", "_feature_swap_fused_backward"):
-        if not _ext.has_kernel(op, "CUDA"):
+        if not extension.has_kernel(op, "CUDA"):
             pytest.fail(f"srntt::{op} has no CUDA kernel (extension built without CUDA? "
-                        f"load error: {_ext.LOAD_ERROR})")
+                        f"load error: {extension.LOAD_ERROR})")
 
 
 def _nvcc():
@@ -423,19 +423,19 @@ def test_swap_mean_division_is_round_to_nearest_in_ptx(tmp_path):
 def test_auto_falls_back_without_a_kernel_image(monkeypatch):
     # An extension built for other archs (e.g. sm_80/sm_90 cubins on an sm_120 GPU) has no kernel
     # image there: `auto` must take the next backend instead of failing with "no kernel image".
-    from srntt_core import dispatch
+    from srntt_core.ops import dispatch
 
     # The backend asks the kernel registry once, when it is built: pretend that said yes.
     monkeypatch.setattr(dispatch.get("cuda"), "has_kernels", True)
-    monkeypatch.setattr(_ext, "LOADED", True)
-    monkeypatch.setattr(_ext, "cuda_kernel_image", lambda index: 0)
+    monkeypatch.setattr(extension, "LOADED", True)
+    monkeypatch.setattr(extension, "cuda_kernel_image", lambda index: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (12, 0))
     monkeypatch.setattr(dispatch.get("triton"), "not_supported_reasons", lambda device: ["no triton here"])
     device = torch.device("cuda", 0)
     reasons = dispatch.get("cuda").not_supported_reasons(device)
     assert any("no kernel image for compute capability 12.0" in r for r in reasons), reasons
     assert dispatch.resolve("auto", device) == "torch"
-    monkeypatch.setattr(_ext, "cuda_kernel_image", lambda index: 90)
+    monkeypatch.setattr(extension, "cuda_kernel_image", lambda index: 90)
     assert dispatch.resolve("auto", device) == "cuda"
 
 
@@ -443,7 +443,7 @@ def test_auto_falls_back_without_a_kernel_image(monkeypatch):
 @requires_cuda
 def test_cuda_kernel_image_of_this_gpu():
     major, minor = torch.cuda.get_device_capability(0)
-    image = _ext.cuda_kernel_image(0)
+    image = extension.cuda_kernel_image(0)
     # A cubin of the same major version, or PTX compiled for this GPU at load time.
     assert image and image // 10 <= major, (image, major, minor)
 
@@ -451,7 +451,7 @@ def test_cuda_kernel_image_of_this_gpu():
 def test_torch_backend_scores_in_ieee_fp32_whatever_the_global_setting(monkeypatch):
     # A global allow_tf32 / float32_matmul_precision("high"|"medium") must not reach the torch
     # backend's score GEMM (TF32 inputs put most scores > 1e-5 off on a GPU).
-    from srntt_core import reference
+    from srntt_core.ops import torch_backend
 
     seen = []
     bmm = torch.bmm
@@ -465,7 +465,7 @@ def test_torch_backend_scores_in_ieee_fp32_whatever_the_global_setting(monkeypat
     try:
         torch.set_float32_matmul_precision("medium")
         query, key = torch.rand(1, 4, 7, 8), torch.rand(1, 4, 6, 9)
-        reference.patch_match(query, [key], 3, 1, 0)
+        torch_backend.patch_match(query, [key], 3, 1, 0)
         assert seen and set(seen) == {"highest"}
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
@@ -475,12 +475,12 @@ def test_torch_backend_scores_in_ieee_fp32_whatever_the_global_setting(monkeypat
 @pytest.mark.cuda
 @requires_cuda
 def test_torch_backend_exact_with_tf32_allowed(monkeypatch):
-    from srntt_core import reference
+    from srntt_core.ops import torch_backend
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     g = torch.Generator().manual_seed(9)
     query, key = torch.rand(1, 64, 20, 24, generator=g), torch.rand(1, 64, 18, 22, generator=g)
-    _, score = reference.patch_match(query.cuda(), [key.cuda()], 3, 1, 0)
-    _, exact = reference.patch_match(query.double(), [key.double()], 3, 1, 0)
+    _, score = torch_backend.patch_match(query.cuda(), [key.cuda()], 3, 1, 0)
+    _, exact = torch_backend.patch_match(query.double(), [key.double()], 3, 1, 0)
     assert (score.cpu().double() - exact).abs().max().item() <= 1e-5

@@ -7,7 +7,7 @@ import torch
 from conftest import TEST_IMAGES
 from PIL import Image
 
-from srntt_core import data as D
+from srntt_core.models import data as D
 
 
 def _write(path, h, w, mode="RGB", seed=0):

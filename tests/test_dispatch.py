@@ -5,8 +5,8 @@ import torch
 from conftest import features
 
 import srntt_core.swap as sw
-from srntt_core import _ext, dispatch
-from srntt_core.dispatch import BackendUnavailableError
+from srntt_core.ops import dispatch, extension
+from srntt_core.ops.dispatch import BackendUnavailableError
 
 CPU = torch.device("cpu")
 
@@ -46,9 +46,10 @@ def test_torch_backend_always_available():
 
 
 def test_cpu_backend_available_iff_extension_loaded():
-    assert ("cpu" in sw.available("cpu")) == (_ext.LOADED and _ext.has_kernel("_patch_match_fused", "CPU"))
-    if not _ext.LOADED:
-        assert _ext.LOAD_ERROR  # the real error is kept, not swallowed
+    has_cpu_kernels = extension.LOADED and extension.has_kernel("_patch_match_fused", "CPU")
+    assert ("cpu" in sw.available("cpu")) == has_cpu_kernels
+    if not extension.LOADED:
+        assert extension.LOAD_ERROR  # the real error is kept, not swallowed
 
 
 def test_cuda_backend_not_available_for_cpu_tensors():
@@ -153,8 +154,8 @@ def test_backend_report_covers_every_backend():
 
 def test_failed_extension_load_falls_back_to_torch_and_reports_the_error(monkeypatch, calls):
     """What users see when srntt_core._C cannot load (ABI mismatch, missing symbol, not built)."""
-    monkeypatch.setattr(_ext, "LOADED", False)
-    monkeypatch.setattr(_ext, "LOAD_ERROR", "OSError: undefined symbol: _ZN2at4_ops")
+    monkeypatch.setattr(extension, "LOADED", False)
+    monkeypatch.setattr(extension, "LOAD_ERROR", "OSError: undefined symbol: _ZN2at4_ops")
     assert "cpu" not in sw.available("cpu")
     assert dispatch.resolve("auto", CPU) == "torch"
     with pytest.raises(BackendUnavailableError, match="undefined symbol"):

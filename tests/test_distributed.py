@@ -17,13 +17,14 @@ import test_cli_network
 import torch
 from PIL import Image
 
-from srntt_core import checkpoint as C
-from srntt_core import cli, distributed
-from srntt_core import train as T
+from srntt_core import cli
+from srntt_core.models import checkpoint as C
+from srntt_core.models import distributed
+from srntt_core.models import train as T
 
 tiny_ckpt = test_cli_network.tiny_ckpt  # the fixture: a tiny exported generator
 TINY = {"ch": 8, "content_blocks": 1, "transfer_blocks": [1, 1, 1]}
-TRAIN = ("import json, sys; from srntt_core import train as T; "
+TRAIN = ("import json, sys; from srntt_core.models import train as T; "
          "T.train(T.TrainConfig(**json.loads(sys.argv[1])))")
 
 
@@ -109,7 +110,7 @@ def test_global_batch_must_divide_over_the_ranks():
 
 
 def test_global_samples_do_not_depend_on_the_world_size(folder):
-    from srntt_core.data import TrainCrops
+    from srntt_core.models.data import TrainCrops
 
     data = TrainCrops([str(folder)], crop=16, ref_crop=24)
     one = distributed.GlobalSampler(len(data), 5).batch(data, 10, 4)
@@ -209,7 +210,7 @@ def test_sharded_sr_and_eval_with_two_ranks(tmp_path, tiny_ckpt, capsys):
 
 
 def test_sr_csv_shares_reference_features(tmp_path, tiny_ckpt, monkeypatch, capsys):
-    from srntt_core import infer
+    from srntt_core.models import infer
 
     for i in range(3):
         _img(tmp_path / f"in{i}.png", 12, 12, i)

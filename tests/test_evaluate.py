@@ -5,8 +5,8 @@ import csv
 import pytest
 import torch
 
-from srntt_core import evaluate as E
-from srntt_core.data import Pair
+from srntt_core.models import evaluate as E
+from srntt_core.models.data import Pair
 from srntt_core.models.srntt import SRNTT
 
 

@@ -3,7 +3,6 @@ straightforward path (same weights, BN unfolded, nothing cached), lazy imports."
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srntt_core import infer as I
-from srntt_core.metrics import psnr_y
+from srntt_core.cli import SAMPLE_IMAGE
+from srntt_core.models import infer as I
 from srntt_core.models.fuse import fold_batchnorm, has_batchnorm, inference_copy
+from srntt_core.models.metrics import psnr_y
 from srntt_core.models.srntt import SRNTT
 
-ZEBRA = Path(I.__file__).parent / "assets" / "zebra.png"
+ZEBRA = SAMPLE_IMAGE
 TINY = dict(ch=8, content_blocks=2, transfer_blocks=(1, 1, 1))
 
 
@@ -133,8 +133,8 @@ def test_import_swap_and_build_the_extractor_stay_light(tmp_path):
     (fake / "__init__.py").write_text("")  # importable, so an import attempt shows in sys.modules
     code = (
         "import sys; import srntt_core.swap as sw; sw.default_extractor(); "
-        "import srntt_core.infer as I; I.load_model(); "
-        "heavy = ['torchvision', 'triton', 'kernels', 'matplotlib', 'PIL', 'srntt_core.train', "
+        "import srntt_core.models.infer as I; I.load_model(); "
+        "heavy = ['torchvision', 'triton', 'kernels', 'matplotlib', 'PIL', 'srntt_core.models.train', "
         "'srntt_core.models.losses', 'torch._dynamo']; "
         "print([m for m in heavy if m in sys.modules])"
     )

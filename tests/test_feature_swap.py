@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import srntt_core.swap as sw
-from srntt_core import reference
+from srntt_core.ops import torch_backend
 
 CASES = [
     # B, Cv, query grid (Gq_h, Gq_w), key map sizes [(Hk, Wk)...], patch_size, stride, padding, scale
@@ -223,7 +223,7 @@ def test_backward_is_the_adjoint(backend, reduce):
     lhs = (out * g).sum()
     rhs = sum((v * gv).sum() for v, gv in zip(values, grads, strict=True))
     torch.testing.assert_close(lhs, rhs, atol=1e-10, rtol=1e-12)
-    oracle = reference.feature_swap_backward(g.cpu(), index.cpu(), [14, 18, 10, 6], 3, 1, 1, 2, reduce)
+    oracle = torch_backend.feature_swap_backward(g.cpu(), index.cpu(), [14, 18, 10, 6], 3, 1, 1, 2, reduce)
     for gv, go in zip(grads, oracle, strict=True):
         torch.testing.assert_close(gv.cpu(), go, atol=1e-12, rtol=0)
 
@@ -252,7 +252,8 @@ def test_backward_is_deterministic(backend, reduce):
             torch.set_num_threads(threads)
         for a, b in zip(first, single, strict=True):
             assert torch.equal(a, b)
-    ref = reference.feature_swap_backward(g.double().cpu(), index.cpu(), [24, 20, 12, 16], 3, 1, 1, 2, reduce)
+    ref = torch_backend.feature_swap_backward(g.double().cpu(), index.cpu(), [24, 20, 12, 16], 3, 1, 1, 2,
+                                              reduce)
     for a, r in zip(first, ref, strict=True):
         torch.testing.assert_close(a.double().cpu(), r, atol=1e-4, rtol=1e-5)
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srntt_core import infer as I
 from srntt_core import swap
-from srntt_core.checkpoint import export_model
+from srntt_core.models import infer as I
+from srntt_core.models.checkpoint import export_model
 from srntt_core.models.srntt import SRNTT
 
 TINY = dict(ch=8, content_blocks=1, transfer_blocks=(1, 1, 1))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from srntt_core.metrics import gaussian_window, psnr_y, rgb_to_y, ssim_y
+from srntt_core.models.metrics import gaussian_window, psnr_y, rgb_to_y, ssim_y
 
 
 def test_rgb_to_y_range_and_weights():

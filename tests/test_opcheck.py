@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import features, random_index
 
-from srntt_core import _ext, ops  # noqa: F401  (registers srntt::patch_match, ...)
+from srntt_core.ops import extension  # noqa: F401  (registers srntt::patch_match, ...)
 
 
 def _patch_match_samples(device):
@@ -68,7 +68,8 @@ def test_opcheck_feature_swap_backward(backend):
                               (grad, index, sizes, patch_size, stride, padding, scale, reduce, backend.name))
 
 
-needs_ext = pytest.mark.skipif(not _ext.LOADED, reason=f"srntt_core._C not loaded: {_ext.LOAD_ERROR}")
+needs_ext = pytest.mark.skipif(not extension.LOADED,
+                               reason=f"srntt_core._C not loaded: {extension.LOAD_ERROR}")
 
 
 @needs_ext

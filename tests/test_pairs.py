@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from srntt_core import data as D
-from srntt_core import train as T
+from srntt_core.models import data as D
 from srntt_core.models import pairs as P
+from srntt_core.models import train as T
 
 SIDE = 200  # coordinates fit in 8 bits
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import srntt_core
-from srntt_core import _ext
+from srntt_core.ops import extension
 
-pytestmark = pytest.mark.skipif(not _ext.LOADED, reason=f"extension not loaded: {_ext.LOAD_ERROR}")
+pytestmark = pytest.mark.skipif(not extension.LOADED, reason=f"extension not loaded: {extension.LOAD_ERROR}")
 
 TESTS = Path(__file__).parent
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from srntt_core import checkpoint as C
-from srntt_core import data as D
-from srntt_core import train as T
+from srntt_core.models import checkpoint as C
+from srntt_core.models import data as D
+from srntt_core.models import train as T
 from srntt_core.models.srntt import SRNTT
 
 TINY = {"ch": 8, "content_blocks": 1, "transfer_blocks": [1, 1, 1]}

@@ -58,7 +58,7 @@ def kernels_available() -> bool:
     """Whether ``backend="auto"`` picks a compiled kernel (not the tiled torch fallback) on the CPU."""
     import torch
 
-    from .. import dispatch
+    from ..ops import dispatch
 
     return dispatch.resolve("auto", torch.device("cpu")) != "torch"
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..reference import EPS, coverage_count
+from ..ops.torch_backend import EPS, coverage_count
 from ..swap import feature_swap, patch_match
 from ._pairs import result_dtype
 

@@ -1,10 +1,10 @@
 """The public custom ops ``srntt::patch_match``, ``srntt::feature_swap`` and
 ``srntt::feature_swap_backward``: schemas, fake kernels and autograd, declared once.
 
-Each op takes a concrete ``backend`` name (resolved by :mod:`srntt_core.dispatch`) and routes to
+Each op takes a concrete ``backend`` name (resolved by :mod:`srntt_core.ops.dispatch`) and routes to
 that backend's kernel. :mod:`srntt_core.swap` validates its arguments with the names users know;
 the ops are public too (``torch.ops.srntt.*``), so each checks its integer arguments against the
-bounds of :mod:`srntt_core.geometry` (in its fake kernel too, so that a compiled call fails the
+bounds of :mod:`srntt_core.ops.geometry` (in its fake kernel too, so that a compiled call fails the
 same way) and its data (NaN/Inf keys and query, index range) in the real kernel, where the
 values exist: the public functions then compile with ``fullgraph=True``.
 Fake kernels for the C++ kernel-level ops (``srntt::_*_fused``) are registered here too.
@@ -12,10 +12,12 @@ Fake kernels for the C++ kernel-level ops (``srntt::_*_fused``) are registered h
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from . import _ext, dispatch, geometry, reference
+from . import dispatch, extension, geometry, torch_backend
 
 PRECISIONS = ("highest", "high", "medium")
 REDUCTIONS = ("mean", "sum")
@@ -112,7 +114,7 @@ def _patch_match_fake(query, keys, patch_size, stride, padding, backend, precisi
     gh, gw = _check_patch_match(query, keys, patch_size, stride, padding, backend, precision)
     shape = (query.shape[0], gh, gw)
     return (query.new_empty(shape, dtype=torch.long),
-            query.new_empty(shape, dtype=reference.score_dtype(query.dtype)))
+            query.new_empty(shape, dtype=torch_backend.score_dtype(query.dtype)))
 
 
 def _patch_match_op_fake(*args):
@@ -190,7 +192,22 @@ def _patch_match_impl(query: Tensor, keys: list[Tensor], patch_size: int, stride
 
 
 torch.library.register_fake("srntt::patch_match")(_patch_match_op_fake)
-patch_match = torch.ops.srntt.patch_match.default
+
+
+class PatchMatch(NamedTuple):
+    """Result of a patch match: ``index`` (int64, flat over the concatenated key grids) and ``score``
+    (cosine) of the best key patch per query patch."""
+
+    index: Tensor
+    score: Tensor
+
+
+def patch_match(query: Tensor, keys: list[Tensor], patch_size: int, stride: int, padding: int,
+                backend: str, precision: str) -> PatchMatch:
+    """``srntt::patch_match`` in the (index, score) order every layer above the op uses."""
+    score, index = torch.ops.srntt.patch_match.default(query, keys, patch_size, stride, padding,
+                                                        backend, precision)
+    return PatchMatch(index, score)
 
 
 def _patch_match_setup(ctx, inputs, output):
@@ -202,7 +219,7 @@ def _patch_match_setup(ctx, inputs, output):
 
 def _patch_match_backward(ctx, grad_score, grad_index):
     query, index, *keys = ctx.saved_tensors
-    grad_query, grad_keys = reference.patch_match_score_backward(
+    grad_query, grad_keys = torch_backend.patch_match_score_backward(
         grad_score, query, keys, index, *ctx.geometry)
     return grad_query, grad_keys, None, None, None, None, None
 
@@ -294,7 +311,7 @@ torch.library.register_autograd("srntt::feature_swap_backward", _feature_swap_ba
                                 setup_context=_feature_swap_backward_setup)
 
 
-if _ext.LOADED:
+if extension.LOADED:
     for _name, _fake in (("_patch_match_fused", _patch_match_fused_fake),
                          ("_feature_swap_fused", _feature_swap_fused_fake),
                          ("_feature_swap_fused_backward", _feature_swap_fused_backward_fake)):

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .checkpoint import atomic_write, temp_name_prefix
-from .models.pairs import DEFAULT_PAIR_MIX, choose_mode, overlap_view, parse_pair_mix
+from .pairs import DEFAULT_PAIR_MIX, choose_mode, overlap_view, parse_pair_mix
 
 SCALE = 4
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")

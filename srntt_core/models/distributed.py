@@ -183,7 +183,8 @@ class GlobalSampler:
         return int(self._perm[pos]), torch.Generator().manual_seed(_mix(self.seed, k))
 
     def batch(self, data, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Global samples ``[start, start + count)`` of ``data`` (a :class:`~srntt_core.data.TrainCrops`)."""
+        """Global samples ``[start, start + count)`` of ``data`` (a
+        :class:`~srntt_core.models.data.TrainCrops`)."""
         parts = [data.item(*self.item(k)) for k in range(start, start + count)]
         return tuple(torch.stack(t) for t in zip(*parts, strict=True))
 

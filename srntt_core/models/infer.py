@@ -11,8 +11,8 @@
   (:func:`srntt_core.models.fuse.inference_copy`), it and the VGG passes in channels-last
   layout (oneDNN's direct path on CPU, ~25% faster than NCHW here); ``fast=False`` runs the
   model as given (the straightforward path, which the fast one matches to 1e-4 per pixel).
-- Errors: missing / corrupt images raise from :mod:`srntt_core.data`; a checkpoint that is
-  refused or does not fit the network raises :class:`srntt_core.checkpoint.CheckpointError`.
+- Errors: missing / corrupt images raise from :mod:`srntt_core.models.data`; a checkpoint that is
+  refused or does not fit the network raises :class:`srntt_core.models.checkpoint.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, load_generator
-from .models.srntt import SRNTT
+from .srntt import SRNTT
 
 __all__ = ["CheckpointError", "ReferenceBank", "check_tiling", "load_model", "no_reference",
            "prepare_reference", "resolve_device", "super_resolve"]
 
-CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 BUNDLED_CHECKPOINT = CHECKPOINT_DIR / "srntt_l2.pt"
 LEVELS = {"relu3_1": 1, "relu2_1": 2, "relu1_1": 4}
 MIN_LR = 3  # one 3x3 relu3_1 patch
@@ -43,7 +43,7 @@ MIN_LR = 3  # one 3x3 relu3_1 patch
 def load_model(path: str | os.PathLike = "bundled", device: str | torch.device = "cpu") -> SRNTT:
     """Load an SRNTT generator (fp16 checkpoints are cast to float32) in eval mode.
 
-    The file is read and checked by :mod:`srntt_core.checkpoint` (``weights_only`` loading,
+    The file is read and checked by :mod:`srntt_core.models.checkpoint` (``weights_only`` loading,
     configuration, key / shape / finiteness checks) before the network is built.
     """
     path = BUNDLED_CHECKPOINT if str(path) == "bundled" else Path(path)
@@ -93,7 +93,7 @@ class ReferenceBank(nn.Module):
     def __init__(self, refs: Sequence[torch.Tensor], extractor: nn.Module | None = None,
                  backend: str = "auto", channels_last: bool = False):
         super().__init__()
-        from . import swap
+        from .. import swap
 
         self.backend = backend
         self.channels_last = channels_last
@@ -115,7 +115,7 @@ class ReferenceBank(nn.Module):
 
     @torch.no_grad()
     def swap(self, lr: torch.Tensor) -> dict[str, torch.Tensor]:
-        from . import swap
+        from .. import swap
 
         b = lr.shape[0]
         query = self._features(_bicubic(lr, 4))["relu3_1"]
@@ -222,13 +222,13 @@ def super_resolve(
     lr = lr.to(device, torch.float32)
     if bank is None:
         if extractor is None:
-            from .swap import default_extractor
+            from ..swap import default_extractor
 
             extractor = default_extractor().to(device)
         bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor,
                              backend, channels_last=fast)
     if fast:
-        from .models.fuse import has_batchnorm, inference_copy
+        from .fuse import has_batchnorm, inference_copy
 
         if has_batchnorm(model):
             model = inference_copy(model, channels_last=True)

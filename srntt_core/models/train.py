@@ -1,6 +1,6 @@
 """SRNTT training with online texture swapping (no offline precompute).
 
-Every step draws random crops (:class:`srntt_core.data.TrainCrops`), swaps the reference
+Every step draws random crops (:class:`srntt_core.models.data.TrainCrops`), swaps the reference
 textures into the LR layout with :func:`srntt_core.swap.texture_swap` (VGG19 relu3_1 matching,
 no gradient) and updates the generator:
 
@@ -11,10 +11,10 @@ no gradient) and updates the generator:
   features of the HR crop (as the original code does); ``truth_every=k`` does it every k-th step.
 
 Runs are resumable: ``<out>/last.pt`` (generator, critic, optimizers, step, elapsed time,
-torch RNG state, samples drawn) is written atomically (:mod:`srntt_core.checkpoint`) every
+torch RNG state, samples drawn) is written atomically (:mod:`srntt_core.models.checkpoint`) every
 ``save_every`` steps, at the end, on a time budget, and on Ctrl-C / SIGTERM; the training
 samples are defined per global sample and the RNG per global step
-(:mod:`srntt_core.distributed`), so a resumed run continues exactly where an uninterrupted one
+(:mod:`srntt_core.models.distributed`), so a resumed run continues exactly where an uninterrupted one
 would be, with any number of processes. Under ``torchrun`` the ranks train one model
 (DistributedDataParallel; rank 0 writes the files). A resume reads ``last.pt`` with
 ``weights_only=True`` and checks it before use.
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from . import losses as L
 from .checkpoint import (
     CKPT_FORMAT,
     TRAIN_STATE_KIND,
@@ -57,11 +58,10 @@ from .checkpoint import (
     safe_load,
     validate_train_state,
 )
+from .discriminator import Discriminator
 from .distributed import DistributedError, rank_slice
-from .models import losses as L
-from .models.discriminator import Discriminator
-from .models.pairs import DEFAULT_PAIR_MIX, parse_pair_mix
-from .models.srntt import SRNTT, validate_config
+from .pairs import DEFAULT_PAIR_MIX, parse_pair_mix
+from .srntt import SRNTT, validate_config
 
 BATCH_NORM_MODES = ("batch", "sync", "frozen")
 LOG_FIELDS = ["step", "elapsed_s", "lr", "loss", "rec", "per", "adv", "tex", "d_loss", "gp", "truth_rec"]
@@ -320,7 +320,7 @@ def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) according to ``cfg``. Returns a summary dict.
 
-    Under ``torchrun`` (the environment of :mod:`srntt_core.distributed`) every rank runs this
+    Under ``torchrun`` (the environment of :mod:`srntt_core.models.distributed`) every rank runs this
     with the same ``cfg``: the generator (and critic) are wrapped in DistributedDataParallel,
     ``cfg.batch`` is the global batch (each rank takes ``batch / world_size`` of the same global
     samples one process would draw), and only rank 0 writes the checkpoint and the logs.
@@ -328,7 +328,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
     ``on_step(step)`` is called after every completed step (tests use it to interrupt a run).
     KeyboardInterrupt / SIGTERM save ``last.pt`` at the last completed step and re-raise
     KeyboardInterrupt. A rank that fails or cannot be reached stops the others with a
-    :class:`~srntt_core.distributed.DistributedError`.
+    :class:`~srntt_core.models.distributed.DistributedError`.
     """
     validate_train_config(cfg)
     out = Path(cfg.out)
@@ -354,9 +354,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
 
 def _train(cfg: TrainConfig, ctx: distributed.Context, device: torch.device,
            on_step: Callable[[int], None] | None) -> dict:
-    from . import swap
+    from .. import swap
     from .data import TrainCrops
-    from .models.vgg import VGG19Features
+    from .vgg import VGG19Features
 
     out = Path(cfg.out)
     if cfg.num_threads:
@@ -628,7 +628,7 @@ def _tensorboard_step(tb, step: int, values: dict[str, float], lr: float, step_s
 @torch.no_grad()
 def _tensorboard_images(tb, step: int, model: nn.Module, data, cfg: TrainConfig, extractor, device) -> None:
     """A few fixed validation crops: bicubic x4 | SR | HR, side by side."""
-    from . import swap
+    from .. import swap
     from .data import bicubic_up
 
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 20_000_000)

@@ -5,18 +5,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
+
+# The bundled sample image that demo, swap-demo and bench run on.
+SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "zebra.png"
 
 # command -> (module, add-arguments function, run function, help)
 COMMANDS = {
-    "sr": ("srntt_core.commands", "add_sr_arguments", "run_sr",
+    "sr": ("srntt_core.cli.commands", "add_sr_arguments", "run_sr",
            "x4 Ref-SR of an image with one or more references"),
-    "demo": ("srntt_core.commands", "add_demo_arguments", "run_demo",
+    "demo": ("srntt_core.cli.commands", "add_demo_arguments", "run_demo",
              "super-resolve the bundled sample with the bundled checkpoint"),
-    "eval": ("srntt_core.commands", "add_eval_arguments", "run_eval",
+    "eval": ("srntt_core.cli.commands", "add_eval_arguments", "run_eval",
              "the evaluation table (docs/CONTRACT.md §10) on a folder"),
-    "train": ("srntt_core.commands", "add_train_arguments", "run_train", "train SRNTT with online swapping"),
-    "bench": ("srntt_core.bench", "add_arguments", "run", "quick kernel comparison on this machine"),
-    "swap-demo": ("srntt_core.swap_demo", "add_arguments", "run_cli",
+    "train": ("srntt_core.cli.commands", "add_train_arguments", "run_train",
+              "train SRNTT with online swapping"),
+    "bench": ("srntt_core.cli.bench", "add_arguments", "run", "quick kernel comparison on this machine"),
+    "swap-demo": ("srntt_core.cli.swap_demo", "add_arguments", "run_cli",
                   "run and draw the swap stage on the bundled sample pair"),
 }
 
@@ -35,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version or args.command is None:
-        from . import build_info
+        from .. import build_info
 
         print(build_info())
         if args.command is None and not args.version:
             parser.print_help()
         return 0
     module, _, run, _ = COMMANDS[args.command]
-    from .distributed import DistributedError
+    from ..models.distributed import DistributedError
 
     try:
         return int(getattr(importlib.import_module(module), run)(args) or 0)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models.srntt import SRNTT, validate_config
+from .srntt import SRNTT, validate_config
 
 CKPT_FORMAT = "srntt-core/1"
 GENERATOR_KIND = "srntt-generator"

@@ -18,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .geometry import EPS
+from ..ops.geometry import EPS
+from . import SAMPLE_IMAGE
 
 # relu3_1 (H, W) of a 160x160 training crop and of a 500x332 CUFED5-size image
 SHAPES = {"small": (40, 40), "medium": (83, 125), "large": (270, 480)}
@@ -85,16 +86,15 @@ def _features(shape: tuple[int, int], channels: int, device: torch.device, real:
         q = torch.randn(1, channels, *shape, generator=g)
         k = torch.randn(1, channels, *shape, generator=g)
         return q.to(device), k.to(device)
-    from pathlib import Path
 
     import numpy as np
     from PIL import Image
 
-    from .models.vgg import VGG19Features
+    from ..models.vgg import VGG19Features
 
     # The bundled demo image, split in two halves: matching one against the other is the
     # split-image reference protocol (docs/CONTRACT.md §10).
-    img = Image.open(Path(__file__).parent / "assets" / "zebra.png").convert("RGB")
+    img = Image.open(SAMPLE_IMAGE).convert("RGB")
     half = img.width // 2
     size = (shape[1] * 4, shape[0] * 4)
     pair = [img.crop((0, 0, half, img.height)), img.crop((half, 0, 2 * half, img.height))]
@@ -129,7 +129,7 @@ def _parse_shape(text: str) -> tuple[str, tuple[int, int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import swap
+    from .. import swap
     from .machine import machine_name
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

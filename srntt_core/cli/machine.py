@@ -2,7 +2,7 @@
 
 ``machine_name()`` is the CUDA device name when a GPU is visible (``NVIDIA-H100-80GB-HBM3``), else
 ``cpu-<short CPU model>-<n>c`` (``cpu-AMD-EPYC-2c``), n being the cores this process may use.
-``python -m srntt_core.machine`` prints it; ``make bench`` files its results under
+``python -m srntt_core.cli.machine`` prints it; ``make bench`` files its results under
 ``benchmarks/results/<name>/``.
 """
 

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from . import _ext, reference
+from . import extension, torch_backend
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
 PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -46,13 +46,13 @@ class TorchBackend(Backend):
         return []
 
     def patch_match(self, *args):
-        return reference.patch_match(*args)
+        return torch_backend.patch_match(*args)
 
     def feature_swap(self, *args):
-        return reference.feature_swap(*args)
+        return torch_backend.feature_swap(*args)
 
     def feature_swap_backward(self, *args):
-        return reference.feature_swap_backward(*args)
+        return torch_backend.feature_swap_backward(*args)
 
 
 class FusedBackend(Backend):
@@ -62,19 +62,19 @@ class FusedBackend(Backend):
         self.name, self.device_type, self.dispatch_key = name, device_type, dispatch_key
         # NB: asked once: the registry does not change while a process runs, and torch.compile
         # can then trace resolve() (it cannot trace the registry query, which returns a bool).
-        self.has_kernels = _ext.has_kernel("_patch_match_fused", dispatch_key)
+        self.has_kernels = extension.has_kernel("_patch_match_fused", dispatch_key)
 
     def not_supported_reasons(self, device):
         reasons = []
-        if not _ext.LOADED:
-            reasons.append(f"extension srntt_core._C failed to load ({_ext.LOAD_ERROR})")
+        if not extension.LOADED:
+            reasons.append(f"extension srntt_core._C failed to load ({extension.LOAD_ERROR})")
         elif not self.has_kernels:
             reasons.append(f"extension built without {self.dispatch_key} kernels")
         if device.type != self.device_type:
             reasons.append(f"needs {self.device_type} tensors, got {device.type}")
         elif device.type == "cuda" and not reasons:
             index = device.index if device.index is not None else torch.cuda.current_device()
-            if not _ext.cuda_kernel_image(index):
+            if not extension.cuda_kernel_image(index):
                 major, minor = torch.cuda.get_device_capability(index)
                 reasons.append(f"extension has no kernel image for compute capability {major}.{minor} "
                                "(rebuild with TORCH_CUDA_ARCH_LIST including it)")
@@ -97,7 +97,7 @@ class TritonBackend(Backend):
     name = "triton"
 
     def _kernels(self):
-        from . import _triton
+        from .. import _triton
 
         return _triton
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from . import data, swap
-from .dispatch import available
-
-SAMPLE = Path(__file__).parent / "assets" / "zebra.png"
+from .. import swap
+from ..models import data
+from ..ops.dispatch import available
+from . import SAMPLE_IMAGE
 
 
 def correspondence_image(
@@ -51,7 +51,8 @@ def _timed(fn, repeats: int = 3):
     return out, best
 
 
-def run(out: str | Path = "out/swap_demo.png", backend: str = "auto", sample: str | Path = SAMPLE) -> int:
+def run(out: str | Path = "out/swap_demo.png", backend: str = "auto",
+        sample: str | Path = SAMPLE_IMAGE) -> int:
     torch.manual_seed(0)
     hr = data.mod_crop(data.load_image(sample))
     target, ref = (x.unsqueeze(0) for x in data.split_image(hr))
@@ -96,7 +97,8 @@ def run(out: str | Path = "out/swap_demo.png", backend: str = "auto", sample: st
 def add_arguments(p) -> None:
     p.add_argument("-o", "--out", default="out/swap_demo.png", help="output PNG (default out/swap_demo.png)")
     p.add_argument("--backend", default="auto", help="auto, cpu, cuda, triton or torch")
-    p.add_argument("--sample", default=str(SAMPLE), help="an image to split into target and reference halves")
+    p.add_argument("--sample", default=str(SAMPLE_IMAGE),
+                   help="an image to split into target and reference halves")
 
 
 def run_cli(args) -> int:

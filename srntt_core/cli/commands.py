@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets"
-DEMO_SAMPLE = ASSETS / "zebra.png"
+from . import SAMPLE_IMAGE
+
 DEMO_FILES = ("lr", "reference", "bicubic", "srntt", "hr", "comparison")
 
 
@@ -32,7 +32,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser, tile: bool = True) -> None:
-    from .data import DEFAULT_MAX_PIXELS
+    from ..models.data import DEFAULT_MAX_PIXELS
 
     p.add_argument("--checkpoint", default="bundled",
                    help="SRNTT checkpoint (default: the bundled SRNTT-l2 model)")
@@ -49,7 +49,7 @@ def _add_common(p: argparse.ArgumentParser, tile: bool = True) -> None:
 
 
 def _check_tiling(args) -> None:
-    from .infer import check_tiling
+    from ..models.infer import check_tiling
 
     check_tiling(args.tile or None, args.overlap)
 
@@ -95,8 +95,8 @@ def run_sr(args) -> int:
     if Path(args.input).is_dir() or Path(args.input).suffix.lower() == ".csv":
         return run_sr_many(args)
 
-    from .data import ImageTooLargeError, check_output_path, image_size, load_image, save_image
-    from .infer import load_model, no_reference, resolve_device, super_resolve
+    from ..models.data import ImageTooLargeError, check_output_path, image_size, load_image, save_image
+    from ..models.infer import load_model, no_reference, resolve_device, super_resolve
 
     device = resolve_device(args.device)
     _check_tiling(args)
@@ -134,7 +134,7 @@ def sr_jobs(source: str, refs: list[str], out_dir: str) -> list[tuple[Path, list
     skipped). Every file is checked to exist before any work."""
     import csv
 
-    from .data import IMAGE_EXTENSIONS, list_images
+    from ..models.data import IMAGE_EXTENSIONS, list_images
 
     src, out = Path(source), Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -187,11 +187,11 @@ def run_sr_many(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from . import distributed
-    from .checkpoint import remove_partials
-    from .data import ImageTooLargeError, image_size, load_image, save_image
-    from .infer import ReferenceBank, load_model, no_reference, prepare_reference, super_resolve
-    from .swap import default_extractor
+    from ..models import distributed
+    from ..models.checkpoint import remove_partials
+    from ..models.data import ImageTooLargeError, image_size, load_image, save_image
+    from ..models.infer import ReferenceBank, load_model, no_reference, prepare_reference, super_resolve
+    from ..swap import default_extractor
 
     _check_tiling(args)
     jobs = sr_jobs(args.input, args.ref, args.out)
@@ -249,7 +249,7 @@ def run_sr_many(args) -> int:
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--image", default=str(DEMO_SAMPLE),
+    p.add_argument("--image", default=str(SAMPLE_IMAGE),
                    help="HR image to demo on (split-image protocol: left half target, right half reference)")
     _add_common(p)
 
@@ -278,8 +278,8 @@ def side_by_side(panels: list[tuple[str, object]], ref: tuple[str, object] | Non
 def run_demo(args) -> int:
     import torch
 
-    from .checkpoint import atomic_write
-    from .data import (
+    from ..models.checkpoint import atomic_write
+    from ..models.data import (
         bicubic_down,
         bicubic_up,
         check_output_path,
@@ -289,8 +289,8 @@ def run_demo(args) -> int:
         split_image,
         tensor_to_pil,
     )
-    from .infer import load_model, resolve_device, super_resolve
-    from .metrics import psnr_y, ssim_y
+    from ..models.infer import load_model, resolve_device, super_resolve
+    from ..models.metrics import psnr_y, ssim_y
 
     device = resolve_device(args.device)
     _check_tiling(args)
@@ -354,10 +354,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args) -> int:
-    from . import distributed
-    from .data import check_output_path
-    from .evaluate import ROWS, evaluate_folder
-    from .infer import load_model, resolve_device
+    from ..models import distributed
+    from ..models.data import check_output_path
+    from ..models.evaluate import ROWS, evaluate_folder
+    from ..models.infer import load_model, resolve_device
 
     resolve_device(args.device)
     _check_tiling(args)
@@ -437,7 +437,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from .train import TrainConfig, train
+    from ..models.train import TrainConfig, train
 
     cfg = TrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch=args.batch, crop=args.crop,
