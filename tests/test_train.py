@@ -284,3 +284,39 @@ def test_loss_chart_with_and_without_matplotlib(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="matplotlib is not installed: no loss chart"):
         assert T.plot_log(log, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_train_flags_set_the_config_fields_of_their_names():
+    import argparse
+    import dataclasses
+
+    from srntt_core import cli
+    from srntt_core.cli import commands
+
+    argv = ["train", "d1", "d2", "--out", "o", "--steps", "7", "--batch", "3", "--crop", "32",
+            "--ref-crop", "40", "--lr", "0.002", "--lr-schedule", "cosine", "--lr-floor", "0.2",
+            "--warmup-steps", "5",
+            "--losses", "full", "--pretrain-steps", "2", "--texture-weighting", "paper", "--train-with-truth",
+            "--truth-every", "3", "--residual", "bicubic", "--augment", "--pair-mix", "overlap:1",
+            "--init", "bundled", "--seed", "9", "--device", "cpu", "--no-amp", "--backend", "torch",
+            "--save-every", "4", "--time-budget", "60", "--stop-at", "12:00", "--threads", "2",
+            "--bn-recalibrate", "3", "--export", "e.pt", "--batch-norm", "frozen", "--dist-timeout", "99",
+            "--no-tensorboard"]
+    args = cli.build_parser().parse_args(argv)
+    expected = T.TrainConfig(
+        data=["d1", "d2"], out="o", steps=7, batch=3, crop=32, ref_crop=40, lr=0.002, lr_schedule="cosine",
+        lr_floor=0.2, warmup_steps=5, losses="full", pretrain_steps=2, texture_weighting="paper",
+        train_with_truth=True, truth_every=3, residual="bicubic", augment=True, pair_mix="overlap:1",
+        init="bundled", seed=9, device="cpu", amp=False, backend="torch", save_every=4, time_budget=60.0,
+        stop_at="12:00", num_threads=2, bn_recalibrate=3, export="e.pt", batch_norm="frozen",
+        dist_timeout=99.0, tensorboard=False)
+    assert commands.train_config(args) == expected
+    # every field is a flag, but for the ones only the Python API sets
+    default = T.TrainConfig(data=["d1", "d2"], out="o")
+    same = {f.name for f in dataclasses.fields(T.TrainConfig)
+            if getattr(expected, f.name) == getattr(default, f.name)}
+    assert same == {"data", "out", "weights", "perceptual_layer", "perceptual_weights", "model", "progress"}
+    plain = cli.build_parser().parse_args(["train", "d1", "d2", "--out", "o"])
+    assert commands.train_config(plain) == default
+    with pytest.raises(TypeError, match="'bogus' has no TrainConfig field"):
+        commands.train_config(argparse.Namespace(**vars(args), bogus=1))

@@ -436,21 +436,37 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not log to RUN/tensorboard (done when TensorBoard is installed)")
 
 
-def run_train(args) -> int:
-    from ..models.train import TrainConfig, train
+# `srntt train` flags whose names differ from their TrainConfig field; a `--no-X` flag sets X to False
+TRAIN_FLAG_FIELDS = {"threads": "num_threads"}
+_TOP_LEVEL_DESTS = ("command", "version")  # set by the `srntt` parser itself
 
-    cfg = TrainConfig(
-        data=args.data, out=args.out, steps=args.steps, batch=args.batch, crop=args.crop,
-        ref_crop=args.ref_crop,
-        lr=args.lr, lr_schedule=args.lr_schedule, lr_floor=args.lr_floor, warmup_steps=args.warmup_steps,
-        pair_mix=args.pair_mix, init=args.init, losses=args.losses, pretrain_steps=args.pretrain_steps,
-        texture_weighting=args.texture_weighting, train_with_truth=args.train_with_truth,
-        truth_every=args.truth_every, residual=args.residual, augment=args.augment, seed=args.seed,
-        device=args.device, amp=not args.no_amp, backend=args.backend, save_every=args.save_every,
-        time_budget=args.time_budget, stop_at=args.stop_at, num_threads=args.threads,
-        bn_recalibrate=args.bn_recalibrate, export=args.export, batch_norm=args.batch_norm,
-        dist_timeout=args.dist_timeout, tensorboard=not args.no_tensorboard,
-    )
+
+def train_config(args):
+    """The TrainConfig of parsed ``srntt train`` flags: every flag sets the field of its name
+    (see :data:`TRAIN_FLAG_FIELDS`); a flag without a field is an error, not a setting dropped."""
+    import dataclasses
+
+    from ..models.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for dest, value in vars(args).items():
+        if dest in _TOP_LEVEL_DESTS:
+            continue
+        if dest.startswith("no_") and dest[3:] in fields:
+            values[dest[3:]] = not value
+            continue
+        name = TRAIN_FLAG_FIELDS.get(dest, dest)
+        if name not in fields:
+            raise TypeError(f"srntt train: the flag for {dest!r} has no TrainConfig field")
+        values[name] = value
+    return TrainConfig(**values)
+
+
+def run_train(args) -> int:
+    from ..models.train import train
+
+    cfg = train_config(args)
     try:
         summary = train(cfg)
     except KeyboardInterrupt:
