@@ -21,7 +21,7 @@ from srntt_core.ops import dispatch
 
 BACKENDS = list(dispatch.BACKENDS)
 PEERS = {"ttsr_fold": peers.ttsr_fold_swap, "python_loop": peers.python_loop_swap}
-LEVELS = ("relu3_1", "relu2_1", "relu1_1")
+LEVELS = tuple(sw.LEVELS)
 # The real index at 1080p needs the 1080p match (minutes); by default 1080p runs the random index.
 LARGE_DEFAULT = {(p, "random") for p in BACKENDS + list(PEERS)}
 ROUNDS = {"train": 5, "cufed5": 3, "1080p": 1}

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from srntt_core.cli.bench import faiss_patch_match, im2col, ttsr_patch_match  # noqa: F401  (re-exported)
-from srntt_core.ops.torch_backend import grid_size
+from srntt_core.ops.geometry import EPS, grid_size
+from srntt_core.swap import LEVELS
 
-EPS = 1e-12
 # Score tile of the chunked conv2d: filters per chunk x query cells x 4 bytes stays near this.
 CONV_TILE_BYTES = 64 << 20
 
@@ -148,10 +148,7 @@ def ttsr_fold_swap_bytes(n_query, n_key, value_channels, patch_size=3, scale=1, 
 # ---------------------------------------------------------------------------------------------
 # the whole swap stage with a peer's match and swap
 
-SWAP_LEVELS = (("relu3_1", 1), ("relu2_1", 2), ("relu1_1", 4))
-
-
-def peer_texture_swap(lr, ref, extractor, match, swap, levels=SWAP_LEVELS):
+def peer_texture_swap(lr, ref, extractor, match, swap):
     """SRNTT's swap stage (as ``srntt_core.swap.texture_swap``) with ``match`` and ``swap`` from a peer:
     relu3_1 of the bicubic LR-up against relu3_1 of the blurred reference, then each level swapped
     from the unblurred reference. Returns ``({layer: map}, index, score)``."""
@@ -165,5 +162,5 @@ def peer_texture_swap(lr, ref, extractor, match, swap, levels=SWAP_LEVELS):
     key = extractor(bicubic(bicubic(ref, 0.25), 4))["relu3_1"]
     feats = extractor(ref)
     index, score = match(query, key)
-    maps = {layer: swap(feats[layer], index, scale=s, out_size=(h * s, w * s)) for layer, s in levels}
+    maps = {layer: swap(feats[layer], index, scale=s, out_size=(h * s, w * s)) for layer, s in LEVELS.items()}
     return maps, index, score

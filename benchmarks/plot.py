@@ -158,7 +158,7 @@ def _table(rows, op, peers, key_extra):
     return "\n".join(lines)
 
 
-# issue 3's goals: (op, peer, minimum speed-up of the cpu backend over the peer)
+# The speed goals: (op, peer, minimum speed-up of the cpu backend over the peer)
 GOALS = [("patch_match", "faiss", 3.0), ("feature_swap", "ttsr_fold", 10.0),
          ("feature_swap", "python_loop", 100.0)]
 

@@ -1,8 +1,7 @@
-// Bounds of the integer arguments of the kernel-level ops (srntt::_*_fused) and overflow-checked
-// size arithmetic, checked at the entry of every kernel. The bounds are those of
-// srntt_core/ops/geometry.py (tests/test_bounds.py checks that the two agree; docs/DESIGN.md, "Bounds
-// and bad input"): Python checks them first with the argument names users know, this is the
-// second line of defence for direct calls of the ops. Within them no size a kernel computes
+// Checks of the integer arguments of the kernel-level ops (srntt::_*_fused) against the bounds of
+// srntt_geometry.h, and overflow-checked size arithmetic, at the entry of every kernel
+// (docs/DESIGN.md, "Bounds and bad input"). Python checks the same bounds first, with the argument
+// names users know; this is the second line of defence for direct calls of the ops. Within them no size a kernel computes
 // overflows int64; the checked products below catch tensors whose own sizes would.
 #pragma once
 
@@ -12,16 +11,9 @@
 #include <cstdint>
 #include <initializer_list>
 
-namespace srntt {
+#include "srntt_geometry.h"
 
-constexpr int64_t kPatchSizeMax = 64;
-constexpr int64_t kStrideMax = 64;
-constexpr int64_t kPaddingMax = 64;
-constexpr int64_t kScaleMax = 16;
-constexpr int64_t kSideMax = int64_t(1) << 16;
-constexpr int64_t kCellsMax = int64_t(1) << 25;
-constexpr int64_t kDescriptorMax = int64_t(1) << 18;
-constexpr int64_t kElementsMax = (int64_t(1) << 31) - 1;
+namespace srntt {
 
 inline void check_bound(const char* op, const char* name, int64_t value, int64_t lo, int64_t hi) {
   TORCH_CHECK_VALUE(value >= lo && value <= hi, op, ": ", name, " must be in [", lo, ", ", hi,
@@ -59,7 +51,7 @@ inline int64_t checked_grid(const char* op, const char* what, int64_t size, int6
   TORCH_CHECK_VALUE(size >= 0 && !c10::add_overflows(size, 2 * padding, &padded), op, ": ", what,
                     " size ", size, " overflows with padding");
   TORCH_CHECK_VALUE(padded >= patch_size, op, ": ", what, " is smaller than one patch");
-  return (padded - patch_size) / stride + 1;
+  return grid_size(size, patch_size, stride, padding);
 }
 
 }  // namespace srntt

@@ -20,7 +20,7 @@ by a host loop that carries the running state in (B, Nq) buffers.
 Precision. float64 inputs score with fp64 multiply-and-sum (tl.dot has no fp64 path). For float32,
 every precision finds candidates on tensor cores — TF32 for ``"highest"`` and ``"high"``, bf16 inputs
 for ``"medium"`` — and then re-scores them in fp32, which keeps the contract provable (see
-``_candidate_margin``), so even ``"highest"`` runs at tensor-core speed (issue 4's design). The
+``_candidate_margin``), so even ``"highest"`` runs at tensor-core speed. The
 exact fp32 scan (tl.dot with ``input_precision="ieee"``) remains for the re-scan of step 4 and for
 ``SRNTT_TRITON_EXACT_FP32=1``, which scores everything with it:
 

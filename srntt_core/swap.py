@@ -232,7 +232,7 @@ def feature_swap(
 
 def weight_maps(
     score: Tensor,
-    scales: Sequence[int] = (1, 2, 4),
+    scales: Sequence[int] = tuple(LEVELS.values()),
     *,
     patch_size: int = 3,
     padding: int = 0,

@@ -7,6 +7,9 @@ sane fail with the size they would need, before allocating.
 """
 
 import json
+import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -30,8 +33,8 @@ def _raises(exc, words, fn, *args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# the cases that crashed, hung or returned garbage: each in a subprocess, so that a signal or a
-# hang fails the test instead of killing the run
+# arguments that crash, hang or return garbage unless bounded: each in a subprocess, so that a
+# signal or a hang fails the test instead of killing the run
 
 CRASHERS = textwrap.dedent("""
     import json, sys, torch
@@ -84,7 +87,7 @@ CRASHERS = textwrap.dedent("""
 
 @pytest.mark.parametrize("backend_name", ["cpu", "torch"])
 def test_known_crashers_raise_cleanly(backend_name):
-    """The reported crashes (double free, uninitialized output, hang, overflow errors) are now
+    """Arguments that would crash, hang, overflow or leave an output uninitialized raise
     ValueErrors naming the argument, through the public API, the ops and the kernel-level ops."""
     if backend_name not in sw.available("cpu"):
         pytest.skip(f"backend {backend_name} not available")
@@ -215,7 +218,7 @@ def test_ops_check_the_bounds(backend, name, top):
                                        ("out_h", geometry.SIDE_MAX),
                                        ("out_w", geometry.SIDE_MAX)])
 def test_kernel_bounds_agree_with_geometry(name, top):
-    """csrc/srntt_limits.h and srntt_core/ops/geometry.py state the same bounds: the C++ ops accept
+    """csrc/srntt_geometry.h and srntt_core/ops/geometry.py state the same bounds: the C++ ops accept
     the top value and reject the next with a ValueError naming the argument and the bound."""
     args = dict(patch_size=1, stride=1, padding=0, scale=1, out_h=1, out_w=1)
     v = features(1, 1, top if name == "scale" else 2, top if name == "scale" else 2, seed=2)
@@ -240,3 +243,68 @@ def test_kernel_bounds_agree_with_geometry(name, top):
         match(**{name: top})
         _raises(ValueError, [name, str(top)], match, **{name: top + 1})
         _raises(ValueError, [name], match, **{name: 2**63 - 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# csrc/srntt_geometry.h (every C++ and CUDA kernel) and srntt_core/ops/geometry.py state the same facts
+
+GEOMETRY_PROBE = textwrap.dedent(r"""
+    #include <cstdio>
+    #include <initializer_list>
+    #include "srntt_geometry.h"
+    int main() {
+      const struct { const char* name; long long value; } bounds[] = {
+          {"PATCH_SIZE_MAX", srntt::kPatchSizeMax}, {"STRIDE_MAX", srntt::kStrideMax},
+          {"PADDING_MAX", srntt::kPaddingMax}, {"SCALE_MAX", srntt::kScaleMax},
+          {"SIDE_MAX", srntt::kSideMax}, {"CELLS_MAX", srntt::kCellsMax},
+          {"DESCRIPTOR_MAX", srntt::kDescriptorMax}, {"ELEMENTS_MAX", srntt::kElementsMax}};
+      std::printf("{\"EPS\": %.17g", srntt::kNormEps);
+      for (const auto& b : bounds) std::printf(", \"%s\": %lld", b.name, b.value);
+      std::printf(", \"grid\": [");
+      const char* sep = "";
+      for (long long size : {0LL, 1LL, 2LL, 3LL, 7LL, 8LL, 31LL, 64LL, 65536LL})
+        for (long long p : {1LL, 2LL, 3LL, 5LL, 64LL})
+          for (long long s : {1LL, 2LL, 3LL, 64LL})
+            for (long long pad : {0LL, 1LL, 2LL, 64LL}) {
+              if (size + 2 * pad < p) continue;
+              std::printf("%s[%lld, %lld, %lld, %lld, %lld, %d]", sep, size, p, s, pad,
+                          (long long)srntt::grid_size<int64_t>(size, p, s, pad),
+                          srntt::grid_size<int>(int(size), int(p), int(s), int(pad)));
+              sep = ", ";
+            }
+      std::printf("]}\n");
+    }
+""")
+
+
+def test_cpp_geometry_header_agrees_with_geometry(tmp_path):
+    """The norm epsilon, the bounds and the grid formula of csrc/srntt_geometry.h, compiled and
+    run, equal those of srntt_core/ops/geometry.py (the header is torch-free: any C++17 compiler)."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    (tmp_path / "probe.cpp").write_text(GEOMETRY_PROBE)
+    include = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    subprocess.run([cxx, "-std=c++17", f"-I{include}", "probe.cpp", "-o", "probe"], cwd=tmp_path,
+                   check=True, timeout=120)
+    facts = json.loads(subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True,
+                                      check=True, timeout=60).stdout)
+    assert facts.pop("EPS") == geometry.EPS
+    cases = facts.pop("grid")
+    assert facts == {name: getattr(geometry, name) for name in facts}
+    assert len(facts) == 8 and len(cases) > 500
+    for size, p, s, pad, g64, g32 in cases:
+        assert g64 == g32 == geometry.grid_size(size, p, s, pad), (size, p, s, pad)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype, stride", [(torch.float32, 1), (torch.float32, 2), (torch.float64, 1)])
+def test_cpu_kernel_uses_the_norm_epsilon(dtype, stride):
+    """A query patch of norm 1e-13 (< EPS) scores <q, k> / (EPS * |k|) in the C++ kernel, on the
+    stride-1 float32 path and the blocked path alike."""
+    key = torch.zeros(1, 4, 3, 3, dtype=dtype)
+    key[0, 0] = 1.0
+    query = key * 1e-13
+    index, score = torch.ops.srntt._patch_match_fused(query, [key], 1, stride, 0, "highest")
+    expected = 1e-13 / (geometry.EPS * 1.0)
+    torch.testing.assert_close(score, torch.full_like(score, expected), rtol=1e-6, atol=0)

@@ -8,7 +8,11 @@ import torch.nn.functional as F
 
 from srntt_core.models import losses as L
 from srntt_core.models.discriminator import Discriminator
-from srntt_core.models.srntt import SRNTT, bicubic_x4, count_parameters
+from srntt_core.models.srntt import SRNTT, bicubic_x4
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def _maps(b, h, w, dtype=torch.float32):
@@ -46,8 +50,6 @@ def test_full_size_generator_forward_backward():
     sr = g(lr, _maps(1, 6, 5))
     sr.mean().backward()
     assert g.texture_transfer.small_in[0].weight.grad is not None
-    # the SRGAN tail of the content extractor is only used by sisr()
-    assert g.content_extractor.sisr(lr).shape == (1, 3, 24, 20)
 
 
 def test_residual_mode_starts_at_bicubic():

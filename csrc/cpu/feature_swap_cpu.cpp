@@ -116,10 +116,10 @@ void check_reduce(c10::string_view reduce) {
 
 
 #ifdef __linux__
-// Large outputs: ask for transparent huge pages before the first touch. On this kind of VM a 4 KiB
-// page fault costs ~1 GB/s of zeroing, so a fresh 42 MB output took ~40 ms to fault in; with 2 MiB
-// pages it takes ~10 ms. Only the 2 MiB-aligned interior of the buffer is advised; a failure (THP
-// off, old kernel) just leaves the default.
+// Large outputs: ask for transparent huge pages before the first touch. Faulting in a fresh output
+// 4 KiB page by page can cost more than the swap itself (one fault and one zeroed page per 4 KiB;
+// a 2 MiB page takes one fault for 512 of them). Only the 2 MiB-aligned interior of the buffer is
+// advised; where THP is off or madvise fails, the default pages stay.
 void advise_huge_pages(void* ptr, size_t bytes) {
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   if (bytes < 2 * kHuge) return;

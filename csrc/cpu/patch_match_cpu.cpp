@@ -31,8 +31,6 @@
 namespace srntt {
 namespace {
 
-constexpr double kEps = 1e-12;
-
 // Rows [start, start + count) of the (grid_h * grid_w) x (C * p * p) patch matrix of one map.
 template <typename scalar_t>
 void im2col_rows(const scalar_t* x, int64_t C, int64_t H, int64_t W, int64_t p, int64_t stride,
@@ -168,7 +166,7 @@ void patch_match_blocked(const at::Tensor& query, const std::vector<at::Tensor>&
       for (int64_t i = 0; i < mq; ++i) {
         const int64_t cell = b * nq + q0 + i;
         index_ptr[cell] = best_index[i];
-        score_ptr[cell] = scalar_t(double(best[i]) / std::max(query_norms[cell], kEps));
+        score_ptr[cell] = scalar_t(double(best[i]) / std::max(query_norms[cell], kNormEps));
       }
     }
     });
@@ -251,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cpu(const at::Tensor& query
                                                           grids[r].H, grids[r].W, patch_size,
                                                           stride, padding);
       std::vector<scalar_t> inv(n.size());
-      for (size_t i = 0; i < n.size(); ++i) inv[i] = scalar_t(1.0 / std::max(n[i], kEps));
+      for (size_t i = 0; i < n.size(); ++i) inv[i] = scalar_t(1.0 / std::max(n[i], kNormEps));
       key_inv_norms.push_back(std::move(inv));
     }
     const bool overlap = stride == 1 && offset < (int64_t(1) << 31) &&

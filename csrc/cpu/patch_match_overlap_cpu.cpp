@@ -34,11 +34,11 @@
 
 #include "cpu/cpu_dispatch.h"
 #include "cpu/gemm_tile_cpu.h"
+#include "srntt_geometry.h"
 
 namespace srntt {
 namespace {
 
-constexpr double kEps = 1e-12;
 constexpr int64_t NR = kPanel<float>;
 constexpr int V = Vec<float>::size;
 using vf = vec_t<float>;
@@ -193,7 +193,7 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
           const int64_t cell = (b * gqh + qy) * gqw + qx;
           index[cell] = best_i[(qy - qa) * ldx + qx];
           score[cell] =
-              float(double(best_v[(qy - qa) * ldx + qx]) / std::max(query_norms[cell], kEps));
+              float(double(best_v[(qy - qa) * ldx + qx]) / std::max(query_norms[cell], kNormEps));
         }
       }
     }

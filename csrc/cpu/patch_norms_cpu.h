@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "srntt_geometry.h"
+
 namespace srntt {
 
 // Returns (B, grid_h, grid_w) norms, row-major, accumulated in double; patches are taken after
@@ -14,8 +16,8 @@ namespace srntt {
 template <typename scalar_t>
 std::vector<double> patch_norms(const scalar_t* x, int64_t B, int64_t C, int64_t H, int64_t W,
                                 int64_t p, int64_t stride, int64_t padding) {
-  const int64_t grid_h = (H + 2 * padding - p) / stride + 1;
-  const int64_t grid_w = (W + 2 * padding - p) / stride + 1;
+  const int64_t grid_h = grid_size(H, p, stride, padding);
+  const int64_t grid_w = grid_size(W, p, stride, padding);
   std::vector<double> out(B * grid_h * grid_w);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     const int64_t Hp = H + 2 * padding, Wp = W + 2 * padding;

@@ -1,6 +1,7 @@
-// Torch-free helpers shared by the CUDA kernels (csrc/cuda/*.cuh): grid arithmetic, window
-// coverage, workspace carving. Everything here is __host__ __device__ where it can be, so the
-// index math can be checked on a machine without a GPU (csrc/cuda/check/host_check.cu).
+// Torch-free helpers shared by the CUDA kernels (csrc/cuda/*.cuh): window coverage, workspace
+// carving (the grid formula and the norm epsilon are in srntt_geometry.h). Everything here is
+// __host__ __device__ where it can be, so the index math can be checked on a machine without a
+// GPU (csrc/cuda/check/host_check.cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,10 +10,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../srntt_geometry.h"
+
 namespace srntt {
 namespace cuda_kernels {
-
-constexpr double kNormEps = 1e-12;  // docs/CONTRACT.md §2: score = <q,k> / (max(|q|,eps) max(|k|,eps))
 
 // a / b rounded to nearest, as on the CPU. NB: under --use_fast_math a plain float '/' compiles to
 // div.approx.ftz.f32 (up to 2 ulp off, denormals flushed); double division is always IEEE.
@@ -25,11 +26,6 @@ __host__ __device__ inline T div_rn(T a, T b) {
 }
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Number of patch positions along one axis of a map of size `size` (DESIGN.md; docs/CONTRACT.md §1).
-__host__ __device__ inline int grid_size(int size, int patch_size, int stride, int padding) {
-  return (size + 2 * padding - patch_size) / stride + 1;
-}
 
 // Windows w in [0, num_windows) with top-left at w * step - offset and extent `extent` cover the
 // pixel `pos` (pos >= 0) iff w * step <= pos + offset < w * step + extent. Returns [lo, hi]

@@ -10,8 +10,8 @@
 // Two tile kernels:
 //  * match_exact_kernel: CUDA cores, arithmetic in the input dtype (double; float below sm_80).
 //  * match_tc_kernel: tensor cores via wmma, TF32 ("highest", "high") or BF16 ("medium"), fp32
-//    accumulation; every precision of float inputs runs here on sm_80+ (issue 4/5 design: even
-//    "highest" holds its contract at tensor-core speed, through the re-scoring below).
+//    accumulation; every precision of float inputs runs here on sm_80+, so that even "highest"
+//    runs at tensor-core speed and still holds its contract, through the re-scoring below.
 //    Its scores s~ are only candidates. NB: with unit roundoff u of the rounded inputs and D
 //    descriptor entries, |s~ - s| <= delta = 2u + u^2 + D * 2^-22 for every pair (Cauchy-Schwarz
 //    bounds sum |q_i k_i| by |q| |k|; the D term covers fp32 accumulation and the norms). Let M~ be
@@ -577,14 +577,14 @@ PatchMatchPlan plan_patch_match(const PatchMatchArgs<T>& a) {
       pad < 0)
     return plan;
   const int64_t D = static_cast<int64_t>(a.C) * p * p;
-  const int64_t gqh = (static_cast<int64_t>(a.Hq) + 2 * pad - p) / s + 1;
-  const int64_t gqw = (static_cast<int64_t>(a.Wq) + 2 * pad - p) / s + 1;
+  const int64_t gqh = grid_size<int64_t>(a.Hq, p, s, pad);
+  const int64_t gqw = grid_size<int64_t>(a.Wq, p, s, pad);
   if (D >= INT32_MAX || a.Hq + 2 * pad < p || a.Wq + 2 * pad < p || gqh * gqw >= INT32_MAX) return plan;
   int64_t max_nk = 0, max_plane = static_cast<int64_t>(a.Hq) * a.Wq, k_tiles = 0;
   for (int i = 0; i < a.num_keys; ++i) {
     const int64_t H = a.key_hw[2 * i], W = a.key_hw[2 * i + 1];
     if (H + 2 * pad < p || W + 2 * pad < p) return plan;
-    const int64_t nk = ((H + 2 * pad - p) / s + 1) * ((W + 2 * pad - p) / s + 1);
+    const int64_t nk = grid_size<int64_t>(H, p, s, pad) * grid_size<int64_t>(W, p, s, pad);
     if (nk >= INT32_MAX - kExactBN) return plan;
     max_nk = nk > max_nk ? nk : max_nk;
     max_plane = H * W > max_plane ? H * W : max_plane;

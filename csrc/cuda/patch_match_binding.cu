@@ -78,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> patch_match_fused_cuda(const at::Tensor& quer
     key_hw.push_back(static_cast<int>(k.size(3)));
   }
 
-  const int64_t gqh = (query.size(2) + 2 * padding - patch_size) / stride + 1;
-  const int64_t gqw = (query.size(3) + 2 * padding - patch_size) / stride + 1;
+  const int64_t gqh = grid_size(query.size(2), patch_size, stride, padding);
+  const int64_t gqw = grid_size(query.size(3), patch_size, stride, padding);
   at::Tensor index = at::empty({B, gqh, gqw}, query.options().dtype(at::kLong));
   at::Tensor score = at::empty({B, gqh, gqw}, query.options());
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..ops.geometry import EPS
+from ..ops.geometry import EPS, grid_size
 from . import SAMPLE_IMAGE
 
 # relu3_1 (H, W) of a 160x160 training crop and of a 500x332 CUFED5-size image
@@ -33,7 +33,7 @@ def im2col(x: torch.Tensor, patch_size: int = 3, stride: int = 1, padding: int =
 
 
 def _grid(x: torch.Tensor, patch_size: int, stride: int, padding: int) -> tuple[int, int]:
-    return tuple((s + 2 * padding - patch_size) // stride + 1 for s in x.shape[-2:])
+    return tuple(grid_size(s, patch_size, stride, padding) for s in x.shape[-2:])
 
 
 def faiss_patch_match(query, key, patch_size=3, stride=1, padding=0):

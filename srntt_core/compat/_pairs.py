@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.torch_backend import EPS
+from ..ops.geometry import EPS
 
 
 def result_dtype(*tensors: Tensor) -> torch.dtype:

@@ -227,7 +227,5 @@ def similarity_maps(value: Tensor) -> dict[str, Tensor]:
     ``value``: (B, Gh, Gw). Returns ``{"relu3_1": (B, 1, H, W), "relu2_1": (B, 1, 2H, 2W),
     "relu1_1": (B, 1, 4H, 4W)}`` with H = Gh + 2.
     """
-    sim3 = F.pad(value, (1, 1, 1, 1)).unsqueeze(1)
-    sim2 = sim3.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    sim1 = sim2.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    return {"relu3_1": sim3, "relu2_1": sim2, "relu1_1": sim1}
+    sim = F.pad(value, (1, 1, 1, 1)).unsqueeze(1)
+    return {layer: sim.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3) for layer, s in LEVELS.items()}

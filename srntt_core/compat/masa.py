@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.torch_backend import EPS, coverage_count
+from ..ops.geometry import EPS, grid_size
+from ..ops.torch_backend import coverage_count
 from ..swap import feature_swap, patch_match
 from ._pairs import result_dtype
 
@@ -164,7 +165,7 @@ def transfer(fea: Tensor, index: Tensor, soft_att: Tensor, ks: int = 3, pd: int 
     p, q = _transfer_geometry(ks, pd, stride)
     if not isinstance(index, Tensor) or index.dim() != 3 or index.dtype not in (torch.int64, torch.int32):
         raise ValueError("index: expected an integer (N, Hi, Wi) tensor")
-    gh, gw = (fea.shape[-2] - ks) // stride + 1, (fea.shape[-1] - ks) // stride + 1
+    gh, gw = (grid_size(side, ks, stride, 0) for side in fea.shape[-2:])
     if gh < 1 or gw < 1:
         raise ValueError(f"fea: a {tuple(fea.shape[-2:])} map is smaller than one {ks}x{ks} window")
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= gh * gw):
@@ -339,7 +340,7 @@ class MASAMethods:
     """MASA's ``search_org``, ``search`` and ``transfer`` as methods (they read ``self.num_nbr``).
 
     ``class MASA(MASAMethods, MASA_arch.MASA)`` keeps MASA's ``forward`` and replaces the three;
-    the transfer then no longer unfolds the windows. :class:`MASAWarp` replaces the whole stage.
+    the transfer then does not unfold the windows. :class:`MASAWarp` replaces the whole stage.
     """
 
     def search_org(self, lr, reflr, ks=3, pd=1, stride=1):

@@ -191,7 +191,7 @@ def tf_resize_bicubic(x: Tensor, size: tuple[int, int]) -> Tensor:
     return _resize_axis_tf(_resize_axis_tf(x, size[0], x.dim() - 2), size[1], x.dim() - 1)
 
 
-def srntt_weight_maps(weights: Tensor, scales: Sequence[int] = (1, 2, 4), *,
+def srntt_weight_maps(weights: Tensor, scales: Sequence[int] = tuple(LEVELS.values()), *,
                       convention: str = "srntt") -> list[Tensor]:
     """SRNTT's weight maps from the valid-grid ``weights`` (B, Gh, Gw): (B, 1, H*s, W*s) per scale.
 

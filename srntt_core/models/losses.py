@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..swap import LEVELS
 from .vgg import VGG19Features
 
-TEXTURE_LEVELS = ("relu3_1", "relu2_1", "relu1_1")
 PERCEPTUAL_FALLBACK = "relu3_1"
 
 
@@ -70,7 +70,7 @@ def texture_loss(
     sr_features: Mapping[str, torch.Tensor],
     swapped: Mapping[str, torch.Tensor],
     weights: Mapping[str, torch.Tensor] | None = None,
-    levels: tuple[str, ...] = TEXTURE_LEVELS,
+    levels: tuple[str, ...] = tuple(LEVELS),
 ) -> torch.Tensor:
     """Gram-matrix texture loss between VGG features of SR and the swapped maps M_l.
 

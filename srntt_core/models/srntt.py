@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SWAP_LEVELS = ("relu3_1", "relu2_1", "relu1_1")
+from ..swap import LEVELS
+
+# Channels of the swapped VGG maps, per swap level (srntt_core.swap.LEVELS).
 SWAP_CHANNELS = {"relu3_1": 256, "relu2_1": 128, "relu1_1": 64}
 RESIDUAL_MODES = (None, "bicubic")
 # Bounds on the configuration (the paper's network: ch 64, blocks 16 / (16, 8, 4)). They keep a
@@ -119,8 +121,9 @@ def _upsample_x2(ch: int) -> nn.Sequential:
 class ContentExtractor(nn.Module):
     """SRGAN-style generator; ``forward`` returns the content feature map C (64 ch, LR size).
 
-    ``sisr(x)`` runs the full SRGAN path (two x2 pixel-shuffle stages, 1x1 conv, tanh) for
-    single-image pretraining, as in the original where this network was a pretrained SRGAN.
+    ``tail`` is the SRGAN x4 tail of the original's content extractor (two x2 pixel-shuffle
+    stages, 1x1 conv). Ref-SR never runs it; its weights stay so that the generator has the
+    published layout and parameter count (4.38 M) and every checkpoint keeps its keys.
     """
 
     def __init__(self, ch: int = 64, n_blocks: int = 16):
@@ -133,16 +136,13 @@ class ContentExtractor(nn.Module):
         x0 = self.head(x)
         return x0 + self.trunk(x0)
 
-    def sisr(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.tail(self.forward(x)))
-
 
 class TextureTransfer(nn.Module):
     """Fuses C with the swapped maps M3 (LR), M2 (x2), M1 (x4) and decodes the x4 image."""
 
     def __init__(self, ch: int = 64, blocks: tuple[int, int, int] = (16, 8, 4)):
         super().__init__()
-        c3, c2, c1 = (SWAP_CHANNELS[k] for k in SWAP_LEVELS)
+        c3, c2, c1 = (SWAP_CHANNELS[k] for k in LEVELS)
         self.small_in = nn.Sequential(conv3x3(ch + c3, ch), nn.ReLU(inplace=True))
         self.small_trunk = _trunk(ch, blocks[0])
         self.small_up = _upsample_x2(ch)
@@ -155,7 +155,7 @@ class TextureTransfer(nn.Module):
 
     def forward(self, content: torch.Tensor, maps: dict[str, torch.Tensor]) -> torch.Tensor:
         """Returns the pre-activation output (B, 3, 4h, 4w)."""
-        m3, m2, m1 = (maps[k] for k in SWAP_LEVELS)
+        m3, m2, m1 = (maps[k] for k in LEVELS)
         x = self.small_in(torch.cat([content, m3], 1))
         psi1 = self.small_up(content + self.small_trunk(x))
         x = self.medium_in(torch.cat([psi1, m2], 1))
@@ -209,7 +209,7 @@ class SRNTT(nn.Module):
         if lr.dim() != 4 or lr.shape[1] != 3:
             raise ValueError(f"lr: expected (B, 3, h, w), got shape {tuple(lr.shape)}")
         b, _, h, w = lr.shape
-        for k, f in zip(SWAP_LEVELS, (1, 2, 4), strict=True):
+        for k, f in LEVELS.items():
             if k not in maps:
                 raise ValueError(f"maps: missing level {k!r} (have {sorted(maps)})")
             want = (b, SWAP_CHANNELS[k], h * f, w * f)
@@ -227,7 +227,3 @@ class SRNTT(nn.Module):
 def bicubic_x4(x: torch.Tensor) -> torch.Tensor:
     """Bicubic x4 (torch's kernel, a = -0.75, half-pixel centres)."""
     return F.interpolate(x, scale_factor=4, mode="bicubic", align_corners=False)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

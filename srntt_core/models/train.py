@@ -695,7 +695,7 @@ def _parallel(model: nn.Module, critic: nn.Module | None, cfg: TrainConfig, ctx:
         critic = nn.SyncBatchNorm.convert_sync_batchnorm(critic) if critic is not None else None
     ids = [device.index] if device.type == "cuda" else None
     wrapped_critic = DDP(critic, device_ids=ids) if critic is not None else None
-    # the generator's SISR head (ContentExtractor.sisr) takes no part in Ref-SR training
+    # the content extractor's SRGAN tail (ContentExtractor.tail) takes no part in Ref-SR training
     return DDP(model, device_ids=ids, find_unused_parameters=True), wrapped_critic
 
 

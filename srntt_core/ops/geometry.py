@@ -1,9 +1,10 @@
 """Patch-grid geometry, eps and the bounds of every integer argument of the ops, defined once.
 
 The public API (:mod:`srntt_core.swap`), the op layer (:mod:`srntt_core.ops.library`) and the ``torch``
-backend (:mod:`srntt_core.ops.torch_backend`) use this module. The C++ kernel-level ops check the same
-bounds (csrc/srntt_limits.h); tests/test_bounds.py checks that the two agree. The rules are
-documented in docs/DESIGN.md, "Bounds and bad input".
+backend (:mod:`srntt_core.ops.torch_backend`) use this module. The C++ and CUDA kernels take the same
+facts from csrc/srntt_geometry.h and check the bounds at their entry (csrc/srntt_limits.h);
+tests/test_bounds.py checks that the two sides agree. The rules are documented in docs/DESIGN.md,
+"Bounds and bad input".
 """
 
 from __future__ import annotations

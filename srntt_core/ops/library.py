@@ -167,7 +167,7 @@ def _feature_swap_backward_fake(grad, *args):
 
 
 # NB: declared with torch.library.define/impl rather than @torch.library.custom_op: custom_op wraps
-# every kernel in torch._disable_dynamo, whose first call imports torch._dynamo (3-11 s here), a
+# every kernel in torch._disable_dynamo, whose first call imports torch._dynamo (several seconds), a
 # cost every CLI run and every first swap would pay. The low-level API registers the same schema,
 # fake kernel and autograd formula without it; opcheck covers the registrations (tests/test_opcheck.py).
 torch.library.define(

@@ -16,6 +16,7 @@
 #include "../patch_match.cuh"
 
 using namespace srntt::cuda_kernels;
+using srntt::grid_size;
 
 namespace {
 
