@@ -2,6 +2,7 @@
 
 import csv
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from srntt_core.models import checkpoint as C
 from srntt_core.models import data as D
 from srntt_core.models import train as T
+from srntt_core.models.srntt import SRNTT
 
 TINY = {"ch": 8, "content_blocks": 1, "transfer_blocks": [1, 1, 1]}
 
@@ -114,6 +116,55 @@ def test_lr_schedule_and_atomic_save(tmp_path):
     assert os.listdir(tmp_path / "x") == ["c.pt"]
 
 
+def test_warmup_is_defined_on_steps():
+    cfg = T.TrainConfig(data=[], out="", steps=100, lr=1e-3, lr_schedule="cosine", lr_floor=0.1,
+                        warmup_steps=10)
+    assert T._lr_at(cfg, 0, 0) == pytest.approx(1e-4)
+    assert T._lr_at(cfg, 4, 0) == pytest.approx(5e-4, rel=1e-2)
+    assert T._lr_at(cfg, 9, 0) == pytest.approx(T._scheduled_lr(cfg, 9, 0))
+    assert T._lr_at(cfg, 100, 0) == pytest.approx(1e-4)
+
+
+def _tiny_export(path, seed=0, **model):
+    torch.manual_seed(seed)
+    net = SRNTT(residual="bicubic", **{**TINY, **model})
+    return C.export_model(net, path, fp16=False), net
+
+
+def test_init_starts_a_new_run_from_given_weights(folder, tmp_path):
+    path, net = _tiny_export(tmp_path / "init.pt", seed=11)
+    out = tmp_path / "run"
+    # lr 0: the weights stay those of the init checkpoint (the BN statistics move with the batches)
+    T.train(_cfg(folder, out, steps=1, lr=0.0, init=str(path)))
+    trained = _state(out)["model"]
+    for k, v in net.state_dict().items():
+        if "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(trained[k], v, rtol=0, atol=0, msg=k)
+    # a resume continues from last.pt, not from init
+    T.train(_cfg(folder, out, steps=2, lr=1e-2, init=str(path)))
+    resumed = _state(out)["model"]
+    last = "texture_transfer.out.1.weight"
+    assert not torch.equal(resumed[last], net.state_dict()[last])
+    other = T.train(_cfg(folder, tmp_path / "fresh", steps=1, lr=0.0))
+    assert other["step"] == 1
+    fresh = _state(tmp_path / "fresh")["model"]
+    first = "content_extractor.head.0.weight"
+    assert not torch.equal(fresh[first], net.state_dict()[first])
+
+
+def test_init_must_fit_the_network(folder, tmp_path):
+    path, _ = _tiny_export(tmp_path / "wide.pt", ch=16)
+    with pytest.raises(ValueError, match="init: .* is a network with"):
+        T.train(_cfg(folder, tmp_path / "run", steps=1, init=str(path)))
+    with pytest.raises(FileNotFoundError, match="init: checkpoint not found"):
+        T.train(_cfg(folder, tmp_path / "run2", steps=1, init=str(tmp_path / "missing.pt")))
+    assert not (tmp_path / "run2").exists()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(C.CheckpointError):
+        T.train(_cfg(folder, tmp_path / "run3", steps=1, init=str(bad)))
+
+
 def test_log_of_a_run_killed_before_its_first_checkpoint_starts_over(folder, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -159,7 +210,8 @@ def test_resume_checks_the_optimizer_state(folder, tmp_path):
 
 @pytest.mark.parametrize("field,value", [("batch", 0), ("save_every", 0), ("steps", -1), ("truth_every", 0),
                                          ("crop", 8), ("lr", float("nan")), ("model", {"ch": 10**5}),
-                                         ("batch_norm", "group"), ("dist_timeout", 0)])
+                                         ("batch_norm", "group"), ("dist_timeout", 0), ("warmup_steps", -1),
+                                         ("pair_mix", "overlap:1,bogus:1"), ("init", "")])
 def test_bad_settings_refused_before_work(folder, tmp_path, field, value):
     with pytest.raises(ValueError, match=field if field != "model" else "ch"):
         T.train(_cfg(folder, tmp_path / "run", **{field: value}))
@@ -221,3 +273,50 @@ def test_tensorboard_log_when_installed(folder, tmp_path):
     assert len(events.Images("val/bicubic|sr|hr")) == 2  # at both saves
     T.train(_cfg(folder, tmp_path / "off", steps=1, tensorboard=False))
     assert not (tmp_path / "off" / "tensorboard").exists()
+
+
+def test_loss_chart_with_and_without_matplotlib(tmp_path, monkeypatch):
+    log = tmp_path / "loss.csv"
+    log.write_text(",".join(T.LOG_FIELDS) + "\n1,1.0,0.001,0.5,0.5,,,,,,\n2,2.0,0.001,0.25,0.25,,,,,,\n")
+    png = T.plot_log(log, tmp_path / "loss.png")
+    assert Image.open(png).format == "PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.warns(RuntimeWarning, match="matplotlib is not installed: no loss chart"):
+        assert T.plot_log(log, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_train_flags_set_the_config_fields_of_their_names():
+    import argparse
+    import dataclasses
+
+    from srntt_core import cli
+    from srntt_core.cli import commands
+
+    argv = ["train", "d1", "d2", "--out", "o", "--steps", "7", "--batch", "3", "--crop", "32",
+            "--ref-crop", "40", "--lr", "0.002", "--lr-schedule", "cosine", "--lr-floor", "0.2",
+            "--warmup-steps", "5",
+            "--losses", "full", "--pretrain-steps", "2", "--texture-weighting", "paper", "--train-with-truth",
+            "--truth-every", "3", "--residual", "bicubic", "--augment", "--pair-mix", "overlap:1",
+            "--init", "bundled", "--seed", "9", "--device", "cpu", "--no-amp", "--backend", "torch",
+            "--save-every", "4", "--time-budget", "60", "--stop-at", "12:00", "--threads", "2",
+            "--bn-recalibrate", "3", "--export", "e.pt", "--batch-norm", "frozen", "--dist-timeout", "99",
+            "--no-tensorboard"]
+    args = cli.build_parser().parse_args(argv)
+    expected = T.TrainConfig(
+        data=["d1", "d2"], out="o", steps=7, batch=3, crop=32, ref_crop=40, lr=0.002, lr_schedule="cosine",
+        lr_floor=0.2, warmup_steps=5, losses="full", pretrain_steps=2, texture_weighting="paper",
+        train_with_truth=True, truth_every=3, residual="bicubic", augment=True, pair_mix="overlap:1",
+        init="bundled", seed=9, device="cpu", amp=False, backend="torch", save_every=4, time_budget=60.0,
+        stop_at="12:00", num_threads=2, bn_recalibrate=3, export="e.pt", batch_norm="frozen",
+        dist_timeout=99.0, tensorboard=False)
+    assert commands.train_config(args) == expected
+    # every field is a flag, but for the ones only the Python API sets
+    default = T.TrainConfig(data=["d1", "d2"], out="o")
+    same = {f.name for f in dataclasses.fields(T.TrainConfig)
+            if getattr(expected, f.name) == getattr(default, f.name)}
+    assert same == {"data", "out", "weights", "perceptual_layer", "perceptual_weights", "model", "progress"}
+    plain = cli.build_parser().parse_args(["train", "d1", "d2", "--out", "o"])
+    assert commands.train_config(plain) == default
+    with pytest.raises(TypeError, match="'bogus' has no TrainConfig field"):
+        commands.train_config(argparse.Namespace(**vars(args), bogus=1))

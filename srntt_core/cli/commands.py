@@ -347,8 +347,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset_dir", help="folder of HR images (split-image protocol) or in CUFED5 layout")
     p.add_argument("--layout", default="auto", choices=["auto", "split", "cufed5"])
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--rows", default="bicubic,srntt_ref,srntt_noref,srntt_oracle",
-                   help="comma-separated rows: bicubic, srntt_ref, srntt_noref, srntt_oracle")
+    p.add_argument("--rows", default="bicubic,srntt_ref,srntt_noref,srntt_oracle,srntt_ablation",
+                   help="comma-separated rows: bicubic, srntt_ref, srntt_noref, srntt_oracle, srntt_ablation "
+                        "(swapped maps zeroed); the reference's effect (real - none, oracle - real, "
+                        "real - ablation) is shown for the rows given")
     p.add_argument("--csv", default=None, help="also write per-image results to this CSV")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     p.add_argument("--straightforward", action="store_true",
@@ -399,7 +401,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=160, help="HR crop (multiple of 4; default 160)")
     p.add_argument("--ref-crop", type=int, default=160, help="reference crop (default 160)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="cosine: from --lr to lr x --lr-floor over --steps (or --time-budget)")
+    p.add_argument("--lr-floor", type=float, default=0.05, help="cosine end value relative to --lr (0.05)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up over the first steps")
     p.add_argument("--losses", default="l2", choices=["l2", "full"],
                    help="l2: reconstruction only (SRNTT-l2); full: + perceptual, texture, WGAN-GP")
     p.add_argument("--pretrain-steps", type=int, default=0,
@@ -411,6 +416,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual", default=None, choices=["bicubic"],
                    help="NOT in the original: predict a residual on top of bicubic x4 (faster convergence)")
     p.add_argument("--augment", action="store_true", help="random flips / rotations (not in the original)")
+    p.add_argument("--pair-mix", default="half:1",
+                   help="reference modes of the training pairs, e.g. overlap:0.5,half:0.3,unrelated:0.2 "
+                        "(overlap: another view of the target's image; half: the item's own reference; "
+                        "unrelated: another image). Default half:1")
+    p.add_argument("--init", default=None,
+                   help="a new run starts from these generator weights: 'bundled' or a checkpoint file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
@@ -430,20 +441,37 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not log to RUN/tensorboard (done when TensorBoard is installed)")
 
 
-def run_train(args) -> int:
-    from ..models.train import TrainConfig, train
+# `srntt train` flags whose names differ from their TrainConfig field; a `--no-X` flag sets X to False
+TRAIN_FLAG_FIELDS = {"threads": "num_threads"}
+_TOP_LEVEL_DESTS = ("command", "version")  # set by the `srntt` parser itself
 
-    cfg = TrainConfig(
-        data=args.data, out=args.out, steps=args.steps, batch=args.batch, crop=args.crop,
-        ref_crop=args.ref_crop,
-        lr=args.lr, lr_schedule=args.lr_schedule, losses=args.losses, pretrain_steps=args.pretrain_steps,
-        texture_weighting=args.texture_weighting, train_with_truth=args.train_with_truth,
-        truth_every=args.truth_every, residual=args.residual, augment=args.augment, seed=args.seed,
-        device=args.device, amp=not args.no_amp, backend=args.backend, save_every=args.save_every,
-        time_budget=args.time_budget, stop_at=args.stop_at, num_threads=args.threads,
-        bn_recalibrate=args.bn_recalibrate, export=args.export, batch_norm=args.batch_norm,
-        dist_timeout=args.dist_timeout, tensorboard=not args.no_tensorboard,
-    )
+
+def train_config(args):
+    """The TrainConfig of parsed ``srntt train`` flags: every flag sets the field of its name
+    (see :data:`TRAIN_FLAG_FIELDS`); a flag without a field is an error, not a setting dropped."""
+    import dataclasses
+
+    from ..models.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for dest, value in vars(args).items():
+        if dest in _TOP_LEVEL_DESTS:
+            continue
+        if dest.startswith("no_") and dest[3:] in fields:
+            values[dest[3:]] = not value
+            continue
+        name = TRAIN_FLAG_FIELDS.get(dest, dest)
+        if name not in fields:
+            raise TypeError(f"srntt train: the flag for {dest!r} has no TrainConfig field")
+        values[name] = value
+    return TrainConfig(**values)
+
+
+def run_train(args) -> int:
+    from ..models.train import train
+
+    cfg = train_config(args)
     try:
         summary = train(cfg)
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .checkpoint import atomic_write, temp_name_prefix
+from .pairs import DEFAULT_PAIR_MIX, choose_mode, overlap_view, parse_pair_mix
 
 SCALE = 4
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -335,15 +336,20 @@ class TrainCrops:
         folders: image folders (layout detected per folder).
         crop: HR crop size (multiple of 4); the LR crop is ``crop // 4``.
         ref_crop: reference crop size (multiple of 4).
-        augment: random flips / 90-degree rotations (not in the original code).
+        augment: random flips / 90-degree rotations (not in the original code); an ``overlap``
+            reference gets the same one as its target.
+        pair_mix: which reference each crop gets (:mod:`srntt_core.models.pairs`), e.g.
+            ``"overlap:0.5,half:0.3,unrelated:0.2"``; the default is the item's own reference.
     """
 
     def __init__(self, folders: Sequence[str | os.PathLike], crop: int = 160, ref_crop: int = 160,
-                 augment: bool = False):
+                 augment: bool = False, pair_mix: str = DEFAULT_PAIR_MIX):
         if crop % SCALE or ref_crop % SCALE or crop < 4 * SCALE or ref_crop < 4 * SCALE:
             raise ValueError(f"crop/ref_crop: need multiples of {SCALE} and >= 16, got {crop}/{ref_crop}")
+        self.mix = parse_pair_mix(pair_mix)
         self.crop, self.ref_crop, self.augment = crop, ref_crop, augment
         self.items: list[tuple[str, torch.Tensor, list[torch.Tensor]]] = []
+        self.image_of: list[int] = []  # the image of each item (both halves of a split image: one)
         self.skipped: list[str] = []
         for folder in folders:
             if is_cufed5_folder(folder):
@@ -352,6 +358,7 @@ class TrainCrops:
                         lambda t=target, rs=refs: (_cropped_u8(t), [_cropped_u8(r) for r in rs]))
                     if group is not None:
                         self.items.append((stem, *group))
+                        self.image_of.append(self.image_of[-1] + 1 if self.image_of else 0)
             else:
                 for p in list_images(folder):
                     halves = self._usable(lambda p=p: _named(p, lambda: split_image(load_image(p))))
@@ -361,9 +368,14 @@ class TrainCrops:
                     # split pairs work both ways round: either half may be the target.
                     self.items.append((p.stem, _u8(a), [_u8(b)]))
                     self.items.append((p.stem + "@b", _u8(b), [_u8(a)]))
+                    image = self.image_of[-1] + 1 if self.image_of else 0
+                    self.image_of += [image, image]
         if not self.items:
             why = f" (skipped: {'; '.join(self.skipped[:3])})" if self.skipped else ""
             raise ValueError(f"no usable training images in {list(map(str, folders))}{why}")
+        if self.mix["unrelated"] > 0 and len(set(self.image_of)) < 2:
+            raise ValueError("pair_mix: 'unrelated' references need at least two training images, "
+                             f"got one in {list(map(str, folders))}")
 
     def _usable(self, make):
         """``make()``, or None with a warning naming the file when it is unreadable or too small."""
@@ -379,6 +391,12 @@ class TrainCrops:
 
     @staticmethod
     def _crop(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+        return TrainCrops._crop_box(img, size, g)[0]
+
+    @staticmethod
+    def _crop_box(img: torch.Tensor, size: int, g: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``(crop, image it was cut from (padded when small), (y, x))``."""
         h, w = img.shape[-2:]
         if h < size or w < size:  # small image: pad by reflection (rare on the bundled data)
             img = torch.nn.functional.pad(img[None].float(), (0, max(0, size - w), 0, max(0, size - h)),
@@ -386,7 +404,7 @@ class TrainCrops:
             h, w = img.shape[-2:]
         y = int(torch.randint(0, (h - size) // SCALE + 1, (1,), generator=g)) * SCALE
         x = int(torch.randint(0, (w - size) // SCALE + 1, (1,), generator=g)) * SCALE
-        return img[:, y:y + size, x:x + size]
+        return img[:, y:y + size, x:x + size], img, (y, x)
 
     def sample(self, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = len(self.items)
@@ -394,17 +412,34 @@ class TrainCrops:
         return tuple(torch.stack(t) for t in zip(*parts, strict=True))
 
     def item(self, index: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(lr, hr, ref)`` crops of item ``index``; positions (and augmentation) drawn from ``g``."""
+        """``(lr, hr, ref)`` crops of item ``index``; pair mode, positions (and augmentation)
+        drawn from ``g``."""
         _, target, ref_list = self.items[index]
-        ref = ref_list[int(torch.randint(0, len(ref_list), (1,), generator=g))]
-        hr = self._crop(target, self.crop, g).float() / 255
-        rc = self._crop(ref, self.ref_crop, g).float() / 255
+        mode = choose_mode(self.mix, g)
+        if mode == "half":
+            ref = ref_list[int(torch.randint(0, len(ref_list), (1,), generator=g))]
+        hr_u8, source, (y, x) = self._crop_box(target, self.crop, g)
+        if mode == "half":
+            rc = self._crop(ref, self.ref_crop, g)
+        elif mode == "unrelated":
+            others = [j for j, im in enumerate(self.image_of) if im != self.image_of[index]]
+            other = self.items[others[int(torch.randint(0, len(others), (1,), generator=g))]][1]
+            rc = self._crop(other, self.ref_crop, g)
+        else:
+            rc = overlap_view(source, (y, x, self.crop), self.ref_crop, g)[0]
+        hr, rc = hr_u8.float() / 255, rc.float() / 255
         if self.augment:
             k = int(torch.randint(0, 4, (1,), generator=g))
-            hr = torch.rot90(hr, k, (1, 2))
-            if int(torch.randint(0, 2, (1,), generator=g)):
-                hr = hr.flip(-1)
+            flip = bool(int(torch.randint(0, 2, (1,), generator=g)))
+            hr = _orient(hr, k, flip)
+            if mode == "overlap":
+                rc = _orient(rc, k, flip)
         return bicubic_down(hr), hr, rc
+
+
+def _orient(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    x = torch.rot90(x, k, (1, 2))
+    return x.flip(-1) if flip else x
 
 
 def _cropped_u8(path: Path) -> torch.Tensor:

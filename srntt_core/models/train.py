@@ -35,9 +35,11 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -59,7 +61,11 @@ from .checkpoint import (
 )
 from .discriminator import Discriminator
 from .distributed import DistributedError, rank_slice
+from .pairs import DEFAULT_PAIR_MIX, parse_pair_mix
 from .srntt import SRNTT, validate_config
+
+if TYPE_CHECKING:
+    from .data import TrainCrops
 
 BATCH_NORM_MODES = ("batch", "sync", "frozen")
 LOG_FIELDS = ["step", "elapsed_s", "lr", "loss", "rec", "per", "adv", "tex", "d_loss", "gp", "truth_rec"]
@@ -76,6 +82,7 @@ class TrainConfig:
     lr: float = 1e-4
     lr_schedule: str = "constant"  # "constant" or "cosine" (over max(step/steps, elapsed/time_budget))
     lr_floor: float = 0.05  # cosine end value, relative to lr
+    warmup_steps: int = 0  # linear warm-up of the lr over the first steps (on top of the schedule)
     losses: str = "l2"  # "l2" or "full"
     pretrain_steps: int = 0
     weights: dict = field(default_factory=lambda: dict(L.LOSS_WEIGHTS))
@@ -87,6 +94,8 @@ class TrainConfig:
     residual: str | None = None
     model: dict = field(default_factory=dict)  # extra SRNTT(...) arguments (tests use tiny networks)
     augment: bool = False
+    pair_mix: str = DEFAULT_PAIR_MIX  # reference modes of the training pairs (srntt_core.models.pairs)
+    init: str | None = None  # a new run starts from these generator weights: "bundled" or a checkpoint
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -122,6 +131,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     integer("crop", 16, 4096)
     integer("ref_crop", 16, 4096)
     integer("pretrain_steps", 0, 10**9)
+    integer("warmup_steps", 0, 10**9)
     integer("truth_every", 1, 10**9)
     integer("save_every", 1, 10**9)
     integer("bn_recalibrate", 0, 10**6)
@@ -147,6 +157,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"dist_timeout: expected seconds > 0, got {cfg.dist_timeout!r}")
     if not cfg.data:
         raise ValueError("data: give at least one training folder")
+    parse_pair_mix(cfg.pair_mix)
+    if cfg.init is not None:
+        _init_path(cfg.init)
     if not isinstance(cfg.model, dict):
         raise TypeError(f"model: expected a dict of SRNTT arguments, got {type(cfg.model).__name__}")
     validate_config({**cfg.model, "residual": cfg.residual})
@@ -171,7 +184,38 @@ def _deadline(cfg: TrainConfig, now: float) -> float | None:
     return now + (t - today).total_seconds()
 
 
+def _init_path(init: str) -> Path:
+    """The checkpoint ``init`` names ("bundled" or a path); it must be a file."""
+    from .infer import BUNDLED_CHECKPOINT
+
+    if not isinstance(init, str):
+        raise TypeError(f"init: expected 'bundled' or a checkpoint path, got {type(init).__name__}")
+    if not init:
+        raise ValueError("init: expected 'bundled' or a checkpoint path, got an empty string")
+    path = BUNDLED_CHECKPOINT if init == "bundled" else Path(init)
+    if not path.is_file():
+        raise FileNotFoundError(f"init: checkpoint not found: {path}")
+    return path
+
+
+def _load_init(cfg: TrainConfig, model: SRNTT) -> None:
+    """Load the generator weights ``cfg.init`` names into ``model`` (same configuration)."""
+    from .checkpoint import load_generator
+
+    path = _init_path(cfg.init)
+    init = load_generator(path)
+    if init.config != model.config:
+        raise ValueError(f"init: {path} is a network with {init.config}, this run builds {model.config} "
+                         "(check --residual)")
+    model.load_state_dict(init.state_dict())
+
+
 def _lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return warm * _scheduled_lr(cfg, step, elapsed)
+
+
+def _scheduled_lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
     if cfg.lr_schedule == "constant":
         return cfg.lr
     if cfg.lr_schedule != "cosine":
@@ -211,40 +255,38 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write(path, write)
 
 
-def plot_log(csv_path: str | os.PathLike, png_path: str | os.PathLike, width: int = 800,
-             height: int = 400) -> Path:
-    """Loss curve (log scale, raw + running mean) drawn with Pillow (matplotlib is optional)."""
-    from PIL import Image, ImageDraw
-
+def plot_log(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
+    """Loss chart (log scale: per step and a running mean; the lr on a second axis) with
+    matplotlib; without matplotlib (the ``bench`` extra) it warns once and draws nothing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no loss chart (pip install matplotlib)", RuntimeWarning,
+                      stacklevel=2)
+        return None
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    pad = 50
-    d.rectangle([pad, 10, width - 10, height - pad], outline="black")
-    pts = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss") not in (None, "")]
-    pts = [(s, v) for s, v in pts if v > 0 and math.isfinite(v)]
-    if len(pts) >= 2:
-        s0, s1 = pts[0][0], pts[-1][0]
-        lv = [math.log10(v) for _, v in pts]
-        lo, hi = min(lv), max(lv)
-        hi = hi if hi > lo else lo + 1
-
-        def xy(s, v):
-            x = pad + (s - s0) / max(s1 - s0, 1) * (width - 10 - pad)
-            y = 10 + (hi - v) / (hi - lo) * (height - pad - 10)
-            return x, y
-
-        d.line([xy(s, v) for (s, _), v in zip(pts, lv, strict=True)], fill=(170, 170, 230), width=1)
-        k = max(1, len(lv) // 20)
-        smooth = [sum(lv[max(0, i - k):i + 1]) / len(lv[max(0, i - k):i + 1]) for i in range(len(lv))]
-        d.line([xy(s, v) for (s, _), v in zip(pts, smooth, strict=True)], fill=(200, 0, 0), width=2)
-        d.text((5, 10), f"{10 ** hi:.3g}", fill="black")
-        d.text((5, height - pad - 10), f"{10 ** lo:.3g}", fill="black")
-        d.text((pad, height - pad + 5), str(s0), fill="black")
-        d.text((width - 60, height - pad + 5), str(s1), fill="black")
-    d.text((pad + 10, height - 20), "training loss (log scale; red: running mean) vs step", fill="black")
-    return atomic_write(png_path, lambda f: img.save(f, format="PNG"))
+        rows = [r for r in csv.DictReader(f) if r.get("loss")]
+    steps = [int(r["step"]) for r in rows]
+    loss = [float(r["loss"]) for r in rows]
+    fig = Figure(figsize=(8, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if rows:
+        k = max(1, len(loss) // 20)
+        mean = [sum(loss[max(0, i - k):i + 1]) / len(loss[max(0, i - k):i + 1]) for i in range(len(loss))]
+        ax.plot(steps, loss, color="#aab", linewidth=0.6, label="loss per step")
+        ax.plot(steps, mean, color="#c00", linewidth=1.5, label=f"running mean ({k + 1} steps)")
+        if all(v > 0 for v in loss):
+            ax.set_yscale("log")
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, [float(r["lr"]) for r in rows], color="#070", linewidth=1, label="lr")
+        lr_ax.set_ylabel("learning rate", color="#070")
+        ax.legend(loc="upper right", fontsize="small")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    fig.tight_layout()
+    return atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
 
 
 def vgg_to_maps(extractor: nn.Module, hr: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -278,10 +320,6 @@ def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -
 
 # ---------------------------------------------------------------------------------------------
 # training
-
-class _Stop(Exception):
-    pass
-
 
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) according to ``cfg``. Returns a summary dict.
@@ -318,28 +356,84 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dic
                 f"{out / 'last.pt'}") from e
 
 
+@dataclass
+class _Run:
+    """What the parts of a run share: settings, networks, optimizers, data and progress."""
+
+    cfg: TrainConfig
+    ctx: distributed.Context
+    device: torch.device
+    model: SRNTT
+    opt: torch.optim.Optimizer
+    extractor: nn.Module
+    scaler: torch.amp.GradScaler
+    critic: nn.Module | None = None
+    d_opt: torch.optim.Optimizer | None = None
+    perceptual: nn.Module | None = None
+    nets: dict = field(default_factory=dict)  # what _generator_step uses (DDP wrappers under torchrun)
+    train_critic: nn.Module | None = None
+    data: TrainCrops | None = None
+    sampler: distributed.GlobalSampler | None = None
+    step: int = 0
+    elapsed: float = 0.0
+    samples: int = 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "loss.csv"
+
+    @property
+    def use_amp(self) -> bool:
+        return self.cfg.amp and self.device.type == "cuda"
+
+
 def _train(cfg: TrainConfig, ctx: distributed.Context, device: torch.device,
            on_step: Callable[[int], None] | None) -> dict:
-    from .. import swap
-    from .data import TrainCrops
-    from .vgg import VGG19Features
+    state = _prepare(cfg, ctx)
+    run = _build(cfg, ctx, device)
+    _resume(run, state)
+    stop_reason = _loop(run, on_step)
+    _save(run)
+    summary = {"step": run.step, "elapsed_s": run.elapsed, "stop_reason": stop_reason,
+               "checkpoint": str(run.ckpt_path), "world_size": ctx.world_size, "rank": ctx.rank}
+    if cfg.export and ctx.is_main:
+        _export(run)
+        summary["export"] = cfg.export
+    # the other ranks leave once rank 0's files are complete
+    ctx.barrier()
+    if ctx.is_main:
+        print(json.dumps(summary), file=sys.stderr)
+    return summary
 
+
+def _prepare(cfg: TrainConfig, ctx: distributed.Context) -> dict | None:
+    """Threads, the run folder (without the partial files of an interrupted save) and the
+    training state to resume from (None for a new run)."""
     out = Path(cfg.out)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    ckpt_path, log_path = out / "last.pt", out / "loss.csv"
-    main = ctx.is_main
-    if main:
+    if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for p in (ckpt_path, log_path, out / "config.json", out / "loss.png"):
-            remove_partials(p)
+        for name in ("last.pt", "loss.csv", "config.json", "loss.png"):
+            remove_partials(out / name)
     # every rank reads the checkpoint rank 0 has finished with (none is being written now)
     ctx.barrier()
-    use_amp = cfg.amp and device.type == "cuda"
+    path = out / "last.pt"
+    return _load_train_state(path, cfg) if path.exists() else None
 
-    state = None
-    if ckpt_path.exists():
-        state = _load_train_state(ckpt_path, cfg)
+
+def _build(cfg: TrainConfig, ctx: distributed.Context, device: torch.device) -> _Run:
+    """New networks and optimizers (built in a fixed order from ``cfg.seed``)."""
+    from .vgg import VGG19Features
+
     torch.manual_seed(cfg.seed)
     model = SRNTT(residual=cfg.residual, **cfg.model).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
@@ -349,187 +443,243 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device: torch.device,
         d_opt = torch.optim.Adam(critic.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         perceptual = L.PerceptualLoss(cfg.perceptual_layer, cfg.perceptual_weights).to(device)
     extractor = VGG19Features(("relu1_1", "relu2_1", "relu3_1")).to(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    return _Run(cfg, ctx, device, model, opt, extractor, scaler, critic, d_opt, perceptual)
 
-    step, elapsed, samples = 0, 0.0, 0
+
+def _resume(run: _Run, state: dict | None) -> None:
+    """The start weights (``state``'s, ``init``'s or new), the ranks' agreement on the start
+    step, the distributed wrappers, the log cut back to the start step, config.json, the data."""
+    from .data import TrainCrops
+
+    cfg, ctx, path = run.cfg, run.ctx, run.ckpt_path
+    if state is None and cfg.init is not None:
+        _load_init(cfg, run.model)
     if state is not None:
-        _restore(state, ckpt_path, model, opt, critic, d_opt, scaler)
-        step, elapsed = state["step"], float(state["elapsed"])
-        samples = _samples_of(state, ckpt_path)
-        if main:
-            print(f"resuming {ckpt_path} at step {step} ({elapsed / 60:.1f} min trained)", file=sys.stderr)
-    steps_seen = ctx.gather(step)
+        _restore(state, path, run.model, run.opt, run.critic, run.d_opt, run.scaler)
+        run.step, run.elapsed = state["step"], float(state["elapsed"])
+        run.samples = _samples_of(state, path)
+        if ctx.is_main:
+            print(f"resuming {path} at step {run.step} ({run.elapsed / 60:.1f} min trained)", file=sys.stderr)
+    steps_seen = ctx.gather(run.step)
     if len(set(steps_seen)) != 1:
-        raise DistributedError(f"{ckpt_path}: the ranks read different checkpoints (steps {steps_seen}); "
+        raise DistributedError(f"{path}: the ranks read different checkpoints (steps {steps_seen}); "
                                "the run folder must be the same shared folder for every rank")
-    train_model, train_critic = _parallel(model, critic, cfg, ctx, device)
-    nets = {"model": train_model, "opt": opt, "scaler": scaler, "critic": critic, "perceptual": perceptual,
-            "extractor": extractor}
-    if main:
+    train_model, run.train_critic = _parallel(run.model, run.critic, cfg, ctx, run.device)
+    run.nets = {"model": train_model, "opt": run.opt, "scaler": run.scaler, "critic": run.critic,
+                "perceptual": run.perceptual, "extractor": run.extractor}
+    if ctx.is_main:
         # the log holds exactly the steps of the checkpoint this run starts from (none for a new run)
-        _truncate_log(log_path, step)
+        _truncate_log(run.log_path, run.step)
         config_text = json.dumps(dataclasses.asdict(cfg), indent=1).encode()
-        atomic_write(out / "config.json", lambda f: f.write(config_text))
-
-    def save():
-        if not main:
-            return
-        atomic_save({
-            "format": CKPT_FORMAT, "kind": TRAIN_STATE_KIND, "step": step, "elapsed": elapsed,
-            "samples": samples, "world_size": ctx.world_size,
-            "train_config": dataclasses.asdict(cfg), "model_config": model.config,
-            "model": model.state_dict(), "opt": opt.state_dict(),
-            "critic": critic.state_dict() if critic is not None else None,
-            "d_opt": d_opt.state_dict() if d_opt is not None else None,
-            "scaler": scaler.state_dict() if use_amp else None,
-            "rng": torch.get_rng_state(),
-        }, ckpt_path)
-        if log_path.exists():
-            plot_log(log_path, out / "loss.png")
-
-    if step >= cfg.steps and main:
-        print(f"{ckpt_path}: already at step {step} >= steps={cfg.steps}; nothing to train", file=sys.stderr)
-    data = sampler = None
-    if step < cfg.steps:
-        data = TrainCrops(cfg.data, crop=cfg.crop, ref_crop=cfg.ref_crop, augment=cfg.augment)
-        sampler = distributed.GlobalSampler(len(data), cfg.seed)
-    offset, per_rank = rank_slice(cfg.batch, ctx)
-    if main:
-        print(f"train: world size {ctx.world_size} ({ctx.backend or 'one process'}, {device}), batch "
+        atomic_write(run.out / "config.json", lambda f: f.write(config_text))
+        if run.step >= cfg.steps:
+            print(f"{path}: already at step {run.step} >= steps={cfg.steps}; nothing to train",
+                  file=sys.stderr)
+    if run.step < cfg.steps:
+        run.data = TrainCrops(cfg.data, crop=cfg.crop, ref_crop=cfg.ref_crop, augment=cfg.augment,
+                              pair_mix=cfg.pair_mix)
+        run.sampler = distributed.GlobalSampler(len(run.data), cfg.seed)
+    _, per_rank = rank_slice(cfg.batch, ctx)
+    if ctx.is_main:
+        print(f"train: world size {ctx.world_size} ({ctx.backend or 'one process'}, {run.device}), batch "
               f"{cfg.batch} global = {per_rank} per rank x {ctx.world_size}, batch norm {cfg.batch_norm}",
               file=sys.stderr)
-    log_file = log = tb = None
-    if main:
-        new_log = not log_path.exists()
-        log_file = open(log_path, "a", newline="")
-        log = csv.DictWriter(log_file, LOG_FIELDS)
-        if new_log:
-            log.writeheader()
-        if cfg.tensorboard and data is not None:
-            tb = distributed.tensorboard_writer(out / "tensorboard")
 
-    stop_reason = "steps"
-    start = time.monotonic()
-    deadline = _deadline(cfg, start)
+
+def _save(run: _Run) -> None:
+    """``last.pt`` (atomically) and the loss chart; rank 0 writes, the others do nothing."""
+    if not run.ctx.is_main:
+        return
+    atomic_save({
+        "format": CKPT_FORMAT, "kind": TRAIN_STATE_KIND, "step": run.step, "elapsed": run.elapsed,
+        "samples": run.samples, "world_size": run.ctx.world_size,
+        "train_config": dataclasses.asdict(run.cfg), "model_config": run.model.config,
+        "model": run.model.state_dict(), "opt": run.opt.state_dict(),
+        "critic": run.critic.state_dict() if run.critic is not None else None,
+        "d_opt": run.d_opt.state_dict() if run.d_opt is not None else None,
+        "scaler": run.scaler.state_dict() if run.use_amp else None,
+        "rng": torch.get_rng_state(),
+    }, run.ckpt_path)
+    if run.log_path.exists():
+        plot_log(run.log_path, run.out / "loss.png")
+
+
+class _Log:
+    """Rank 0's record of the steps: ``loss.csv``, the progress bar, TensorBoard."""
+
+    def __init__(self, run: _Run):
+        self.file = self.rows = self.bar = self.tb = None
+        if not run.ctx.is_main:
+            return
+        new_log = not run.log_path.exists()
+        self.file = open(run.log_path, "a", newline="")
+        self.rows = csv.DictWriter(self.file, LOG_FIELDS)
+        if new_log:
+            self.rows.writeheader()
+        if run.cfg.tensorboard and run.data is not None:
+            self.tb = distributed.tensorboard_writer(run.out / "tensorboard")
+        if run.cfg.progress and run.data is not None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.cfg.steps, initial=run.step, desc="train", unit="step",
+                            dynamic_ncols=True)
+
+    def step(self, run: _Run, values: dict[str, float], lr: float, step_s: float) -> None:
+        if self.file is None:
+            return
+        row = {"step": run.step, "lr": f"{lr:.3g}", "elapsed_s": f"{run.elapsed:.1f}"}
+        row.update({k: f"{v:.6g}" for k, v in values.items()})
+        self.rows.writerow(row)
+        self.file.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=row.get("loss"), lr=row["lr"])
+        if self.tb is not None:
+            _tensorboard_step(self.tb, run.step, values, lr, step_s)
+
+    def saved(self, run: _Run) -> None:
+        if self.tb is not None:
+            _tensorboard_images(self.tb, run.step, run.model, run.data, run.cfg, run.extractor, run.device)
+
+    def close_file(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.close_file()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _loop(run: _Run, on_step: Callable[[int], None] | None) -> str:
+    """Steps until ``steps``, the time budget or ``stop_at``; returns which one stopped it.
+    KeyboardInterrupt / SIGTERM save the last completed step and re-raise KeyboardInterrupt."""
+    cfg = run.cfg
+    deadline = _deadline(cfg, time.monotonic())
     received: list[int] = []
     old_handler = None
     if hasattr(signal, "SIGTERM") and _in_main_thread():
         old_handler = signal.signal(signal.SIGTERM, lambda s, f: received.append(s))
-    bar = None
-    if cfg.progress and data is not None and main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    log = _Log(run)
     last_step_s = 0.0
     try:
-        model.train()
-        _set_bn_mode(cfg, model, critic)
-        while step < cfg.steps:
-            now = time.monotonic()
-            interrupted, over_budget, near_deadline = ctx.any([
-                bool(received),
-                cfg.time_budget is not None and elapsed + last_step_s > cfg.time_budget,
-                deadline is not None and now + last_step_s * 1.5 + 60 > deadline,
-            ])
-            if interrupted:
-                raise KeyboardInterrupt
-            if over_budget:
-                stop_reason = "time_budget"
-                break
-            if near_deadline:
-                stop_reason = "stop_at"
-                break
+        run.model.train()
+        _set_bn_mode(cfg, run.model, run.critic)
+        while run.step < cfg.steps:
+            stop = _stop_reason(run, bool(received), deadline, last_step_s)
+            if stop is not None:
+                return stop
             t0 = time.monotonic()
-            torch.manual_seed(distributed.step_seed(cfg.seed, step, ctx.rank))
-            lr_img, hr, ref = (t.to(device) for t in sampler.batch(data, samples + offset, per_rank))
-            lr_now = _lr_at(cfg, step, elapsed)
-            for group in opt.param_groups:
-                group["lr"] = lr_now
-            with torch.no_grad():
-                sw = swap.texture_swap(lr_img, ref, extractor=extractor, backend=cfg.backend)
-            lr_in, hr_in = lr_img * 2 - 1, hr * 2 - 1
-            full = cfg.losses == "full" and step >= cfg.pretrain_steps
-
-            sr, loss, parts = _generator_step(nets, cfg, lr_in, hr_in, sw.maps, sw.weights, full, use_amp)
-            values = {"loss": loss, **parts}
-            if full:
-                train_critic.train()
-                _set_bn_mode(cfg, None, critic)
-                d_real, d_fake = train_critic(hr_in), train_critic(sr)
-                gp = L.gradient_penalty(train_critic, hr_in, sr, generator=None)
-                d_loss = L.critic_loss(d_real, d_fake) + gp
-                d_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                d_opt.step()
-                values["d_loss"], values["gp"] = d_loss.item(), gp.item()
-            if cfg.train_with_truth and step % max(cfg.truth_every, 1) == 0:
-                with torch.no_grad():
-                    truth = vgg_to_maps(extractor, hr)
-                _, _, parts = _generator_step(nets, cfg, lr_in, hr_in, truth, None, full, use_amp)
-                values["truth_rec"] = parts["rec"]
-            values = ctx.mean(values)  # the losses of the global batch
-            step += 1
-            samples += cfg.batch
+            values, lr = _step(run)
             last_step_s = time.monotonic() - t0
-            elapsed += last_step_s
-            if main:
-                row = {"step": step, "lr": f"{lr_now:.3g}", "elapsed_s": f"{elapsed:.1f}"}
-                row.update({k: f"{v:.6g}" for k, v in values.items()})
-                log.writerow(row)
-                log_file.flush()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=row.get("loss"), lr=row["lr"])
-                if tb is not None:
-                    _tensorboard_step(tb, step, values, lr_now, last_step_s)
-            if step % cfg.save_every == 0:
-                save()
-                if tb is not None:
-                    _tensorboard_images(tb, step, model, data, cfg, extractor, device)
+            run.elapsed += last_step_s
+            log.step(run, values, lr, last_step_s)
+            if run.step % cfg.save_every == 0:
+                _save(run)
+                log.saved(run)
             if on_step is not None:
-                on_step(step)
+                on_step(run.step)
+        return "steps"
     except KeyboardInterrupt:
-        stop_reason = "interrupted"
-        if log_file is not None:
-            log_file.close()
-        save()
-        if main:
-            print(f"\ninterrupted: saved {ckpt_path} at step {step}; run again to resume", file=sys.stderr)
+        log.close_file()
+        _save(run)
+        if run.ctx.is_main:
+            print(f"\ninterrupted: saved {run.ckpt_path} at step {run.step}; run again to resume",
+                  file=sys.stderr)
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        log.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-        if log_file is not None and not log_file.closed:
-            log_file.close()
-        if tb is not None:
-            tb.close()
-    save()
-    summary = {"step": step, "elapsed_s": elapsed, "stop_reason": stop_reason, "checkpoint": str(ckpt_path),
-               "world_size": ctx.world_size, "rank": ctx.rank}
-    if cfg.export and main:
-        if cfg.bn_recalibrate and data is not None:
-            batches = []
-            for i in range(cfg.bn_recalibrate):
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 10_000_000 + i)
-                lr_img, _, ref = (t.to(device) for t in data.sample(cfg.batch, g))
-                with torch.no_grad():
-                    maps = swap.texture_swap(lr_img, ref, extractor=extractor, backend=cfg.backend).maps
-                batches.append((lr_img * 2 - 1, maps))
-            recalibrate_bn(model, batches)
-        meta = {"steps": step, "train_seconds": round(elapsed, 1), "device": _device_name(device),
-                "data": [str(d) for d in cfg.data], "batch": cfg.batch, "crop": cfg.crop,
-                "ref_crop": cfg.ref_crop, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "losses": cfg.losses,
-                "train_with_truth": cfg.train_with_truth, "truth_every": cfg.truth_every,
-                "bn_recalibrate": cfg.bn_recalibrate, "seed": cfg.seed, "world_size": ctx.world_size}
-        export_model(_plain_bn(model), cfg.export, fp16=True, meta=meta)
-        summary["export"] = cfg.export
-    # the other ranks leave once rank 0's files are complete
-    ctx.barrier()
-    if main:
-        print(json.dumps(summary), file=sys.stderr)
-    return summary
+
+
+def _stop_reason(run: _Run, interrupted: bool, deadline: float | None, last_step_s: float) -> str | None:
+    """Whether any rank must stop before the next step (all ranks agree); raises
+    KeyboardInterrupt when one received SIGTERM."""
+    cfg = run.cfg
+    interrupted, over_budget, near_deadline = run.ctx.any([
+        interrupted,
+        cfg.time_budget is not None and run.elapsed + last_step_s > cfg.time_budget,
+        deadline is not None and time.monotonic() + last_step_s * 1.5 + 60 > deadline,
+    ])
+    if interrupted:
+        raise KeyboardInterrupt
+    if over_budget:
+        return "time_budget"
+    return "stop_at" if near_deadline else None
+
+
+def _step(run: _Run) -> tuple[dict[str, float], float]:
+    """One global step: the next global samples, the swap, the generator update (then the
+    critic's and the "train with truth" update when set); returns (losses of the global batch, lr)."""
+    from .. import swap
+
+    cfg, ctx = run.cfg, run.ctx
+    offset, per_rank = rank_slice(cfg.batch, ctx)
+    torch.manual_seed(distributed.step_seed(cfg.seed, run.step, ctx.rank))
+    lr_img, hr, ref = (t.to(run.device) for t in run.sampler.batch(run.data, run.samples + offset, per_rank))
+    lr_now = _lr_at(cfg, run.step, run.elapsed)
+    for group in run.opt.param_groups:
+        group["lr"] = lr_now
+    with torch.no_grad():
+        sw = swap.texture_swap(lr_img, ref, extractor=run.extractor, backend=cfg.backend)
+    lr_in, hr_in = lr_img * 2 - 1, hr * 2 - 1
+    full = cfg.losses == "full" and run.step >= cfg.pretrain_steps
+    sr, loss, parts = _generator_step(run.nets, cfg, lr_in, hr_in, sw.maps, sw.weights, full, run.use_amp)
+    values = {"loss": loss, **parts}
+    if full:
+        values.update(_critic_step(run, hr_in, sr))
+    if cfg.train_with_truth and run.step % max(cfg.truth_every, 1) == 0:
+        with torch.no_grad():
+            truth = vgg_to_maps(run.extractor, hr)
+        _, _, parts = _generator_step(run.nets, cfg, lr_in, hr_in, truth, None, full, run.use_amp)
+        values["truth_rec"] = parts["rec"]
+    values = ctx.mean(values)  # the losses of the global batch
+    run.step += 1
+    run.samples += cfg.batch
+    return values, lr_now
+
+
+def _critic_step(run: _Run, hr_in: torch.Tensor, sr: torch.Tensor) -> dict[str, float]:
+    """One WGAN-GP critic update on the HR and the (detached) SR of this step."""
+    critic = run.train_critic
+    critic.train()
+    _set_bn_mode(run.cfg, None, run.critic)
+    d_real, d_fake = critic(hr_in), critic(sr)
+    gp = L.gradient_penalty(critic, hr_in, sr, generator=None)
+    d_loss = L.critic_loss(d_real, d_fake) + gp
+    run.d_opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    run.d_opt.step()
+    return {"d_loss": d_loss.item(), "gp": gp.item()}
+
+
+def _export(run: _Run) -> None:
+    """BN statistics re-estimated on ``bn_recalibrate`` fixed batches, then the fp16 inference
+    checkpoint with the run's settings as ``meta`` (folder names only, no machine paths)."""
+    from .. import swap
+
+    cfg, model = run.cfg, run.model
+    if cfg.bn_recalibrate and run.data is not None:
+        batches = []
+        for i in range(cfg.bn_recalibrate):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 10_000_000 + i)
+            lr_img, _, ref = (t.to(run.device) for t in run.data.sample(cfg.batch, g))
+            with torch.no_grad():
+                maps = swap.texture_swap(lr_img, ref, extractor=run.extractor, backend=cfg.backend).maps
+            batches.append((lr_img * 2 - 1, maps))
+        recalibrate_bn(model, batches)
+    meta = {"steps": run.step, "train_seconds": round(run.elapsed, 1), "device": _device_name(run.device),
+            "data": [Path(d).name for d in cfg.data], "batch": cfg.batch, "crop": cfg.crop,
+            "ref_crop": cfg.ref_crop, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "losses": cfg.losses,
+            "train_with_truth": cfg.train_with_truth, "truth_every": cfg.truth_every,
+            "bn_recalibrate": cfg.bn_recalibrate, "seed": cfg.seed, "world_size": run.ctx.world_size,
+            "pair_mix": cfg.pair_mix, "warmup_steps": cfg.warmup_steps, "lr_floor": cfg.lr_floor,
+            "init": None if cfg.init is None else Path(cfg.init).name}
+    export_model(_plain_bn(model), cfg.export, fp16=True, meta=meta)
 
 
 def _parallel(model: nn.Module, critic: nn.Module | None, cfg: TrainConfig, ctx: distributed.Context,
