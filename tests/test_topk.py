@@ -1,15 +1,16 @@
 """Exact top-k matching (``patch_match(..., k=K)``), K-way blending (``feature_swap`` with weights)
 and DATSR's ``topk_feature_match_index`` (docs/CONTRACT.md §2a).
 
-The oracle is the dense float64 similarity (conftest.dense_similarity): the j-th returned key's
-exact score is within TOL of the exact j-th best, and where the exact j-th best is more than TOL
+The oracle is the dense float64 similarity (oracle.dense_similarity): the j-th returned key's
+exact score is within oracle.TOL of the exact j-th best, and where the exact j-th best is more than oracle.TOL
 from its neighbours the index is the exact one.
 """
 
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, dense_similarity, features, random_index
+from conftest import features, random_index
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,9 +22,9 @@ needs_ext = pytest.mark.skipif(not extension.LOADED,
                                reason=f"srntt_core._C not loaded: {extension.LOAD_ERROR}")
 
 
-def assert_topk(result, query, keys, k, patch_size=3, stride=1, padding=0, tol=TOL):
+def assert_topk(result, query, keys, k, patch_size=3, stride=1, padding=0, tol=oracle.TOL):
     keys = [keys] if isinstance(keys, torch.Tensor) else list(keys)
-    sim = dense_similarity(query, keys, patch_size, stride, padding)  # (B, Nq, Nk)
+    sim = oracle.dense_similarity(query, keys, patch_size, stride, padding)  # (B, Nq, Nk)
     b = sim.shape[0]
     index, score = result.index.cpu(), result.score.detach().cpu()
     assert index.dtype == torch.int64 and index.shape[-1] == k and score.shape == index.shape
