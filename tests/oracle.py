@@ -92,7 +92,7 @@ def assert_match(result, exact: Exact, tol: float = TOL, *, margin: float | None
     returned score is compared with the exact maximum within ``tol``, or, with ``score_tol``, with
     the chosen key's exact score within ``score_tol``.
     """
-    index, score = (result.index, result.score) if hasattr(result, "index") else result
+    index, score = (result.index, result.score) if hasattr(result, "score") else result
     index, score = index.cpu(), score.detach().cpu()
     margin = tol if margin is None else margin
     assert index.dtype == torch.int64, index.dtype
