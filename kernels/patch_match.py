@@ -636,21 +636,8 @@ class _Map:
         return self.buf.stride(0), self.buf.stride(1)
 
 
-def _scan(
-    query,
-    key,
-    key_offset,
-    state,
-    patch_size,
-    stride,
-    dot_prec,
-    low,
-    collect=None,
-    select=None,
-    prune=None,
-    exact64=False,
-    topk=0,
-):
+def _scan(query, key, key_offset, state, patch_size, stride, dot_prec, low, collect=None, select=None,
+          prune=None, exact64=False, topk=0):
     """One launch of the scan kernel over one key map (see its docstring for the modes).
 
     exact64: score in float64 on CUDA cores (state and inverse norms in float64) from the float32
@@ -665,44 +652,14 @@ def _scan(
     if prune is not None:
         thr = prune
     order, active = select if select is not None else (best_idx, dummy_i32)
-    args = (
-        q_buf,
-        k_buf,
-        query.low,
-        key.low,
-        q_inv,
-        k_inv,
-        best_val,
-        best_idx,
-        thr,
-        count,
-        cand,
-        order,
-        active,
-    )
-    args += (
-        query.channels,
-        query.n,
-        query.gw,
-        key.n,
-        key.gw,
-        *query.strides(),
-        *key.strides(),
-        stride,
-        key_offset,
-    )
-    meta = dict(
-        P=patch_size,
-        COLLECT=collect is not None,
-        SELECT=select is not None,
-        PRUNE=prune is not None,
-        KC=cand.shape[-1] if collect is not None else _MAX_CANDIDATES,
-        DOT_PREC=dot_prec,
-        UPCAST=INTERPRET and query.low.dtype == torch.bfloat16,
-        FMA=fma,
-        TOPK=topk,
-        KP=best_val.shape[-1] if topk else 1,
-    )
+    args = (q_buf, k_buf, query.low, key.low, q_inv, k_inv, best_val, best_idx, thr, count, cand, order,
+            active)
+    args += (query.channels, query.n, query.gw, key.n, key.gw, *query.strides(), *key.strides(), stride,
+             key_offset)
+    meta = dict(P=patch_size, COLLECT=collect is not None, SELECT=select is not None, PRUNE=prune is not None,
+                KC=cand.shape[-1] if collect is not None else _MAX_CANDIDATES, DOT_PREC=dot_prec,
+                UPCAST=INTERPRET and query.low.dtype == torch.bfloat16, FMA=fma, TOPK=topk,
+                KP=best_val.shape[-1] if topk else 1)
     if INTERPRET:
         blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16)
     elif fma:
