@@ -293,8 +293,8 @@ def feature_swap(
     value_list, index = [v.contiguous() for v in value_list], index.to(torch.int64).contiguous()
     if weights is not None:
         library.check_index_range(index, n_cells, patch_size, stride, padding, scale)
-        return torch_backend.feature_swap(value_list, index, patch_size, stride, padding, scale, out_h, out_w,
-                                          reduce, weights)
+        return torch_backend.feature_swap_blend(value_list, index, patch_size, stride, padding, scale, out_h,
+                                                out_w, reduce, weights)
     return library.feature_swap(value_list, index, patch_size, stride, padding, scale, out_h, out_w, reduce,
                                 name)
 

@@ -350,8 +350,13 @@ def _mean_count(gqh, gqw, win, step, pad, out_h, out_w, device, dtype):
     return ch[:, None] * cw[None, :]
 
 
-def feature_swap(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce, weights=None):
-    """Feature swapping (docs/CONTRACT.md §3) by one gather and one strided add per window offset.
+def feature_swap(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce):
+    """Feature swapping (docs/CONTRACT.md §3): the kernel-level op of this backend."""
+    return feature_swap_blend(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce, None)
+
+
+def feature_swap_blend(values, index, patch_size, stride, padding, scale, out_h, out_w, reduce, weights):
+    """Feature swapping by one gather and one strided add per window offset.
 
     With ``weights``, ``index`` and ``weights`` are (B, Gq_h, Gq_w, K): each query window is the
     weighted sum of its K matched windows (docs/CONTRACT.md §2a), in differentiable torch ops.
