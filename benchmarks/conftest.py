@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from peak_memory import PeakMemory
 
+import srntt_core.swap as sw
 from srntt_core.cli.machine import machine_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,12 +170,6 @@ def _to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)[None].float().div(255)
 
 
-def _bicubic(x: torch.Tensor, factor: float) -> torch.Tensor:
-    # NB: antialias when shrinking, as srntt_core.swap.texture_swap does (PIL-like bicubic).
-    return F.interpolate(x, scale_factor=factor, mode="bicubic", align_corners=False,
-                         antialias=factor < 1).clamp(0, 1)
-
-
 @functools.cache
 def real_images(shape: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(target, reference) RGB in [0, 1], (1, 3, 4H, 4W): the two halves of the Sun80 image."""
@@ -208,8 +202,8 @@ def match_inputs(shape: str, features: str) -> tuple[torch.Tensor, torch.Tensor]
                 torch.randn(1, CHANNELS, h, w, generator=g).to(DEVICE))
     target, ref = real_images(shape)
     with torch.no_grad():
-        query = vgg()(_bicubic(_bicubic(target, 0.25), 4))["relu3_1"]
-        key = vgg()(_bicubic(_bicubic(ref, 0.25), 4))["relu3_1"]
+        query = vgg()(sw.bicubic(sw.bicubic(target, 0.25), 4))["relu3_1"]
+        key = vgg()(sw.bicubic(sw.bicubic(ref, 0.25), 4))["relu3_1"]
     return query.contiguous(), key.contiguous()
 
 
@@ -306,6 +300,6 @@ def data():
     return types.SimpleNamespace(
         DEVICE=DEVICE, SHAPES=SHAPES, LEVELS=LEVELS, CHANNELS=CHANNELS, LARGE_SHAPE=LARGE_SHAPE,
         match_inputs=match_inputs, swap_values=swap_values, swap_index=swap_index,
-        real_images=real_images, vgg=vgg, bicubic=_bicubic,
+        real_images=real_images, vgg=vgg, bicubic=sw.bicubic,
         skip_large=skip_large, skip_if_too_big=skip_if_too_big, large_mode=large_mode,
     )

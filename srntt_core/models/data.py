@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..swap import UPSCALE
 from .checkpoint import atomic_write, temp_name_prefix
 from .pairs import DEFAULT_PAIR_MIX, choose_mode, overlap_view, parse_pair_mix
 
-SCALE = 4
+SCALE = UPSCALE  # x4: relu1_1's scale over relu3_1
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CUFED5_TARGET = re.compile(r"^(?P<stem>.+)_0\.(?:png|jpe?g|bmp)$", re.IGNORECASE)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..swap import LEVELS
+from ..swap import LEVELS, UPSCALE
 
 # Channels of the swapped VGG maps, per swap level (srntt_core.swap.LEVELS).
 SWAP_CHANNELS = {"relu3_1": 256, "relu2_1": 128, "relu1_1": 64}
@@ -180,7 +180,7 @@ class SRNTT(nn.Module):
     (``residual="bicubic"`` may overshoot slightly; clamp for display).
     """
 
-    scale = 4
+    scale = UPSCALE
 
     def __init__(
         self,
