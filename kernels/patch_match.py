@@ -636,6 +636,15 @@ class _Map:
         return self.buf.stride(0), self.buf.stride(1)
 
 
+def fma_config(prune_16bit: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the CUDA-core (float64 / FMA) scan.
+
+    NB: float64 has no tensor-core path; small fixed tiles keep the (M, K, N) product small. A
+    prune from 16-bit (bf16) operands is a tensor-core dot, which needs BLOCK_K >= 16.
+    """
+    return (32, 32, 16 if prune_16bit else 8, 4, 1)
+
+
 def _scan(query, key, key_offset, state, patch_size, stride, dot_prec, low, collect=None, select=None,
           prune=None, exact64=False, topk=0):
     """One launch of the scan kernel over one key map (see its docstring for the modes).
@@ -663,8 +672,8 @@ def _scan(query, key, key_offset, state, patch_size, stride, dot_prec, low, coll
     if INTERPRET:
         blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16)
     elif fma:
-        # NB: float64 has no tensor-core path; small fixed tiles keep the (M, K, N) product small.
-        blocks = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=1)
+        bm, bn, bk, warps, stages = fma_config(prune is not None and query.low.element_size() == 2)
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     elif query.n * key.n < _AUTOTUNE_MIN_PAIRS:
         mode = scan_mode(collect is not None, prune is not None, topk > 0)
         bm, bn, bk, warps, stages = SCAN_CONFIGS[mode][0]

@@ -110,7 +110,7 @@ def _scan_mode_variants(pm, arch, subset, label, q, low, acc, dot_prec, tc=True,
         KP=pm.triton.next_power_of_2(max(topk, 2)) if topk else 1,
     )
     if fma:
-        configs = [(32, 32, 8, 4, 1)]
+        configs = [pm.fma_config(prune and low == "bf16")]
     else:
         operand_bytes = 2 if low == "bf16" else 4
         offered = pm.scan_configs(
