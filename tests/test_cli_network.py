@@ -4,6 +4,7 @@ starts, and the image rules (16-bit, EXIF orientation, transparency, pixel limit
 
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +307,31 @@ def test_sr_folder_input_is_checked_before_work(tmp_path, tiny_ckpt, capsys):
     rc = cli.main(["sr", str(inputs), "-o", str(out), "--checkpoint", tiny_ckpt, "--device", "cpu"])
     assert rc == 0 and "2 written" in capsys.readouterr().out  # no --ref: no-reference mode
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_swap_demo_figure_and_its_output_checks(tmp_path, capsys, monkeypatch):
+    from srntt_core import swap
+
+    image = _img(tmp_path / "sample.png", 48, 96)
+    out = tmp_path / "fig" / "swap.png"
+    assert cli.main(["swap-demo", "-o", str(out), "--sample", image, "--backend", "torch"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert Image.open(out).size[0] >= 4 * 48  # the four 48-pixel panels side by side
+
+    def refuse(*a, **k):
+        raise AssertionError("the swap work started before the error was found")
+
+    monkeypatch.setattr(swap.TextureSwapper, "__call__", refuse)
+    assert cli.main(["swap-demo", "-o", str(tmp_path / "fig.txt"), "--sample", image]) == 2
+    _one_line_error(capsys, "-o/--out", "extension")
+    before = Path(image).read_bytes()
+    assert cli.main(["swap-demo", "-o", image, "--sample", image]) == 2
+    _one_line_error(capsys, "-o/--out", "refusing to overwrite an input")
+    assert Path(image).read_bytes() == before
+    # a failed save leaves the previous figure whole (the write is atomic)
+    old = out.read_bytes()
+    monkeypatch.undo()
+    monkeypatch.setattr(Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    assert cli.main(["swap-demo", "-o", str(out), "--sample", image, "--backend", "torch"]) != 0
+    _one_line_error(capsys, "disk full")
+    assert out.read_bytes() == old

@@ -53,6 +53,10 @@ def _timed(fn, repeats: int = 3):
 
 def run(out: str | Path = "out/swap_demo.png", backend: str = "auto",
         sample: str | Path = SAMPLE_IMAGE) -> int:
+    # the figure is regenerated on every run (as `srntt demo`'s), but never over the input image
+    out = data.check_output_path(out, what="-o/--out", overwrite=True)
+    if Path(sample).exists() and out.exists() and out.samefile(sample):
+        raise ValueError(f"-o/--out: {out} is the --sample image; refusing to overwrite an input")
     torch.manual_seed(0)
     hr = data.mod_crop(data.load_image(sample))
     target, ref = (x.unsqueeze(0) for x in data.split_image(hr))
@@ -87,9 +91,7 @@ def run(out: str | Path = "out/swap_demo.png", backend: str = "auto",
         ("matched position in ref", correspondence_image(result.index[0], key_grid, size)),
         ("swapped reference texture", data.tensor_to_pil(swapped_rgb[0].clamp(0, 1))),
     ])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.save(out)
+    data.save_image(figure, out)
     print(f"mean best-match similarity {result.score.mean():.3f}; wrote {out}")
     return 0
 

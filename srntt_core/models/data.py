@@ -166,15 +166,15 @@ def check_output_path(path: str | os.PathLike, *, inputs: Sequence[str | os.Path
     return path
 
 
-def save_image(x: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write 8-bit RGB atomically (temporary file in the same folder, then ``os.replace``);
-    the format follows the extension (:data:`WRITE_FORMATS`)."""
+def save_image(x: torch.Tensor | Image.Image, path: str | os.PathLike) -> Path:
+    """Write 8-bit RGB (a tensor in [0, 1] or a PIL image) atomically (temporary file in the same
+    folder, then ``os.replace``); the format follows the extension (:data:`WRITE_FORMATS`)."""
     path = Path(path)
     fmt = WRITE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"path: unknown image extension {path.suffix or '(none)'!r} in {path}; "
                          f"use one of {', '.join(WRITE_FORMATS)}")
-    im = tensor_to_pil(x)
+    im = x if isinstance(x, Image.Image) else tensor_to_pil(x)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda f: im.save(f, format=fmt))
 
