@@ -134,7 +134,6 @@ def _scan_mode_variants(pm, arch, subset, label, q, low, acc, dot_prec, tc=True,
 def _scan_variants(pm, arch: int, subset: bool) -> list[dict]:
     """The scan kernel in every mode the launchers run: top-1 and top-k, float32 (TF32 / bf16
     candidates, float64 re-scan of overflowing queries) and float64."""
-    k = pm.MAX_TOPK
     rescan = dict(select=True, prune=True, fma=True)
     # float32 highest/high: TF32 candidates (max, collect), float64 re-scan of overflowing queries
     # (CUDA-core float64 dots where a TF32 dot finds candidates).
@@ -142,22 +141,34 @@ def _scan_variants(pm, arch: int, subset: bool) -> list[dict]:
         ("max tf32", "fp32", "fp32", "fp32", "tf32", {}),
         ("collect tf32", "fp32", "fp32", "fp32", "tf32", dict(collect=True)),
         ("rescan fp64 tf32-prune", "fp32", "fp32", "fp64", "ieee", rescan),
-        ("topk64 tf32", "fp32", "fp32", "fp32", "tf32", dict(topk=k)),
     ]
     if not subset:
         modes += [
-            ("topk2 tf32", "fp32", "fp32", "fp32", "tf32", dict(topk=2)),
-            ("topk64 rescan fp64", "fp32", "fp32", "fp64", "ieee", dict(rescan, topk=k)),
             # medium: bf16 candidates; its re-scan prunes with bf16 dots.
             ("max bf16", "bf16", "bf16", "fp32", "tf32", {}),
             ("collect bf16", "bf16", "bf16", "fp32", "tf32", dict(collect=True)),
-            ("topk64 bf16", "bf16", "bf16", "fp32", "tf32", dict(topk=k)),
             ("rescan fp64 bf16-prune", "fp32", "bf16", "fp64", "ieee", rescan),
             # SRNTT_TRITON_EXACT_FP32=1 and float64: no tensor cores by design.
             ("max ieee", "fp32", "fp32", "fp32", "ieee", dict(tc=False)),
             ("max fp64", "fp64", "fp64", "fp64", "ieee", dict(fma=True, tc=False)),
-            ("topk64 fp64", "fp64", "fp64", "fp64", "ieee", dict(fma=True, tc=False, topk=k)),
         ]
+    # A running top-k holds (BLOCK_M, KP) values and indices, KP = k rounded up to a power of two:
+    # the registers (and spills) depend on KP, so every KP the launcher can pick is built. k itself
+    # only bounds a loop's trip count.
+    kps = [pm.MAX_TOPK]
+    if not subset:
+        kps = [1 << i for i in range(1, pm.MAX_TOPK.bit_length())]
+    topk_modes = [("tf32", "fp32", "fp32", "fp32", "tf32", {})]
+    if not subset:
+        topk_modes += [
+            ("bf16", "bf16", "bf16", "fp32", "tf32", {}),
+            ("rescan fp64 tf32-prune", "fp32", "fp32", "fp64", "ieee", rescan),
+            ("rescan fp64 bf16-prune", "fp32", "bf16", "fp64", "ieee", rescan),
+            ("fp64", "fp64", "fp64", "fp64", "ieee", dict(fma=True, tc=False)),
+        ]
+    modes += [
+        (f"topk{k} {label}", *args, dict(mode, topk=k)) for k in kps for label, *args, mode in topk_modes
+    ]
     return [v for *args, mode in modes for v in _scan_mode_variants(pm, arch, subset, *args, **mode)]
 
 
@@ -369,9 +380,15 @@ def _demangle(names: list[str]) -> dict[str, str]:
 
 
 def _short(demangled: str) -> str:
-    """``match_tc_kernel<true>`` from a full demangled signature."""
-    name = demangled.split("(")[0]
-    return name.replace("srntt::cuda_kernels::", "").replace("void ", "").strip()
+    """``match_tc_kernel<true, (TcPass)1>`` from a full demangled signature: the name up to its
+    parameter list (the first '(' outside the template arguments), without our namespace."""
+    depth = 0
+    for i, ch in enumerate(demangled):
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0:
+            demangled = demangled[:i]
+            break
+    return demangled.replace("srntt::cuda_kernels::", "").removeprefix("void ").strip()
 
 
 def _nvcc_compile(nvcc: str, src: Path, arch: int, tmp: str) -> tuple:
@@ -490,7 +507,7 @@ def problems(rows: list[dict]) -> list[str]:
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'backend':<7} {'kernel':<28} {'arch':<6} {'config':<20} {'ok':<3} {'regs':>5} {'spill':>6} "
+        f"{'backend':<7} {'kernel':<36} {'arch':<6} {'config':<20} {'ok':<3} {'regs':>5} {'spill':>6} "
         f"{'smem':>7} {'tc':>5}"
     )
     lines = [head, "-" * len(head)]
@@ -501,7 +518,7 @@ def table(rows: list[dict]) -> str:
 
         tc = cell(r["tensor_core_instructions"]) + ("*" if r["tensor_core_expected"] else "")
         lines.append(
-            f"{r['backend']:<7} {r['kernel'][:28]:<28} {r['arch']:<6} {r['config'][:20]:<20} "
+            f"{r['backend']:<7} {r['kernel'][:36]:<36} {r['arch']:<6} {r['config'][:20]:<20} "
             f"{'yes' if r['ok'] else 'NO':<3} {cell(r['registers']):>5} {cell(r['spills']):>6} "
             f"{cell(r['smem_bytes']):>7} {tc:>5}"
         )

@@ -189,6 +189,34 @@ def test_compile_check_rejects_bad_archs():
         gpu_compile_check.main(["--archs", "nine"])
 
 
+def test_compile_check_names_cuda_kernels_by_their_template_arguments():
+    # Template arguments may hold parentheses, e.g. an enum cast: the name ends at the parameter list.
+    ns = "srntt::cuda_kernels::"
+    sig = f"void {ns}match_tc_kernel<false, ({ns}TcPass)2>(float const*, int)"
+    assert gpu_compile_check._short(sig) == "match_tc_kernel<false, (TcPass)2>"
+    assert gpu_compile_check._short(f"void {ns}merge_kernel<double>(double*)") == "merge_kernel<double>"
+
+
+@pytest.mark.triton
+def test_compile_check_builds_every_topk_state_width():
+    """A running top-k's registers depend on its state width KP (k rounded up to a power of two):
+    every top-k scan mode is built for every KP that some k in [1, MAX_TOPK] gets."""
+    triton = pytest.importorskip("triton")
+    import srntt_core._triton as kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip(kernels.UNAVAILABLE_REASON)
+    pm = sys.modules["srntt_core._triton.patch_match"]
+    want = {triton.next_power_of_2(max(k, 2)) for k in range(1, pm.MAX_TOPK + 1)}
+    widths = {}
+    for v in gpu_compile_check.triton_variants(80, subset=False):
+        if v["constexprs"].get("TOPK"):
+            mode = v["kernel"].split(" ", 1)[1]
+            widths.setdefault(mode, set()).add(v["constexprs"]["KP"])
+    assert {"tf32", "bf16", "rescan fp64 tf32-prune", "rescan fp64 bf16-prune", "fp64"} <= set(widths)
+    assert all(kp == want for kp in widths.values()), widths
+
+
 @pytest.mark.triton
 def test_scan_configs_fit_each_arch():
     pytest.importorskip("triton")
