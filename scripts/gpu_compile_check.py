@@ -14,9 +14,10 @@ arch; registers, spills and shared memory from the ptxas report, tensor-core ins
 PTX of the same compile.
 
 Writes a JSON list of rows {backend, kernel, arch, config, ok, registers, spills, smem_bytes,
-tensor_core_instructions, tensor_core_expected, error} and prints them as a table. Fails (exit 1)
-when a build fails, a tensor-core kernel spills or has no tensor-core instruction, or a config
-needs more shared memory than its arch has.
+tensor_core_instructions, tensor_core_expected, approx_divisions, error} and prints them as a
+table. Fails (exit 1) when a build fails, a tensor-core kernel spills or has no tensor-core
+instruction, a swap kernel divides approximately (its mean must round to nearest, as on the CPU),
+or a config needs more shared memory than its arch has.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ARCH_SMEM = {80: 163 << 10, 86: 99 << 10, 89: 99 << 10, 90: 227 << 10}
 TC_PTX = re.compile(r"\b(?:mma\.sync|wmma\.mma\.sync|wgmma\.mma_async)\.")
+# Not correctly rounded float32 division: `/` under --use_fast_math (CUDA) or by default (Triton).
+APPROX_DIV_PTX = re.compile(r"\bdiv\.(?:approx|full)(?:\.ftz)?\.f32\b")
 
 
 def _row(backend, kernel, arch, config, **kw) -> dict:
@@ -50,6 +53,7 @@ def _row(backend, kernel, arch, config, **kw) -> dict:
         smem_bytes=None,
         tensor_core_instructions=None,
         tensor_core_expected=False,
+        approx_divisions=None,
         error=None,
     )
     row.update(kw)
@@ -322,6 +326,7 @@ def compile_triton(variant_index: int, arch: int, subset: bool) -> dict:
         spills=stack,
         smem_bytes=int(k.metadata.shared),
         tensor_core_instructions=len(TC_PTX.findall(k.asm["ptx"])),
+        approx_divisions=len(APPROX_DIV_PTX.findall(k.asm["ptx"])),
     )
     return row
 
@@ -467,6 +472,7 @@ def _cuda_rows(arch: int, obj, ptx_text: str) -> list[dict]:
                 spills=info.get("spills"),
                 smem_bytes=info.get("smem"),
                 tensor_core_instructions=len(TC_PTX.findall(bodies.get(mangled, ""))),
+                approx_divisions=len(APPROX_DIV_PTX.findall(bodies.get(mangled, ""))),
                 tensor_core_expected="match_tc_kernel" in kernel,
             )
         )
@@ -500,6 +506,8 @@ def problems(rows: list[dict]) -> list[str]:
                 out.append(f"{what}: tensor-core kernel spills {r['spills']} bytes")
             if not r["tensor_core_instructions"]:
                 out.append(f"{what}: tensor-core kernel has no mma/wgmma instruction")
+        if "swap" in r["kernel"] and r.get("approx_divisions"):
+            out.append(f"{what}: swap kernel divides approximately ({r['approx_divisions']} div.approx/full)")
         if limit is not None and r["smem_bytes"] is not None and r["smem_bytes"] > limit:
             out.append(f"{what}: needs {r['smem_bytes']} bytes of shared memory > {limit} on {r['arch']}")
     return out
@@ -508,7 +516,7 @@ def problems(rows: list[dict]) -> list[str]:
 def table(rows: list[dict]) -> str:
     head = (
         f"{'backend':<7} {'kernel':<36} {'arch':<6} {'config':<20} {'ok':<3} {'regs':>5} {'spill':>6} "
-        f"{'smem':>7} {'tc':>5}"
+        f"{'smem':>7} {'tc':>5} {'adiv':>4}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -520,10 +528,11 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{r['backend']:<7} {r['kernel'][:36]:<36} {r['arch']:<6} {r['config'][:20]:<20} "
             f"{'yes' if r['ok'] else 'NO':<3} {cell(r['registers']):>5} {cell(r['spills']):>6} "
-            f"{cell(r['smem_bytes']):>7} {tc:>5}"
+            f"{cell(r['smem_bytes']):>7} {tc:>5} {cell(r.get('approx_divisions')):>4}"
         )
     lines.append(
-        "tc: mma/wgmma instructions in the PTX; * = a tensor-core kernel (must have some, no spills)"
+        "tc: mma/wgmma instructions in the PTX; * = a tensor-core kernel (must have some, no spills); "
+        "adiv: approximate float32 divisions in the PTX (none in a swap kernel)"
     )
     return "\n".join(lines)
 

@@ -172,6 +172,8 @@ def _row(**kw):
         (_row(arch="sm_80", smem_bytes=170_000), "shared memory > 166912"),
         (_row(arch="sm_86", smem_bytes=110_000, tensor_core_expected=False), "shared memory > 101376"),
         (_row(ok=False, error="CompilationError: boom"), "build failed: CompilationError: boom"),
+        (_row(kernel="swap_fwd/fp32 mean", tensor_core_expected=False, approx_divisions=1), "divides approx"),
+        (_row(kernel="scan/max tf32", approx_divisions=1), None),
     ],
 )
 def test_compile_check_verdicts(row, problem):
@@ -241,8 +243,8 @@ def test_scan_configs_fit_each_arch():
 @pytest.mark.slow
 def test_gpu_compile_check_subset(tmp_path):
     """Triton kernels compiled ahead of time for sm_90: the tensor-core scans (collect, running
-    top-64) have mma/wgmma instructions and no spills, the re-score kernel builds (a representative
-    subset of `make gpu-compile-check`)."""
+    top-64) have mma/wgmma instructions and no spills, the re-score kernel builds, the swap mean
+    divides rounding to nearest (a representative subset of `make gpu-compile-check`)."""
     pytest.importorskip("triton")
     out = tmp_path / "check.json"
     result = subprocess.run(
@@ -255,7 +257,7 @@ def test_gpu_compile_check_subset(tmp_path):
             "--only",
             "triton",
             "--kernels",
-            "scan/collect tf32,scan/topk64 tf32,rescore",
+            "scan/collect tf32,scan/topk64 tf32,rescore,swap_fwd/fp32 mean,swap_bwd/fp32 mean",
             "--out",
             str(out),
         ],
@@ -264,8 +266,9 @@ def test_gpu_compile_check_subset(tmp_path):
         timeout=900,
     )
     rows = json.loads(out.read_text())
-    kernels = {"scan/collect tf32", "scan/topk64 tf32", "rescore"}
+    kernels = {"scan/collect tf32", "scan/topk64 tf32", "rescore", "swap_fwd/fp32 mean", "swap_bwd/fp32 mean"}
     assert {r["kernel"] for r in rows} == kernels, result.stdout + result.stderr
     assert result.returncode == 0, result.stdout
     for scan in (r for r in rows if r["kernel"].startswith("scan/")):
         assert scan["tensor_core_instructions"] > 0 and scan["spills"] == 0, scan
+    assert all(r["approx_divisions"] == 0 for r in rows if r["kernel"].startswith("swap")), rows
