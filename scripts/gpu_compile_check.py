@@ -14,10 +14,11 @@ arch; registers, spills and shared memory from the ptxas report, tensor-core ins
 PTX of the same compile.
 
 Writes a JSON list of rows {backend, kernel, arch, config, ok, registers, spills, smem_bytes,
-tensor_core_instructions, tensor_core_expected, approx_divisions, error} and prints them as a
-table. Fails (exit 1) when a build fails, a tensor-core kernel spills or has no tensor-core
-instruction, a swap kernel divides approximately (its mean must round to nearest, as on the CPU),
-or a config needs more shared memory than its arch has.
+tensor_core_instructions, tensor_core_expected, approx_divisions, int32_index_ops, error} and
+prints them as a table. Fails (exit 1) when a build fails, a tensor-core kernel spills or has no
+tensor-core instruction, a swap kernel divides approximately (its mean must round to nearest, as on
+the CPU), the re-score kernel computes offsets in int32 (Triton IR), or a config needs more shared
+memory than its arch has.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ ARCH_SMEM = {80: 163 << 10, 86: 99 << 10, 89: 99 << 10, 90: 227 << 10}
 TC_PTX = re.compile(r"\b(?:mma\.sync|wmma\.mma\.sync|wgmma\.mma_async)\.")
 # Not correctly rounded float32 division: `/` under --use_fast_math (CUDA) or by default (Triton).
 APPROX_DIV_PTX = re.compile(r"\bdiv\.(?:approx|full)(?:\.ftz)?\.f32\b")
+# Elementwise int32 products, quotients and remainders in the Triton IR: offset arithmetic that can
+# wrap. NB: the re-score kernel's (row // Gqw) * stride * q_sy reaches 99% of 2^31 at an 8K relu1_1
+# map, so it must have none; the collect scan's int32 candidate offsets are bounded by the host.
+INT32_INDEX_TTIR = re.compile(r"arith\.(?:muli|divsi|remsi) .*: tensor<[0-9x]+xi32>")
 
 
 def _row(backend, kernel, arch, config, **kw) -> dict:
@@ -54,6 +59,7 @@ def _row(backend, kernel, arch, config, **kw) -> dict:
         tensor_core_instructions=None,
         tensor_core_expected=False,
         approx_divisions=None,
+        int32_index_ops=None,
         error=None,
     )
     row.update(kw)
@@ -327,6 +333,7 @@ def compile_triton(variant_index: int, arch: int, subset: bool) -> dict:
         smem_bytes=int(k.metadata.shared),
         tensor_core_instructions=len(TC_PTX.findall(k.asm["ptx"])),
         approx_divisions=len(APPROX_DIV_PTX.findall(k.asm["ptx"])),
+        int32_index_ops=len(INT32_INDEX_TTIR.findall(k.asm["ttir"])),
     )
     return row
 
@@ -508,6 +515,8 @@ def problems(rows: list[dict]) -> list[str]:
                 out.append(f"{what}: tensor-core kernel has no mma/wgmma instruction")
         if "swap" in r["kernel"] and r.get("approx_divisions"):
             out.append(f"{what}: swap kernel divides approximately ({r['approx_divisions']} div.approx/full)")
+        if r["kernel"].startswith("rescore") and r.get("int32_index_ops"):
+            out.append(f"{what}: re-score kernel has {r['int32_index_ops']} int32 offset operations")
         if limit is not None and r["smem_bytes"] is not None and r["smem_bytes"] > limit:
             out.append(f"{what}: needs {r['smem_bytes']} bytes of shared memory > {limit} on {r['arch']}")
     return out
@@ -516,7 +525,7 @@ def problems(rows: list[dict]) -> list[str]:
 def table(rows: list[dict]) -> str:
     head = (
         f"{'backend':<7} {'kernel':<36} {'arch':<6} {'config':<20} {'ok':<3} {'regs':>5} {'spill':>6} "
-        f"{'smem':>7} {'tc':>5} {'adiv':>4}"
+        f"{'smem':>7} {'tc':>5} {'adiv':>4} {'i32':>4}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -528,11 +537,13 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{r['backend']:<7} {r['kernel'][:36]:<36} {r['arch']:<6} {r['config'][:20]:<20} "
             f"{'yes' if r['ok'] else 'NO':<3} {cell(r['registers']):>5} {cell(r['spills']):>6} "
-            f"{cell(r['smem_bytes']):>7} {tc:>5} {cell(r.get('approx_divisions')):>4}"
+            f"{cell(r['smem_bytes']):>7} {tc:>5} {cell(r.get('approx_divisions')):>4} "
+            f"{cell(r.get('int32_index_ops')):>4}"
         )
     lines.append(
         "tc: mma/wgmma instructions in the PTX; * = a tensor-core kernel (must have some, no spills); "
-        "adiv: approximate float32 divisions in the PTX (none in a swap kernel)"
+        "adiv: approximate float32 divisions in the PTX (none in a swap kernel); "
+        "i32: int32 elementwise mul/div/rem in the Triton IR (none in the re-score kernel)"
     )
     return "\n".join(lines)
 

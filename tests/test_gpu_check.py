@@ -174,6 +174,8 @@ def _row(**kw):
         (_row(ok=False, error="CompilationError: boom"), "build failed: CompilationError: boom"),
         (_row(kernel="swap_fwd/fp32 mean", tensor_core_expected=False, approx_divisions=1), "divides approx"),
         (_row(kernel="scan/max tf32", approx_divisions=1), None),
+        (_row(kernel="rescore fp64", tensor_core_expected=False, int32_index_ops=2), "2 int32 offset"),
+        (_row(kernel="scan/collect tf32", int32_index_ops=2), None),
     ],
 )
 def test_compile_check_verdicts(row, problem):
@@ -244,7 +246,8 @@ def test_scan_configs_fit_each_arch():
 def test_gpu_compile_check_subset(tmp_path):
     """Triton kernels compiled ahead of time for sm_90: the tensor-core scans (collect, running
     top-64) have mma/wgmma instructions and no spills, the re-score kernel builds, the swap mean
-    divides rounding to nearest (a representative subset of `make gpu-compile-check`)."""
+    divides rounding to nearest, the re-score offsets are 64-bit (a representative subset of
+    `make gpu-compile-check`)."""
     pytest.importorskip("triton")
     out = tmp_path / "check.json"
     result = subprocess.run(
@@ -272,3 +275,4 @@ def test_gpu_compile_check_subset(tmp_path):
     for scan in (r for r in rows if r["kernel"].startswith("scan/")):
         assert scan["tensor_core_instructions"] > 0 and scan["spills"] == 0, scan
     assert all(r["approx_divisions"] == 0 for r in rows if r["kernel"].startswith("swap")), rows
+    assert all(r["int32_index_ops"] == 0 for r in rows if r["kernel"].startswith("rescore")), rows
