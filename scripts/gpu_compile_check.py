@@ -222,6 +222,8 @@ def _swap_variants(fs, subset: bool) -> list[dict]:
     out = []
     opts, config = dict(num_warps=fs._NUM_WARPS), f"{fs._BLOCK_PIX}x{fs._BLOCK_C}"
     blocks = dict(BLOCK_PIX=fs._BLOCK_PIX, BLOCK_C=fs._BLOCK_C)
+    bwd_config = f"{fs._BLOCK_PIX}x{fs._BWD_BLOCK_C}"
+    bwd_blocks = dict(BLOCK_PIX=fs._BLOCK_PIX, BLOCK_C=fs._BWD_BLOCK_C)
     for dt in ["fp32"] if subset else ["fp32", "fp64", "fp16", "bf16"]:
         acc = "fp64" if dt == "fp64" else "fp32"
         acc_tl = tl.float64 if dt == "fp64" else tl.float32
@@ -244,10 +246,11 @@ def _swap_variants(fs, subset: bool) -> list[dict]:
                 count_w_ptr="*i32",
                 gv_ptr=_PTR[dt],
             )
-            bwd_meta = dict(P=3, T=3, CHUNK=fs._CHUNK, MEAN=mean, ACC_DTYPE=acc_tl, **blocks)
+            bwd_meta = dict(P=3, T=3, CHUNK=fs._CHUNK, MEAN=mean, ACC_DTYPE=acc_tl, **bwd_blocks)
             out.append(
                 _variant(
-                    f"swap_bwd/{name}", fs._feature_swap_bwd_kernel, bwd_ptrs, bwd_meta, opts, config, False
+                    f"swap_bwd/{name}", fs._feature_swap_bwd_kernel, bwd_ptrs, bwd_meta, opts, bwd_config,
+                    False,
                 )
             )
             # _signature looks names up: the backward's pointers cover the chunk kernel's but one.
