@@ -510,8 +510,10 @@ SCAN_CONFIGS = {
     "max": ((64, 64, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 8, 3)),
     "collect": ((64, 64, 32, 8, 3), (128, 64, 32, 8, 3)),
     "prune": ((64, 32, 32, 8, 3),),
-    # A running top-k keeps a (BLOCK_M, KP) state of values and indices beside the tile.
-    "topk": ((64, 64, 32, 8, 3),),
+    # A running top-k keeps a (BLOCK_M, KP) state of values and indices beside the tile: a narrow
+    # key tile and two stages leave it registers for every KP up to 64 (64x64x32 in 3 stages
+    # spilled at KP 2 on sm_80, in 2 stages at KP 16 with bf16).
+    "topk": ((64, 32, 32, 8, 2),),
 }
 # Configs that spill registers on an arch family (ptxas, `make gpu-compile-check`): not offered
 # there. sm_8x has the 255-register cap of sm_90 but no wgmma, whose accumulators live in fewer
@@ -640,9 +642,11 @@ def fma_config(prune_16bit: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the CUDA-core (float64 / FMA) scan.
 
     NB: float64 has no tensor-core path; small fixed tiles keep the (M, K, N) product small. A
-    prune from 16-bit (bf16) operands is a tensor-core dot, which needs BLOCK_K >= 16.
+    prune from 16-bit (bf16) operands is a tensor-core dot, which needs BLOCK_K >= 16. The float64
+    (M, K, N) product and a running top-64 need 8 warps' registers: with 4 warps the re-scans
+    spilled 184-408 bytes (ptxas, sm_80 and sm_90).
     """
-    return (32, 32, 16 if prune_16bit else 8, 4, 1)
+    return (32, 32, 16 if prune_16bit else 8, 8, 1)
 
 
 def _scan(query, key, key_offset, state, patch_size, stride, dot_prec, low, collect=None, select=None,

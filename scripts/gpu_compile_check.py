@@ -14,9 +14,11 @@ arch; registers, spills and shared memory from the ptxas report, tensor-core ins
 PTX of the same compile.
 
 Writes a JSON list of rows {backend, kernel, arch, config, ok, registers, spills, smem_bytes,
-tensor_core_instructions, tensor_core_expected, error} and prints them as a table. Fails (exit 1)
-when a build fails, a tensor-core kernel spills or has no tensor-core instruction, or a config
-needs more shared memory than its arch has.
+tensor_core_instructions, tensor_core_expected, approx_divisions, int32_index_ops, error} and
+prints them as a table. Fails (exit 1) when a build fails, a tensor-core kernel spills or has no
+tensor-core instruction, a swap kernel divides approximately (its mean must round to nearest, as on
+the CPU), the re-score kernel computes offsets in int32 (Triton IR), or a config needs more shared
+memory than its arch has.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ARCH_SMEM = {80: 163 << 10, 86: 99 << 10, 89: 99 << 10, 90: 227 << 10}
 TC_PTX = re.compile(r"\b(?:mma\.sync|wmma\.mma\.sync|wgmma\.mma_async)\.")
+# Not correctly rounded float32 division: `/` under --use_fast_math (CUDA) or by default (Triton).
+APPROX_DIV_PTX = re.compile(r"\bdiv\.(?:approx|full)(?:\.ftz)?\.f32\b")
+# Elementwise int32 products, quotients and remainders in the Triton IR: offset arithmetic that can
+# wrap. NB: the re-score kernel's (row // Gqw) * stride * q_sy reaches 99% of 2^31 at an 8K relu1_1
+# map, so it must have none; the collect scan's int32 candidate offsets are bounded by the host.
+INT32_INDEX_TTIR = re.compile(r"arith\.(?:muli|divsi|remsi) .*: tensor<[0-9x]+xi32>")
 
 
 def _row(backend, kernel, arch, config, **kw) -> dict:
@@ -50,6 +58,8 @@ def _row(backend, kernel, arch, config, **kw) -> dict:
         smem_bytes=None,
         tensor_core_instructions=None,
         tensor_core_expected=False,
+        approx_divisions=None,
+        int32_index_ops=None,
         error=None,
     )
     row.update(kw)
@@ -134,7 +144,6 @@ def _scan_mode_variants(pm, arch, subset, label, q, low, acc, dot_prec, tc=True,
 def _scan_variants(pm, arch: int, subset: bool) -> list[dict]:
     """The scan kernel in every mode the launchers run: top-1 and top-k, float32 (TF32 / bf16
     candidates, float64 re-scan of overflowing queries) and float64."""
-    k = pm.MAX_TOPK
     rescan = dict(select=True, prune=True, fma=True)
     # float32 highest/high: TF32 candidates (max, collect), float64 re-scan of overflowing queries
     # (CUDA-core float64 dots where a TF32 dot finds candidates).
@@ -142,22 +151,34 @@ def _scan_variants(pm, arch: int, subset: bool) -> list[dict]:
         ("max tf32", "fp32", "fp32", "fp32", "tf32", {}),
         ("collect tf32", "fp32", "fp32", "fp32", "tf32", dict(collect=True)),
         ("rescan fp64 tf32-prune", "fp32", "fp32", "fp64", "ieee", rescan),
-        ("topk64 tf32", "fp32", "fp32", "fp32", "tf32", dict(topk=k)),
     ]
     if not subset:
         modes += [
-            ("topk2 tf32", "fp32", "fp32", "fp32", "tf32", dict(topk=2)),
-            ("topk64 rescan fp64", "fp32", "fp32", "fp64", "ieee", dict(rescan, topk=k)),
             # medium: bf16 candidates; its re-scan prunes with bf16 dots.
             ("max bf16", "bf16", "bf16", "fp32", "tf32", {}),
             ("collect bf16", "bf16", "bf16", "fp32", "tf32", dict(collect=True)),
-            ("topk64 bf16", "bf16", "bf16", "fp32", "tf32", dict(topk=k)),
             ("rescan fp64 bf16-prune", "fp32", "bf16", "fp64", "ieee", rescan),
             # SRNTT_TRITON_EXACT_FP32=1 and float64: no tensor cores by design.
             ("max ieee", "fp32", "fp32", "fp32", "ieee", dict(tc=False)),
             ("max fp64", "fp64", "fp64", "fp64", "ieee", dict(fma=True, tc=False)),
-            ("topk64 fp64", "fp64", "fp64", "fp64", "ieee", dict(fma=True, tc=False, topk=k)),
         ]
+    # A running top-k holds (BLOCK_M, KP) values and indices, KP = k rounded up to a power of two:
+    # the registers (and spills) depend on KP, so every KP the launcher can pick is built. k itself
+    # only bounds a loop's trip count.
+    kps = [pm.MAX_TOPK]
+    if not subset:
+        kps = [1 << i for i in range(1, pm.MAX_TOPK.bit_length())]
+    topk_modes = [("tf32", "fp32", "fp32", "fp32", "tf32", {})]
+    if not subset:
+        topk_modes += [
+            ("bf16", "bf16", "bf16", "fp32", "tf32", {}),
+            ("rescan fp64 tf32-prune", "fp32", "fp32", "fp64", "ieee", rescan),
+            ("rescan fp64 bf16-prune", "fp32", "bf16", "fp64", "ieee", rescan),
+            ("fp64", "fp64", "fp64", "fp64", "ieee", dict(fma=True, tc=False)),
+        ]
+    modes += [
+        (f"topk{k} {label}", *args, dict(mode, topk=k)) for k in kps for label, *args, mode in topk_modes
+    ]
     return [v for *args, mode in modes for v in _scan_mode_variants(pm, arch, subset, *args, **mode)]
 
 
@@ -201,6 +222,8 @@ def _swap_variants(fs, subset: bool) -> list[dict]:
     out = []
     opts, config = dict(num_warps=fs._NUM_WARPS), f"{fs._BLOCK_PIX}x{fs._BLOCK_C}"
     blocks = dict(BLOCK_PIX=fs._BLOCK_PIX, BLOCK_C=fs._BLOCK_C)
+    bwd_config = f"{fs._BLOCK_PIX}x{fs._BWD_BLOCK_C}"
+    bwd_blocks = dict(BLOCK_PIX=fs._BLOCK_PIX, BLOCK_C=fs._BWD_BLOCK_C)
     for dt in ["fp32"] if subset else ["fp32", "fp64", "fp16", "bf16"]:
         acc = "fp64" if dt == "fp64" else "fp32"
         acc_tl = tl.float64 if dt == "fp64" else tl.float32
@@ -223,10 +246,11 @@ def _swap_variants(fs, subset: bool) -> list[dict]:
                 count_w_ptr="*i32",
                 gv_ptr=_PTR[dt],
             )
-            bwd_meta = dict(P=3, T=3, CHUNK=fs._CHUNK, MEAN=mean, ACC_DTYPE=acc_tl, **blocks)
+            bwd_meta = dict(P=3, T=3, CHUNK=fs._CHUNK, MEAN=mean, ACC_DTYPE=acc_tl, **bwd_blocks)
             out.append(
                 _variant(
-                    f"swap_bwd/{name}", fs._feature_swap_bwd_kernel, bwd_ptrs, bwd_meta, opts, config, False
+                    f"swap_bwd/{name}", fs._feature_swap_bwd_kernel, bwd_ptrs, bwd_meta, opts, bwd_config,
+                    False,
                 )
             )
             # _signature looks names up: the backward's pointers cover the chunk kernel's but one.
@@ -311,6 +335,8 @@ def compile_triton(variant_index: int, arch: int, subset: bool) -> dict:
         spills=stack,
         smem_bytes=int(k.metadata.shared),
         tensor_core_instructions=len(TC_PTX.findall(k.asm["ptx"])),
+        approx_divisions=len(APPROX_DIV_PTX.findall(k.asm["ptx"])),
+        int32_index_ops=len(INT32_INDEX_TTIR.findall(k.asm["ttir"])),
     )
     return row
 
@@ -369,9 +395,15 @@ def _demangle(names: list[str]) -> dict[str, str]:
 
 
 def _short(demangled: str) -> str:
-    """``match_tc_kernel<true>`` from a full demangled signature."""
-    name = demangled.split("(")[0]
-    return name.replace("srntt::cuda_kernels::", "").replace("void ", "").strip()
+    """``match_tc_kernel<true, (TcPass)1>`` from a full demangled signature: the name up to its
+    parameter list (the first '(' outside the template arguments), without our namespace."""
+    depth = 0
+    for i, ch in enumerate(demangled):
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0:
+            demangled = demangled[:i]
+            break
+    return demangled.replace("srntt::cuda_kernels::", "").removeprefix("void ").strip()
 
 
 def _nvcc_compile(nvcc: str, src: Path, arch: int, tmp: str) -> tuple:
@@ -450,6 +482,7 @@ def _cuda_rows(arch: int, obj, ptx_text: str) -> list[dict]:
                 spills=info.get("spills"),
                 smem_bytes=info.get("smem"),
                 tensor_core_instructions=len(TC_PTX.findall(bodies.get(mangled, ""))),
+                approx_divisions=len(APPROX_DIV_PTX.findall(bodies.get(mangled, ""))),
                 tensor_core_expected="match_tc_kernel" in kernel,
             )
         )
@@ -483,6 +516,10 @@ def problems(rows: list[dict]) -> list[str]:
                 out.append(f"{what}: tensor-core kernel spills {r['spills']} bytes")
             if not r["tensor_core_instructions"]:
                 out.append(f"{what}: tensor-core kernel has no mma/wgmma instruction")
+        if "swap" in r["kernel"] and r.get("approx_divisions"):
+            out.append(f"{what}: swap kernel divides approximately ({r['approx_divisions']} div.approx/full)")
+        if r["kernel"].startswith("rescore") and r.get("int32_index_ops"):
+            out.append(f"{what}: re-score kernel has {r['int32_index_ops']} int32 offset operations")
         if limit is not None and r["smem_bytes"] is not None and r["smem_bytes"] > limit:
             out.append(f"{what}: needs {r['smem_bytes']} bytes of shared memory > {limit} on {r['arch']}")
     return out
@@ -490,8 +527,8 @@ def problems(rows: list[dict]) -> list[str]:
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'backend':<7} {'kernel':<28} {'arch':<6} {'config':<20} {'ok':<3} {'regs':>5} {'spill':>6} "
-        f"{'smem':>7} {'tc':>5}"
+        f"{'backend':<7} {'kernel':<36} {'arch':<6} {'config':<20} {'ok':<3} {'regs':>5} {'spill':>6} "
+        f"{'smem':>7} {'tc':>5} {'adiv':>4} {'i32':>4}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -501,12 +538,15 @@ def table(rows: list[dict]) -> str:
 
         tc = cell(r["tensor_core_instructions"]) + ("*" if r["tensor_core_expected"] else "")
         lines.append(
-            f"{r['backend']:<7} {r['kernel'][:28]:<28} {r['arch']:<6} {r['config'][:20]:<20} "
+            f"{r['backend']:<7} {r['kernel'][:36]:<36} {r['arch']:<6} {r['config'][:20]:<20} "
             f"{'yes' if r['ok'] else 'NO':<3} {cell(r['registers']):>5} {cell(r['spills']):>6} "
-            f"{cell(r['smem_bytes']):>7} {tc:>5}"
+            f"{cell(r['smem_bytes']):>7} {tc:>5} {cell(r.get('approx_divisions')):>4} "
+            f"{cell(r.get('int32_index_ops')):>4}"
         )
     lines.append(
-        "tc: mma/wgmma instructions in the PTX; * = a tensor-core kernel (must have some, no spills)"
+        "tc: mma/wgmma instructions in the PTX; * = a tensor-core kernel (must have some, no spills); "
+        "adiv: approximate float32 divisions in the PTX (none in a swap kernel); "
+        "i32: int32 elementwise mul/div/rem in the Triton IR (none in the re-score kernel)"
     )
     return "\n".join(lines)
 

@@ -172,6 +172,10 @@ def _row(**kw):
         (_row(arch="sm_80", smem_bytes=170_000), "shared memory > 166912"),
         (_row(arch="sm_86", smem_bytes=110_000, tensor_core_expected=False), "shared memory > 101376"),
         (_row(ok=False, error="CompilationError: boom"), "build failed: CompilationError: boom"),
+        (_row(kernel="swap_fwd/fp32 mean", tensor_core_expected=False, approx_divisions=1), "divides approx"),
+        (_row(kernel="scan/max tf32", approx_divisions=1), None),
+        (_row(kernel="rescore fp64", tensor_core_expected=False, int32_index_ops=2), "2 int32 offset"),
+        (_row(kernel="scan/collect tf32", int32_index_ops=2), None),
     ],
 )
 def test_compile_check_verdicts(row, problem):
@@ -187,6 +191,34 @@ def test_compile_check_rejects_bad_archs():
         gpu_compile_check.main(["--archs", "75"])
     with pytest.raises(SystemExit):
         gpu_compile_check.main(["--archs", "nine"])
+
+
+def test_compile_check_names_cuda_kernels_by_their_template_arguments():
+    # Template arguments may hold parentheses, e.g. an enum cast: the name ends at the parameter list.
+    ns = "srntt::cuda_kernels::"
+    sig = f"void {ns}match_tc_kernel<false, ({ns}TcPass)2>(float const*, int)"
+    assert gpu_compile_check._short(sig) == "match_tc_kernel<false, (TcPass)2>"
+    assert gpu_compile_check._short(f"void {ns}merge_kernel<double>(double*)") == "merge_kernel<double>"
+
+
+@pytest.mark.triton
+def test_compile_check_builds_every_topk_state_width():
+    """A running top-k's registers depend on its state width KP (k rounded up to a power of two):
+    every top-k scan mode is built for every KP that some k in [1, MAX_TOPK] gets."""
+    triton = pytest.importorskip("triton")
+    import srntt_core._triton as kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip(kernels.UNAVAILABLE_REASON)
+    pm = sys.modules["srntt_core._triton.patch_match"]
+    want = {triton.next_power_of_2(max(k, 2)) for k in range(1, pm.MAX_TOPK + 1)}
+    widths = {}
+    for v in gpu_compile_check.triton_variants(80, subset=False):
+        if v["constexprs"].get("TOPK"):
+            mode = v["kernel"].split(" ", 1)[1]
+            widths.setdefault(mode, set()).add(v["constexprs"]["KP"])
+    assert {"tf32", "bf16", "rescan fp64 tf32-prune", "rescan fp64 bf16-prune", "fp64"} <= set(widths)
+    assert all(kp == want for kp in widths.values()), widths
 
 
 @pytest.mark.triton
@@ -213,8 +245,9 @@ def test_scan_configs_fit_each_arch():
 @pytest.mark.slow
 def test_gpu_compile_check_subset(tmp_path):
     """Triton kernels compiled ahead of time for sm_90: the tensor-core scans (collect, running
-    top-64) have mma/wgmma instructions and no spills, the re-score kernel builds (a representative
-    subset of `make gpu-compile-check`)."""
+    top-64) have mma/wgmma instructions and no spills, the re-score kernel builds, the swap mean
+    divides rounding to nearest, the re-score offsets are 64-bit (a representative subset of
+    `make gpu-compile-check`)."""
     pytest.importorskip("triton")
     out = tmp_path / "check.json"
     result = subprocess.run(
@@ -227,7 +260,7 @@ def test_gpu_compile_check_subset(tmp_path):
             "--only",
             "triton",
             "--kernels",
-            "scan/collect tf32,scan/topk64 tf32,rescore",
+            "scan/collect tf32,scan/topk64 tf32,rescore,swap_fwd/fp32 mean,swap_bwd/fp32 mean",
             "--out",
             str(out),
         ],
@@ -236,8 +269,10 @@ def test_gpu_compile_check_subset(tmp_path):
         timeout=900,
     )
     rows = json.loads(out.read_text())
-    kernels = {"scan/collect tf32", "scan/topk64 tf32", "rescore"}
+    kernels = {"scan/collect tf32", "scan/topk64 tf32", "rescore", "swap_fwd/fp32 mean", "swap_bwd/fp32 mean"}
     assert {r["kernel"] for r in rows} == kernels, result.stdout + result.stderr
     assert result.returncode == 0, result.stdout
     for scan in (r for r in rows if r["kernel"].startswith("scan/")):
         assert scan["tensor_core_instructions"] > 0 and scan["spills"] == 0, scan
+    assert all(r["approx_divisions"] == 0 for r in rows if r["kernel"].startswith("swap")), rows
+    assert all(r["int32_index_ops"] == 0 for r in rows if r["kernel"].startswith("rescore")), rows

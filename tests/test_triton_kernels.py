@@ -115,6 +115,49 @@ def test_patch_match_exact_fp32_switch(monkeypatch):
         oracle.assert_match(result, exact_match, oracle.TOL, score_tol=oracle.TOL)
 
 
+def _scan_args(gq: int, gk: int) -> tuple:
+    """Arguments of the scan kernel for gq query and gk key patches (tiny buffers: not launched)."""
+    t = [torch.zeros(4, device=DEVICE) for _ in range(13)]
+    return (*t, 8, gq, 100, gk, 100, 0, 800, 0, 800, 1, 0)
+
+
+def test_autotune_runs_once_per_mode_on_a_capped_problem(monkeypatch):
+    """At >= 2^24 pairs the scan is tuned once per mode and dtype, on at most _TUNE_QUERIES x
+    _TUNE_KEYS patches of batch item 0, on copies of the state it writes."""
+    module = sys.modules["srntt_core._triton.patch_match"]
+    launches = []
+    monkeypatch.setattr(module, "launch", lambda kernel, grid, *a, **meta: launches.append((kernel, grid, a)))
+    monkeypatch.setattr(module, "_TUNED", set())
+    args = _scan_args(1 << 20, 1 << 16)
+    meta = dict(P=3, COLLECT=False, PRUNE=False, TOPK=0)
+    module._tune_capped(args, meta)
+    module._tune_capped(_scan_args(1 << 21, 1 << 17), meta)  # the same mode again: no timing
+    assert len(launches) == 1
+    kernel, grid, tuned = launches[0]
+    assert kernel is module._patch_match_scan_tuned
+    assert tuned[14] == module._TUNE_QUERIES < args[14] and tuned[16] == module._TUNE_KEYS < args[16]
+    assert grid({"BLOCK_M": 64}) == (module._TUNE_QUERIES // 64, 1)
+    written = (6, 7, 9, 10)  # best_val, best_idx, count, cand
+    assert all(tuned[i] is not args[i] and torch.equal(tuned[i], args[i]) for i in written)
+    assert all(tuned[i] is args[i] for i in range(13) if i not in written)
+    module._tune_capped(_scan_args(100, 200), dict(meta, COLLECT=True))  # another mode, small sizes kept
+    assert len(launches) == 2 and launches[1][2][14] == 100 and launches[1][2][16] == 200
+
+
+@pytest.mark.skipif(INTERPRET, reason="the autotuner runs on a GPU only")
+def test_autotuned_scan_gives_the_fixed_config_answer(monkeypatch):
+    """A problem of >= 2^24 pairs goes through the autotuned scan (tuned on a capped sub-problem):
+    the same indices and scores as the fixed configuration."""
+    module = sys.modules["srntt_core._triton.patch_match"]
+    query, key = rand(1, 16, 66, 66, seed=32), rand(1, 16, 66, 66, seed=33)
+    assert (66 * 66) ** 2 >= module._AUTOTUNE_MIN_PAIRS
+    tuned = kernels.patch_match(query, [key], 3, 1, 1, "highest")
+    assert module._TUNED
+    monkeypatch.setattr(module, "_AUTOTUNE_MIN_PAIRS", 1 << 62)
+    fixed = kernels.patch_match(query, [key], 3, 1, 1, "highest")
+    assert torch.equal(tuned[0], fixed[0]) and torch.equal(tuned[1], fixed[1])
+
+
 def test_patch_match_flat_image_true_maximum(flat_features):  # noqa: F811 (the fixture)
     """Flat regions of a real slide (ppt3 crops, relu3_1): keys within the float32 noise of the
     best are re-scored in float64, so every cell whose exact top-2 margin is decidable gets the
