@@ -185,7 +185,8 @@ def fuse_convolutions(module: nn.Module) -> fx.GraphModule:
     """``module`` (BatchNorm folded, eval) traced by ``torch.fx`` and rewritten so that each zero-padded
     ``Conv2d`` is a :class:`FusedConv` that takes in the ``torch.cat`` before it, the residual add
     after it and the ReLU after that (also across a ``PixelShuffle``, which only moves elements).
-    Module names stay: ``fused.large_in[0]`` is the :class:`FusedConv` of ``module.large_in[0]``."""
+    Module names stay: ``fused.get_submodule("large_in.0")`` is the :class:`FusedConv` of
+    ``module.large_in[0]``."""
     gm = fx.symbolic_trace(module)
     graph = gm.graph
     for node in list(graph.nodes):  # the folded BatchNorms
