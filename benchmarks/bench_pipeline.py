@@ -121,13 +121,15 @@ def _sr_reference_output(data, shape):
 
 
 def _sr_flops(data, shape) -> float:
-    """FLOPs of the optimized path (torch's FlopCounterMode: convolutions, matmuls), for GFLOP/s."""
+    """FLOPs of the SR (torch's FlopCounterMode: convolutions, matmuls), for GFLOP/s; counted on the
+    straightforward path, whose convolutions are the optimized one's (NB: FlopCounterMode does not
+    see the optimized path's fused oneDNN convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     def make():
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
-            _sr_fn(data, shape, "optimized")()
+            _sr_fn(data, shape, "straightforward")()
         return float(counter.get_total_flops())
 
     return _memo(("flops", shape), make)
