@@ -121,15 +121,15 @@ def _sr_reference_output(data, shape):
 
 
 def _sr_flops(data, shape) -> float:
-    """FLOPs of the SR (torch's FlopCounterMode: convolutions, matmuls), for GFLOP/s; counted on the
-    straightforward path, whose convolutions are the optimized one's (NB: FlopCounterMode does not
-    see the optimized path's fused oneDNN convolutions)."""
+    """FLOPs of the SR (torch's FlopCounterMode: convolutions, matmuls), for GFLOP/s; counted with
+    oneDNN off (NB: FlopCounterMode does not see the fused oneDNN convolutions; the plain ones are
+    the same convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     def make():
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            _sr_fn(data, shape, "straightforward")()
+        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), counter:
+            _sr_fn(data, shape, "optimized")()
         return float(counter.get_total_flops())
 
     return _memo(("flops", shape), make)

@@ -373,3 +373,21 @@ def test_the_copy_is_built_on_one_thread_and_the_thread_count_restored(monkeypat
     threads = torch.get_num_threads()
     fuse.fast_generator(_tiny_bn_model(10))
     assert seen == [1] and torch.get_num_threads() == threads
+
+
+def test_disabling_onednn_runs_the_plain_convolutions_which_torch_counts():
+    """``torch.backends.mkldnn.flags(enabled=False)`` turns the fusion off: FlopCounterMode, which
+    counts only plain convolutions, then sees every one of the fast path's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _tiny_bn_model(11)
+    lr = torch.rand(1, 3, 12, 16) * 2 - 1
+    maps = {"relu3_1": torch.rand(1, 256, 12, 16), "relu2_1": torch.rand(1, 128, 24, 32),
+            "relu1_1": torch.rand(1, 64, 48, 64)}
+    counts = {}
+    for name, net in (("plain", model), ("fast", fast_generator(model))):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), counter:
+            net(lr, maps)
+        counts[name] = counter.get_total_flops()
+    assert counts["fast"] == counts["plain"] > 0

@@ -143,8 +143,12 @@ class FusedConv(nn.Module):
 
 
 def _onednn_ready(tensors: list[torch.Tensor], weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fused op computes what the plain ops would: float32 CPU tensors, no autocast,
+    no gradients wanted, and oneDNN available and enabled (``torch.backends.mkldnn.flags(enabled=False)``
+    turns the fusion off, e.g. for torch's FlopCounterMode, which counts only plain convolutions)."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu")
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in [*tensors, weight])))
 
