@@ -170,7 +170,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     # pool per tensor: for the ~570 tensors of a generator on a busy 2-core machine, seconds.
     if t.device.type == "cpu":
         try:
-            return bool(np.isfinite(t.numpy()).all())
+            return bool(np.isfinite(t.detach().numpy()).all())
         except TypeError:  # dtypes numpy lacks (bfloat16, float8)
             pass
     return bool(torch.isfinite(t).all())
@@ -180,7 +180,7 @@ def _float32_copy(t: torch.Tensor) -> torch.Tensor:
     # NB: in the calling thread, as _all_finite: one pooled cast per tensor costs seconds when busy.
     if t.device.type == "cpu":
         try:
-            return torch.from_numpy(t.numpy().astype(np.float32))
+            return torch.from_numpy(t.detach().numpy().astype(np.float32))
         except TypeError:
             pass
     return t.to(torch.float32, copy=True)
