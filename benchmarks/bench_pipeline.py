@@ -65,6 +65,9 @@ SR_PROVIDERS = ("optimized", "compiled", "bf16", "straightforward", "ttsr")
 SR_LARGE_DEFAULT: set = set()  # 1080p SR is opt-in: SRNTT_BENCH_LARGE=1
 SR_ROUNDS = {"cufed5": 3, "1080p": 1}
 SGEMM_N = 2048
+# This machine's sgemm at 2 threads when idle (docs/benchmarks.md): a loaded row is normalized by
+# the sgemm measured around it, as ``normalized_s`` = best x sgemm_gflops / IDLE_SGEMM_GFLOPS.
+IDLE_SGEMM_GFLOPS = 330.0
 
 
 _MEMO: dict = {}
@@ -118,16 +121,44 @@ def _sr_reference_output(data, shape):
 
 
 def _sr_flops(data, shape) -> float:
-    """FLOPs of the optimized path (torch's FlopCounterMode: convolutions, matmuls), for GFLOP/s."""
+    """FLOPs of the SR (torch's FlopCounterMode: convolutions, matmuls), for GFLOP/s; counted with
+    oneDNN off (NB: FlopCounterMode does not see the fused oneDNN convolutions; the plain ones are
+    the same convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     def make():
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
+        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), counter:
             _sr_fn(data, shape, "optimized")()
         return float(counter.get_total_flops())
 
     return _memo(("flops", shape), make)
+
+
+def _sgemm_gflops(device: torch.device) -> float:
+    """The best of 3 ``SGEMM_N``-cube matmuls, in GFLOP/s, now."""
+    a, b = (torch.randn(SGEMM_N, SGEMM_N, device=device) for _ in range(2))
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * SGEMM_N**3 / best / 1e9
+
+
+def _normalized(bench, device: torch.device, run) -> None:
+    """``run()`` (a ``bench.run``) between two sgemm measurements; their mean normalizes its best time:
+    on a shared machine the load moves between rows, so each row carries its own."""
+    before = _sgemm_gflops(device)
+    run()
+    after = _sgemm_gflops(device)
+    info = bench.benchmark.extra_info
+    info["sgemm_gflops_around"] = [round(before, 1), round(after, 1)]
+    if device.type == "cpu":
+        best = bench.benchmark.stats.stats.min
+        info["normalized_s"] = round(best * (before + after) / 2 / IDLE_SGEMM_GFLOPS, 3)
 
 
 def test_sgemm(bench, data):
@@ -165,8 +196,11 @@ def test_super_resolve(bench, data, shape, provider):
         if data.DEVICE.type == "cuda":
             torch.cuda.synchronize()
         info["compile_s"] = round(time.perf_counter() - t0, 2)
-    out = bench.run(fn, group=f"super_resolve {shape} real", provider=provider, shape=shape, features="real",
-                    n_query=n, n_key=n, rounds=SR_ROUNDS[shape], flops=_sr_flops(data, shape), **info)
+    flops, outs = _sr_flops(data, shape), []
+    _normalized(bench, data.DEVICE, lambda: outs.append(bench.run(
+        fn, group=f"super_resolve {shape} real", provider=provider, shape=shape, features="real", n_query=n,
+        n_key=n, rounds=SR_ROUNDS[shape], flops=flops, **info)))
+    out = outs[0]
     bench.benchmark.extra_info["max_abs_diff_vs_straightforward"] = float(
         (out - _sr_reference_output(data, shape)).abs().max())
 
@@ -184,13 +218,15 @@ def test_sr_process(bench, data, tmp_path):
     def run():
         subprocess.run(cmd, check=True, capture_output=True, timeout=600)
 
-    bench.run(run, group="srntt sr process cufed5", provider="srntt sr", shape="cufed5", features="real",
-              n_query=0, n_key=0, rounds=3)
+    _normalized(bench, data.DEVICE, lambda: bench.run(
+        run, group="srntt sr process cufed5", provider="srntt sr", shape="cufed5", features="real",
+        n_query=0, n_key=0, rounds=3))
 
 
-def test_import_process(bench):
+def test_import_process(bench, data):
     """Start-up alone: a Python process that imports ``srntt_core.swap``."""
     cmd = [sys.executable, "-c", "import srntt_core.swap"]
-    bench.run(lambda: subprocess.run(cmd, check=True, capture_output=True, timeout=600),
-              group="srntt sr process cufed5", provider="import srntt_core.swap", shape="cufed5",
-              features="random", n_query=0, n_key=0, rounds=3)
+    _normalized(bench, data.DEVICE, lambda: bench.run(
+        lambda: subprocess.run(cmd, check=True, capture_output=True, timeout=600),
+        group="srntt sr process cufed5", provider="import srntt_core.swap", shape="cufed5",
+        features="random", n_query=0, n_key=0, rounds=3))

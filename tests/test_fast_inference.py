@@ -91,7 +91,7 @@ def test_inference_copy_is_frozen_and_channels_last():
     fast = inference_copy(model, channels_last=True)
     assert not any(p.requires_grad for p in fast.parameters())
     assert all(p.requires_grad for p in model.parameters())
-    conv = fast.texture_transfer.large_in[0]
+    conv = fast.get_submodule("texture_transfer.large_in.0")
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -259,7 +259,7 @@ def test_medium_precision_runs_the_networks_in_bfloat16(zebra):
     lr = lr[:, :16, :16]
     model = _tiny_bn_model(7)
     dtypes = []
-    conv = fast_generator(model).texture_transfer.large_in[0]
+    conv = fast_generator(model).get_submodule("texture_transfer.large_in.0")
     hook = conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     try:
         medium = I.super_resolve(model, lr, [ref], tile=None, precision="medium")
@@ -297,3 +297,97 @@ def test_eval_fast_and_straightforward_give_the_same_psnr(tmp_path):
     assert psnr["fast"].keys() == psnr["straightforward"].keys() and len(psnr["fast"]) == 2
     for name, fast in psnr["fast"].items():
         assert abs(fast - psnr["straightforward"][name]) < 0.01, (name, fast, psnr["straightforward"][name])
+
+
+# ---------------------------------------------------------------------------------------------
+# oneDNN fusion of the convolutions (CPU)
+
+def _graph_ops(gm) -> list:
+    return [n.target if n.op == "call_function" else type(gm.get_submodule(n.target)).__name__
+            for n in gm.graph.nodes if n.op in ("call_function", "call_module")]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs torch's oneDNN (mkldnn)")
+def test_the_fused_copy_has_no_separate_relu_add_or_cat_and_matches():
+    import operator
+
+    from srntt_core.models import fuse
+
+    model = _tiny_bn_model(8)
+    fused = inference_copy(model, channels_last=True)
+    plain = inference_copy(model, channels_last=True, fuse=False)
+    for name in ("content_extractor", "texture_transfer"):
+        ops = _graph_ops(getattr(fused, name))
+        assert not {operator.add, torch.cat, "ReLU", "Conv2d", "Identity"} & set(ops), (name, ops)
+        assert "FusedConv" in ops
+    # each cat + conv of the texture transfer is one FusedConv over two inputs
+    assert fused.get_submodule("texture_transfer.small_in.0").parts == 2
+    assert fused.get_submodule("texture_transfer.small_up.0").relu  # ReLU moved before the PixelShuffle
+    lr = torch.rand(1, 3, 12, 16) * 2 - 1
+    maps = {"relu3_1": torch.rand(1, 256, 12, 16), "relu2_1": torch.rand(1, 128, 24, 32),
+            "relu1_1": torch.rand(1, 64, 48, 64)}
+    maps = {k: v.contiguous(memory_format=torch.channels_last) for k, v in maps.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(fused(lr, maps), plain(lr, maps), atol=1e-5, rtol=0)
+        torch.testing.assert_close(fused(lr, maps), model(lr, maps), atol=1e-5, rtol=0)
+    assert isinstance(fuse.fast_generator(model).get_submodule("texture_transfer.large_in.0"), fuse.FusedConv)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs torch's oneDNN (mkldnn)")
+def test_fusion_keeps_the_order_of_relu_and_add_and_falls_back_where_it_cannot_fuse():
+    from srntt_core.models import fuse
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.c = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x, y):
+            h = torch.relu(self.a(x)) + y  # ReLU before the add: not one post-op chain
+            return torch.relu(self.b(h) + y) + self.c(x)[:, :, :1]  # not a conv's own output: not fused
+
+    torch.manual_seed(9)
+    net = Net().eval().requires_grad_(False)
+    fused = fuse.fuse_convolutions(net)
+    x, y = torch.randn(2, 4, 6, 7), torch.randn(2, 4, 6, 7)
+    with torch.no_grad():
+        want = net(x, y)
+        torch.testing.assert_close(fused(x, y), want, atol=1e-5, rtol=0)
+    assert fused.a.relu and not fused.a.add and fused.b.add and fused.b.relu and not fused.c.add
+    # an input that needs gradients takes the plain ops (oneDNN's fused op has no backward)
+    xg = x.clone().requires_grad_(True)
+    out = fused(xg, y)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), want, atol=1e-5, rtol=0)
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_the_copy_is_built_on_one_thread_and_the_thread_count_restored(monkeypatch):
+    from srntt_core.models import fuse
+
+    seen = []
+    real = fuse.inference_copy
+    monkeypatch.setattr(fuse, "inference_copy",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    threads = torch.get_num_threads()
+    fuse.fast_generator(_tiny_bn_model(10))
+    assert seen == [1] and torch.get_num_threads() == threads
+
+
+def test_disabling_onednn_runs_the_plain_convolutions_which_torch_counts():
+    """``torch.backends.mkldnn.flags(enabled=False)`` turns the fusion off: FlopCounterMode, which
+    counts only plain convolutions, then sees every one of the fast path's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _tiny_bn_model(11)
+    lr = torch.rand(1, 3, 12, 16) * 2 - 1
+    maps = {"relu3_1": torch.rand(1, 256, 12, 16), "relu2_1": torch.rand(1, 128, 24, 32),
+            "relu1_1": torch.rand(1, 64, 48, 64)}
+    counts = {}
+    for name, net in (("plain", model), ("fast", fast_generator(model))):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), counter:
+            net(lr, maps)
+        counts[name] = counter.get_total_flops()
+    assert counts["fast"] == counts["plain"] > 0

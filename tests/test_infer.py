@@ -126,3 +126,21 @@ def test_cuda_matches_cpu(tiny_model):
     gpu = I.super_resolve(tiny_model.cuda(), lr, ref, tile=None)
     tiny_model.cpu()
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=0)
+
+
+def test_loading_builds_the_network_once_and_keeps_it_trainable(tmp_path, monkeypatch):
+    """The checked shape-only skeleton becomes the network (no second, randomly initialized build)."""
+    torch.manual_seed(3)
+    source = SRNTT(**TINY)
+    path = export_model(source, tmp_path / "g.pt", fp16=False)
+    built = []
+    real_init = SRNTT.__init__
+    monkeypatch.setattr(SRNTT, "__init__", lambda self, *a, **k: built.append(1) or real_init(self, *a, **k))
+    model = I.load_model(path)
+    assert len(built) == 1
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    assert model.state_dict().keys() == source.state_dict().keys()
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+        assert model.state_dict()[k].data_ptr() != v.data_ptr()

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -153,10 +154,36 @@ def check_state_dict(state: Mapping, reference: nn.Module, path, what: str) -> N
     kinds = [k for k in own if state[k].is_floating_point() != own[k].is_floating_point()]
     if kinds:
         raise CheckpointError(f"checkpoint {path}: wrong dtypes for {what}, e.g. {kinds[:3]}")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = _non_finite(state)
     if bad:
         raise CheckpointError(f"checkpoint {path}: NaN or Inf values in the weights of {what}, "
                               f"{len(bad)} tensor(s), e.g. {bad[:3]}")
+
+
+def _non_finite(state: Mapping) -> list[str]:
+    """The keys of ``state``'s floating-point tensors that hold a NaN or an Inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not _all_finite(v)]
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # NB: numpy runs in the calling thread, while torch's isfinite / all wait on the intra-op thread
+    # pool per tensor: for the ~570 tensors of a generator on a busy 2-core machine, seconds.
+    if t.device.type == "cpu":
+        try:
+            return bool(np.isfinite(t.detach().numpy()).all())
+        except TypeError:  # dtypes numpy lacks (bfloat16, float8)
+            pass
+    return bool(torch.isfinite(t).all())
+
+
+def _float32_copy(t: torch.Tensor) -> torch.Tensor:
+    # NB: in the calling thread, as _all_finite: one pooled cast per tensor costs seconds when busy.
+    if t.device.type == "cpu":
+        try:
+            return torch.from_numpy(t.detach().numpy().astype(np.float32))
+        except TypeError:
+            pass
+    return t.to(torch.float32, copy=True)
 
 
 def build_generator(config, state: Mapping, path) -> SRNTT:
@@ -166,13 +193,12 @@ def build_generator(config, state: Mapping, path) -> SRNTT:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad network configuration: {e}") from e
     with torch.device("meta"):
-        skeleton = SRNTT(**kwargs)
-    try:
-        check_state_dict(state, skeleton, path, f"SRNTT({kwargs})")
-    finally:
-        del skeleton
-    model = SRNTT(**kwargs)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        model = SRNTT(**kwargs)
+    check_state_dict(state, model, path, f"SRNTT({kwargs})")
+    # The checked skeleton becomes the network: its meta tensors are replaced by float32 copies of
+    # the weights (NB: SRNTT keeps every tensor in its state dict, so none is left on the meta device).
+    model.load_state_dict({k: _float32_copy(v) if v.is_floating_point() else v.clone()
+                           for k, v in state.items()}, assign=True)
     return model
 
 

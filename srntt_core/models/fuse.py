@@ -3,23 +3,29 @@
 - :func:`fold_batchnorm`: every ``Conv2d`` followed by an eval-mode ``BatchNorm2d`` in a
   ``Sequential`` becomes one convolution with a bias (torch's ``fuse_conv_bn_eval``); the BN
   becomes ``Identity``. The source model is not modified (training keeps its BatchNorm).
-- :func:`inference_copy`: the folded copy, frozen, in eval mode, optionally ``channels_last``.
+- :func:`inference_copy`: the folded copy, frozen, in eval mode, optionally ``channels_last``; on
+  the CPU its convolutions take in the ReLU, residual add and channel concatenation around them
+  (:func:`fuse_convolutions`, oneDNN post-ops), so those are no separate passes over memory.
 - :func:`fast_generator`: the inference copy (optionally ``torch.compile``d) kept per model and
   rebuilt when the model's weights change, so that repeated inference folds once.
 
 NB: folding changes the float32 rounding (the BN scale is multiplied into the weights once
 instead of applied to the output), so outputs differ from the unfolded network by a few ulps
-of the activations; tests/test_fast_inference.py bounds the difference on the SR output.
+of the activations, as does the fused add; tests/test_fast_inference.py bounds the difference on
+the SR output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import operator
 import weakref
 
 import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
@@ -49,12 +55,203 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def inference_copy(model: nn.Module, channels_last: bool = False) -> nn.Module:
-    """:func:`fold_batchnorm`, frozen (``requires_grad`` off), optionally in ``channels_last``."""
+def inference_copy(model: nn.Module, channels_last: bool = False, fuse: bool = True) -> nn.Module:
+    """:func:`fold_batchnorm`, frozen (``requires_grad`` off), optionally in ``channels_last``; with
+    ``fuse`` and on the CPU, its traceable parts rewritten by :func:`fuse_convolutions`."""
     fast = fold_batchnorm(model).requires_grad_(False)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
+    weight = next(fast.parameters(), None)
+    if fuse and weight is not None and weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        fast = _fuse_traceable(fast)
     return fast
+
+
+def _fuse_traceable(module: nn.Module) -> nn.Module:
+    """:func:`fuse_convolutions` of ``module``, or of its children where ``module``'s own forward
+    does not trace (SRNTT's input checks branch on shapes; its two networks trace)."""
+    try:
+        return fuse_convolutions(module)
+    except fx.proxy.TraceError:
+        for name, child in module.named_children():
+            setattr(module, name, _fuse_traceable(child))
+        return module
+
+
+# ---------------------------------------------------------------------------------------------
+# oneDNN fusion: conv + ReLU, conv + residual add, conv of a channel concatenation
+
+class FusedConv(nn.Module):
+    """A zero-padded ``Conv2d`` over the channel concatenation of its inputs, then ``+ other``
+    (optional), then ReLU (optional), in one oneDNN call per input on the CPU
+    (``mkldnn._convolution_pointwise``, the kernels inductor's CPU fusion emits): the activation,
+    the residual add and the ``torch.cat`` are not separate passes over memory.
+
+    ``conv(cat([a, b]))`` is computed as ``conv_a(a) + conv_b(b)``: the weight is split by the
+    inputs' channels, and each part's result is the next part's ``other``.
+    NB: that changes the float32 summation order (a few ulps of the activations, as the folding).
+    Other devices, dtypes (autocast) and inputs that need gradients take plain torch ops, same math.
+    """
+
+    def __init__(self, conv: nn.Conv2d, parts: int = 1):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"conv: only explicit zero padding fuses, got {conv.padding_mode!r} "
+                             f"padding {conv.padding!r}")
+        self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+        self.padding, self.stride, self.dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+        self.groups = conv.groups
+        self.parts = parts
+        self.add = False
+        self.relu = False
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, parts={self.parts}, add={self.add}, relu={self.relu}"
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        inputs = list(args[: self.parts])
+        other = args[self.parts] if self.add else None
+        weights = self.weight.split([x.shape[1] for x in inputs], 1) if self.parts > 1 else [self.weight]
+        fused = _onednn_ready(inputs + ([other] if other is not None else []), self.weight)
+        out, bias = other, self.bias
+        for i in reversed(range(self.parts)):
+            last = i == 0
+            out = self._conv(inputs[i], weights[i], bias, out, self.relu and last, fused)
+            bias = None
+        return out
+
+    def _conv(self, x, weight, bias, other, relu, fused):
+        if fused and other is not None and other.shape == self._out_shape(x):
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, other, weight, bias, self.padding, self.stride, self.dilation, self.groups, "add", None,
+                "relu" if relu else None, [], "")
+        if fused and other is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, self.padding, self.stride, self.dilation, self.groups,
+                "relu" if relu else "none", [], "")
+        y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if other is not None:
+            y = y + other
+        return torch.relu(y) if relu else y
+
+    def _out_shape(self, x: torch.Tensor) -> torch.Size:
+        k = self.weight.shape[-2:]
+        size = [(x.shape[2 + d] + 2 * self.padding[d] - self.dilation[d] * (k[d] - 1) - 1) // self.stride[d]
+                + 1 for d in range(2)]
+        return torch.Size([x.shape[0], self.weight.shape[0], *size])
+
+
+def _onednn_ready(tensors: list[torch.Tensor], weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fused op computes what the plain ops would: float32 CPU tensors, no autocast,
+    no gradients wanted, and oneDNN available and enabled (``torch.backends.mkldnn.flags(enabled=False)``
+    turns the fusion off, e.g. for torch's FlopCounterMode, which counts only plain convolutions)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu")
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in [*tensors, weight])))
+
+
+def conv2d_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``relu(conv(x))``, in one oneDNN call where :class:`FusedConv` would make one."""
+    if conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and _onednn_ready([x], conv.weight):
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding),
+                                                       list(conv.stride), list(conv.dilation), conv.groups,
+                                                       "relu", [], "")
+    return torch.relu(conv(x))
+
+
+_RELU = (torch.relu, torch.nn.functional.relu)
+
+
+def _is_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    return ((node.op == "call_function" and node.target in _RELU)
+            or (node.op == "call_method" and node.target == "relu"))
+
+
+def _fused(node: fx.Node, gm: fx.GraphModule) -> FusedConv | None:
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, FusedConv):
+            return m
+    return None
+
+
+def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def fuse_convolutions(module: nn.Module) -> fx.GraphModule:
+    """``module`` (BatchNorm folded, eval) traced by ``torch.fx`` and rewritten so that each zero-padded
+    ``Conv2d`` is a :class:`FusedConv` that takes in the ``torch.cat`` before it, the residual add
+    after it and the ReLU after that (also across a ``PixelShuffle``, which only moves elements).
+    Module names stay: ``fused.get_submodule("large_in.0")`` is the :class:`FusedConv` of
+    ``module.large_in[0]``."""
+    gm = fx.symbolic_trace(module)
+    graph = gm.graph
+    for node in list(graph.nodes):  # the folded BatchNorms
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        conv = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            continue
+        src = node.args[0]
+        cat = (isinstance(src, fx.Node) and src.op == "call_function" and src.target is torch.cat
+               and len(src.users) == 1 and conv.groups == 1 and _cat_dim(src) == 1)
+        _set_module(gm, node.target, FusedConv(conv, parts=len(src.args[0]) if cat else 1))
+        if cat:
+            node.args = tuple(src.args[0])
+            graph.erase_node(src)
+    for node in list(graph.nodes):  # conv + other: an add of a conv's only use
+        if node.op != "call_function" or node.target not in (operator.add, torch.add) or node.kwargs:
+            continue
+        for mine, other in ((0, 1), (1, 0)):
+            conv_node = node.args[mine]
+            fc = _fused(conv_node, gm) if isinstance(conv_node, fx.Node) else None
+            if fc is not None and len(conv_node.users) == 1 and not fc.add and not fc.relu \
+                    and isinstance(node.args[other], fx.Node):
+                fc.add = True
+                other_node = node.args[other]
+                conv_node.args = (*conv_node.args, other_node)
+                node.replace_all_uses_with(conv_node)
+                graph.erase_node(node)
+                _move_after(conv_node, other_node)
+                break
+    for node in list(graph.nodes):  # ReLU of a conv's only use, maybe through a PixelShuffle
+        if not _is_relu(node, gm):
+            continue
+        src = node.args[0]
+        shuffle = src.op == "call_module" and isinstance(gm.get_submodule(src.target), nn.PixelShuffle)
+        through = src if shuffle and len(src.users) == 1 else None
+        conv_node = through.args[0] if through is not None else src
+        fc = _fused(conv_node, gm)
+        if fc is None or fc.relu or len(conv_node.users) != 1:
+            continue
+        fc.relu = True
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _cat_dim(node: fx.Node) -> int:
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+
+
+def _move_after(node: fx.Node, anchor: fx.Node) -> None:
+    """Put ``node`` after ``anchor`` when ``anchor`` comes later (``node`` then reads a value it
+    takes in; its only use, the erased add, came after both)."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    if order[anchor] > order[node]:
+        anchor.append(node)
 
 
 class _Cached:
@@ -107,12 +304,27 @@ def fast_generator(model: nn.Module, *, channels_last: bool = True,
     if compile_mode is None and not has_batchnorm(model):
         return model
     entry = _CACHE.get(model)
-    if entry is None or not entry.current(model):
-        entry = _CACHE[model] = _Cached(model)
-    plain = (channels_last, None)
-    if plain not in entry.variants:
-        entry.variants[plain] = inference_copy(model, channels_last=channels_last)
     key = (channels_last, compile_mode)
+    if entry is None or not entry.current(model):
+        with _one_thread():
+            entry = _CACHE[model] = _Cached(model)
     if key not in entry.variants:
-        entry.variants[key] = torch.compile(entry.variants[plain], mode=compile_mode, dynamic=False)
+        with _one_thread():  # NB: inductor fuses on its own, from the plain folded graph
+            copy_ = inference_copy(model, channels_last=channels_last, fuse=compile_mode is None)
+        entry.variants[key] = copy_ if compile_mode is None else torch.compile(copy_, mode=compile_mode,
+                                                                               dynamic=False)
     return entry.variants[key]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one intra-op thread for the block.
+    NB: building a copy is ~1,500 ops on small weights (clones, folds, layout changes); each waits on
+    the intra-op thread pool, ~5 ms a wait on a busy 2-core machine: 6.5 s there against 0.6 s on
+    one thread. The setting is process-wide; it is restored on exit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

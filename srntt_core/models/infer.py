@@ -9,8 +9,10 @@
   across inputs).
 - The inference path does the least work: the generator runs as a BatchNorm-folded copy, built
   once per model and rebuilt when its weights change (:func:`srntt_core.models.fuse.fast_generator`),
-  it and the VGG passes in channels-last layout (oneDNN's direct path on CPU, ~25% faster than
-  NCHW here); ``fast=False`` runs the model as given (the straightforward path, which the fast one
+  whose convolutions take in the ReLU, residual add and channel concatenation around them on the
+  CPU (oneDNN post-ops, as the VGG passes' conv + ReLU); it and the VGG passes run in channels-last
+  layout (oneDNN's direct path on CPU, ~25% faster than NCHW here); ``fast=False`` runs the model
+  as given (the straightforward path, which the fast one
   matches to 1e-4 per pixel). Opt-in: ``compile=True`` (inductor; CUDA graphs on a GPU) and
   ``precision="medium"`` (bfloat16 networks, bf16 match).
 - Errors: missing / corrupt images raise from :mod:`srntt_core.models.data`; a checkpoint that is

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fuse import conv2d_relu
+
 BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "vgg19_conv1_1-conv3_1.pth"
 BUNDLED_SHA256 = "04beb56b51534cb5ba112840539948e89e8ee6664add21855957773ada6fe05b"
 # torchvision's IMAGENET1K_V1 file name in the hub cache
@@ -154,9 +156,15 @@ class VGG19Features(nn.Module):
         h = x * self.scale + self.shift
         wanted = {RELU_INDEX[name]: name for name in self.layers}
         out: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(self.features):
-            # NB: torchvision's ReLUs are in-place; the outputs we keep must not be overwritten.
-            h = layer(h) if not isinstance(layer, nn.ReLU) else torch.relu(h)
+        layers = list(self.features)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
+                h = conv2d_relu(layer, h)  # the ReLU's output, in one pass where oneDNN fuses them
+            elif not isinstance(layer, nn.ReLU):
+                h = layer(h)
+            elif not isinstance(layers[i - 1], nn.Conv2d):
+                # NB: torchvision's ReLUs are in-place; the outputs we keep must not be overwritten.
+                h = torch.relu(h)
             if i in wanted:
                 out[wanted[i]] = h
         return out
