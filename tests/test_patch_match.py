@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from oracle import EPS, TOL, assert_match, exact_match, first_copies, grid
 
 import srntt_core.swap as sw
+from srntt_core.ops import dispatch
 
 CASES = [
     # B, C, (Hq, Wq), [(Hk, Wk), ...], patch_size, stride, padding
@@ -214,6 +215,39 @@ def test_duplicate_key_patches_smallest_index_wins(backend, dtype, stride, paddi
     assert not later.any(), (
         f"{int(later.sum())} of {index.numel()} cells chose a later duplicate, e.g. "
         f"{index[later][:4].tolist()} instead of {first_copy[index][later][:4].tolist()}")
+
+
+@pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", ["cpu", "torch"])
+def test_float32_tie_that_float64_breaks_goes_to_the_true_maximum(name, stride, k):
+    """Key patch 0 and key patch 2 (stride 2) / 4 (stride 1) have the same dot product with the
+    query, bit for bit (they differ only in a channel where the query is 0), and key patch 0 is a
+    little longer: in float64 the later patch is the better one, by 7e-9, but in float32 the two
+    reciprocal norms, hence the two values, are equal. Only the near-tie re-scoring finds it; a
+    search that trusts float32 answers the smaller index. The patches between them cross a row of
+    negative values and score far lower."""
+    reasons = dispatch.get(name).not_supported_reasons(torch.device("cpu"))
+    if reasons:
+        pytest.skip(f"backend {name!r}: {'; '.join(reasons)}")
+    query = torch.zeros(1, 4, 3, 3)
+    query[:, :3] = 1
+    key = torch.ones(1, 4, 7, 3)
+    key[:, 3] = 0
+    key[:, 3, :3] = 2e-4
+    key[:, :3, 3] = -1
+    norms = key.double().square().sum(1).unfold(1, 3, stride).sum((2, 3)).sqrt()[0]
+    first, last = (1 / norms[[0, -1]]).float()
+    assert first == last and norms[0] > norms[-1]  # the construction holds
+    exact = exact_match(query, key, 3, stride, 0)
+    true_best = norms.numel() - 1
+    assert exact.index.item() == true_best and exact.margin.item() > 1e-9
+    result = sw.patch_match(query, key, stride=stride, backend=name, k=k)
+    if k is None:
+        assert result.index.item() == true_best
+        assert_match(result, exact)
+    else:
+        assert result.index.reshape(-1).tolist() == [true_best, 0]
 
 
 def test_identical_query_patches_get_identical_answers(backend):

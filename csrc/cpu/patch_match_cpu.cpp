@@ -2,7 +2,8 @@
 // docs/DESIGN.md, "patch_match semantics"; top-k: docs/CONTRACT.md §2a).
 //
 // Two algorithms, both exact cosine-similarity search in O(N_query * K + N_key) extra memory,
-// each query patch keeping its best K (+ 1) pairs (topk_cpu.h):
+// each query patch keeping its best K (+ 1) pairs (topk_cpu.h) or, at k = 1, its best pair and
+// a short list of near ties:
 //  * blocked (any patch size / stride / padding, float32 and float64): im2col tiles of query
 //    and key patches, one register-blocked GEMM per tile pair (gemm_tile_cpu.h), the running
 //    best pairs per query patch updated from each score tile.
@@ -15,11 +16,15 @@
 // the returned score divides by max(|q|, eps) in double. Norms come from box sums of per-pixel
 // squared norms in double (patch_norms_cpu.h).
 //
-// Below float64 the search keeps K + 1 pairs. A query whose K + 1 float32 values come within
-// kNearUlps rounding steps of |q| of each other (a near tie that float32 rounding may have
-// ordered wrongly) is searched again in float64 (the blocked path on float64 copies of the maps),
-// so that near ties go to the true maximum and only exact ties to the smallest index. Only those
-// queries are searched again (0.1-0.2 % of them on CUFED5-size features).
+// Below float64, float32 values within kNearUlps rounding steps of |q| of each other (the
+// query's near-tie band) may be ordered wrongly; such near ties go to the true maximum and only
+// exact ties to the smallest index:
+//  * k = 1 on the overlap path keeps the best pair and lists the keys within the band of the best
+//    (usually none but the best; 0.1-0.2 % of the queries on CUFED5-size features list more).
+//    A query that lists two or more takes the float64 best of those keys alone.
+//  * Otherwise the search keeps K + 1 pairs, and a query whose K + 1 values come within the band
+//    of each other is searched again in float64 (the blocked path on float64 copies of the maps),
+//    as is a k = 1 query whose list overflowed (a flat region of many equal patches).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -196,25 +201,44 @@ void search_blocked(const at::Tensor& query, const std::vector<at::Tensor>& keys
   });
 }
 
-// The overlap algorithm (float32 only); returns whether it ran.
-bool search_overlap(const at::Tensor&, const std::vector<at::Tensor>&, const std::vector<KeyGrid>&,
-                    int64_t, int64_t, const std::vector<std::vector<double>>&, int64_t, double*,
-                    int64_t*) {
-  return false;
+// The near-tie band of a query patch of norm q_norm: float32 values within it of each other may
+// be ordered wrongly (see the top of this file). 0 for a zero query patch, which scores 0 against
+// every key, an exact tie already.
+double near_band(double q_norm) {
+  return q_norm <= kNormEps ? 0.0 : q_norm * kNearUlps * std::numeric_limits<float>::epsilon();
 }
 
-bool search_overlap(const at::Tensor& q, const std::vector<at::Tensor>& keys,
+// The overlap algorithm (float32 only; the float64 overload is never called). k = 1 keeps the
+// best pair and lists the keys within each query's near-tie band; larger k keeps kk pairs.
+void search_overlap(const at::Tensor&, const std::vector<at::Tensor>&, const std::vector<KeyGrid>&,
+                    int64_t, int64_t, const std::vector<std::vector<double>>&,
+                    const std::vector<double>&, int64_t, int64_t, double*, int64_t*,
+                    BandCandidates*) {}
+
+void search_overlap(const at::Tensor& q, const std::vector<at::Tensor>& keys,
                     const std::vector<KeyGrid>& grids, int64_t p, int64_t padding,
-                    const std::vector<std::vector<float>>& key_inv_norms, int64_t kk, float* vals,
-                    int64_t* index) {
+                    const std::vector<std::vector<float>>& key_inv_norms,
+                    const std::vector<double>& q_norms, int64_t k, int64_t kk, float* vals,
+                    int64_t* index, BandCandidates* candidates) {
   std::vector<OverlapKey> okeys;
   for (size_t r = 0; r < keys.size(); ++r) {
     okeys.push_back({keys[r].data_ptr<float>(), grids[r].H, grids[r].W, grids[r].grid_h,
                      grids[r].grid_w, grids[r].offset, key_inv_norms[r].data()});
   }
-  patch_match_overlap(q.data_ptr<float>(), q.size(0), q.size(1), q.size(2), q.size(3), okeys, p,
-                      padding, kk, vals, index);
-  return true;
+  const float* qp = q.data_ptr<float>();
+  if (k > 1) {
+    patch_match_overlap(qp, q.size(0), q.size(1), q.size(2), q.size(3), okeys, p, padding, kk,
+                        vals, index);
+    return;
+  }
+  // NB: the kernel compares against best - band rounded in float, at most an ulp of |q| away
+  // (2^-23 |q|, 1/64 of the band): a 1/16 wider band lists every key of the exact one.
+  std::vector<float> band(q_norms.size());
+  for (size_t cell = 0; cell < band.size(); ++cell) {
+    band[cell] = float(near_band(q_norms[cell]) * (1.0 + 1.0 / 16));
+  }
+  patch_match_overlap_best(qp, q.size(0), q.size(1), q.size(2), q.size(3), okeys, p, padding,
+                           band.data(), vals, index, candidates);
 }
 
 // Query cells whose K + 1 float32 values hold a near tie (see the top of this file); zero query
@@ -225,8 +249,8 @@ std::vector<int64_t> near_ties(const std::vector<scalar_t>& vals,
   std::vector<int64_t> cells;
   if (kk == k) return cells;
   for (int64_t cell = 0; cell < int64_t(q_norms.size()); ++cell) {
-    if (q_norms[cell] <= kNormEps) continue;
-    const double near = q_norms[cell] * kNearUlps * std::numeric_limits<float>::epsilon();
+    const double near = near_band(q_norms[cell]);
+    if (near == 0.0) continue;
     const scalar_t* v = vals.data() + cell * kk;
     for (int64_t s = 0; s < k; ++s) {
       if (double(v[s]) - double(v[s + 1]) <= near) {
@@ -270,6 +294,70 @@ void rescore_float64(const at::Tensor&, const std::vector<at::Tensor>&, const st
                      int64_t, int64_t, int64_t, const std::vector<std::vector<double>>&,
                      const std::vector<double>&, const std::vector<int64_t>&, int64_t, int64_t,
                      int64_t, int64_t*, double*) {}
+
+// The float64 ranking value dot * (1 / max(|k|, eps)) of query cell `cell` with key patch `id`
+// (global index), the dot product summed over (c, dy, dx) in order: equal patches give
+// bit-equal values.
+template <typename scalar_t>
+double value_float64(const at::Tensor& q, const std::vector<at::Tensor>& keys,
+                     const std::vector<KeyGrid>& grids,
+                     const std::vector<std::vector<double>>& key_norms, int64_t p, int64_t stride,
+                     int64_t padding, int64_t nq, int64_t gqw, int64_t cell, int64_t id) {
+  size_t r = 0;
+  while (r + 1 < grids.size() && id >= grids[r + 1].offset) ++r;
+  const KeyGrid& g = grids[r];
+  const int64_t b = cell / nq, C = q.size(1), Hq = q.size(2), Wq = q.size(3);
+  const int64_t local = id - g.offset;
+  const int64_t qy = (cell % nq) / gqw * stride - padding, qx = (cell % nq) % gqw * stride - padding;
+  const int64_t ky = local / g.grid_w * stride - padding, kx = local % g.grid_w * stride - padding;
+  const scalar_t* qb = q.data_ptr<scalar_t>() + b * C * Hq * Wq;
+  const scalar_t* kb = keys[r].data_ptr<scalar_t>() + b * C * g.H * g.W;
+  double dot = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t dy = 0; dy < p; ++dy) {
+      const int64_t y = qy + dy, yk = ky + dy;
+      if (y < 0 || y >= Hq || yk < 0 || yk >= g.H) continue;
+      for (int64_t dx = 0; dx < p; ++dx) {
+        const int64_t x = qx + dx, xk = kx + dx;
+        if (x < 0 || x >= Wq || xk < 0 || xk >= g.W) continue;
+        dot += double(qb[(c * Hq + y) * Wq + x]) * double(kb[(c * g.H + yk) * g.W + xk]);
+      }
+    }
+  }
+  return dot * (1.0 / std::max(key_norms[r][b * g.grid_h * g.grid_w + local], kNormEps));
+}
+
+// k = 1 on the overlap path: a cell whose listed keys (BandCandidates) hold another key within
+// the band of the best takes the float64 best of the keys in the band.
+template <typename scalar_t>
+void rescore_band(const at::Tensor& q, const std::vector<at::Tensor>& keys,
+                  const std::vector<KeyGrid>& grids, int64_t p, int64_t stride, int64_t padding,
+                  const std::vector<std::vector<double>>& key_norms,
+                  const std::vector<double>& q_norms, const BandCandidates& candidates,
+                  int64_t nq, int64_t gqw, int64_t* index_out, scalar_t* score_out) {
+  for (size_t i = 0; i < candidates.cells.size(); ++i) {
+    const int64_t cell = candidates.cells[i], first = candidates.begin[i];
+    const int64_t last = candidates.begin[i + 1];
+    const double near = near_band(q_norms[cell]);
+    double top = -std::numeric_limits<double>::infinity();
+    for (int64_t j = first; j < last; ++j) top = std::max(top, double(candidates.vals[j]));
+    const auto in_band = [&](int64_t j) { return top - double(candidates.vals[j]) <= near; };
+    int64_t n_in = 0;
+    for (int64_t j = first; j < last; ++j) n_in += in_band(j);
+    if (n_in < 2) continue;
+    double best_v = -std::numeric_limits<double>::infinity();
+    int64_t best_i = std::numeric_limits<int64_t>::max();
+    for (int64_t j = first; j < last; ++j) {
+      if (!in_band(j)) continue;
+      const int64_t id = candidates.ids[j];
+      const double v = value_float64<scalar_t>(q, keys, grids, key_norms, p, stride, padding, nq,
+                                               gqw, cell, id);
+      if (ranks_above(v, id, best_v, best_i)) best_v = v, best_i = id;
+    }
+    index_out[cell] = best_i;
+    score_out[cell] = scalar_t(best_v / std::max(q_norms[cell], kNormEps));
+  }
+}
 
 // index, score: (B, Gq_h, Gq_w, k), best first.
 std::tuple<at::Tensor, at::Tensor> patch_match_topk_cpu(const at::Tensor& query,
@@ -335,14 +423,20 @@ std::tuple<at::Tensor, at::Tensor> patch_match_topk_cpu(const at::Tensor& query,
       }
       key_inv_norms.push_back(std::move(inv));
     }
-    // One slot more than asked below float64: the gap to it tells a near tie at the K-th place.
-    const int64_t kk = std::is_same<scalar_t, double>::value ? k : k + 1;
+    // Below float64 the search also finds the near ties: at k = 1 on the overlap path it lists
+    // the keys within each query's band; otherwise it keeps one slot more than asked, whose gap
+    // tells a near tie at the K-th place.
+    const bool is_double = std::is_same<scalar_t, double>::value;
+    const bool overlap = !is_double && stride == 1 && offset < (int64_t(1) << 31);
+    const bool band = overlap && k == 1;
+    const int64_t kk = is_double || band ? k : k + 1;
     std::vector<scalar_t> vals(B * nq * kk);
     std::vector<int64_t> ids(B * nq * kk);
-    const bool overlap = stride == 1 && offset < (int64_t(1) << 31) &&
-                         search_overlap(q, keys, grids, patch_size, padding, key_inv_norms, kk,
-                                        vals.data(), ids.data());
-    if (!overlap) {
+    BandCandidates candidates;
+    if (overlap) {
+      search_overlap(q, keys, grids, patch_size, padding, key_inv_norms, q_norms, k, kk,
+                     vals.data(), ids.data(), &candidates);
+    } else {
       std::vector<int64_t> cells(B * nq);
       std::iota(cells.begin(), cells.end(), int64_t(0));
       search_blocked<scalar_t>(q, keys, grids, patch_size, stride, padding, key_inv_norms, cells,
@@ -359,7 +453,11 @@ std::tuple<at::Tensor, at::Tensor> patch_match_topk_cpu(const at::Tensor& query,
         }
       }
     });
-    const std::vector<int64_t> redo = near_ties(vals, q_norms, k, kk);
+    if (band) {
+      rescore_band(q, keys, grids, patch_size, stride, padding, key_norms, q_norms, candidates, nq,
+                   gqw, index_ptr, score_ptr);
+    }
+    const std::vector<int64_t> redo = band ? candidates.overflow : near_ties(vals, q_norms, k, kk);
     if (!redo.empty()) {
       rescore_float64(q, keys, grids, patch_size, stride, padding, key_norms, q_norms, redo, nq,
                       gqw, k, index_ptr, score_ptr);

@@ -23,10 +23,11 @@
 // exactly and ties go to the smallest index (the update is a lexicographic (score, -index) max
 // because diagonals do not visit keys in index order).
 //
-// Each query patch keeps its `kk` best pairs (topk_cpu.h). For k = 1 (kk = 2: the best and the
-// runner-up) 8 query patches are updated at once without branches; for larger lists the
-// candidates of 8 query patches are tested against the lists' last slots at once, and only a
-// candidate that enters a list, rare once the lists fill, takes the scalar insertion.
+// For k = 1 each query patch keeps its best pair and lists the keys that score within its
+// near-tie band of the best (BandLists); for larger k it keeps its `kk` best pairs (TopLists,
+// topk_cpu.h). Either way the candidates of 8 query patches are tested against one threshold
+// vector at once, and only a candidate that passes, rare once the best is good, takes the scalar
+// update.
 #include "cpu/patch_match_overlap_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -35,11 +36,13 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 
 #include "cpu/cpu_dispatch.h"
 #include "cpu/gemm_tile_cpu.h"
 #include "cpu/topk_cpu.h"
+#include "srntt_geometry.h"
 
 namespace srntt {
 namespace {
@@ -95,11 +98,24 @@ std::vector<float> pack_key(const float* k, int64_t B, int64_t C, int64_t H, int
   return out;
 }
 
-}  // namespace
 
-void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, int64_t Wq,
-                         const std::vector<OverlapKey>& keys, int64_t p, int64_t padding,
-                         int64_t kk, float* vals, int64_t* index) {
+// Chunks of query patch rows, as few as give every thread the same number of (batch, chunk)
+// tasks: fewer chunks mean fewer halo rows. Any split gives the same results (each patch pair is
+// computed the same way in any chunk).
+int64_t row_chunks(int64_t B, int64_t gqh) {
+  const int64_t threads = at::get_num_threads();
+  return std::clamp<int64_t>(threads / std::gcd(B, threads), 1, gqh);
+}
+
+// The scan shared by both searches. `Lists` keeps the candidates of the query rows of one task:
+//   Lists(ldx, gqw, kk_or_band): one per thread;
+//   begin(task, b, qa, qb): task `task` (b * row_chunks + chunk), rows [qa, qb) of batch element b;
+//   update(qy, v, idx0, gkw, candidate): the key row at key index idx0 against the 8 query patches
+//     of vector v of query row qy, candidate(kx) giving their 8 values against key kx;
+//   end(): the task is done.
+template <typename Lists, typename Arg>
+void overlap_scan(const float* query, int64_t B, int64_t C, int64_t Hq, int64_t Wq,
+                  const std::vector<OverlapKey>& keys, int64_t p, int64_t padding, Arg arg) {
   const int64_t Hqp = Hq + 2 * padding, Wqp = Wq + 2 * padding;
   const int64_t gqh = Hqp - p + 1, gqw = Wqp - p + 1;
   const int64_t q_panels = (Wq + NR - 1) / NR;
@@ -119,23 +135,16 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
     max_gkw = std::max(max_gkw, k.grid_w);
   }
 
-  // Chunks of query patch rows, as few as give every thread the same number of (batch, chunk)
-  // tasks: fewer chunks mean fewer halo rows. Any split gives the same results (each patch pair
-  // is computed the same way in any chunk).
-  const int64_t threads = at::get_num_threads();
-  const int64_t n_chunks = std::clamp<int64_t>(threads / std::gcd(B, threads), 1, gqh);
+  const int64_t n_chunks = row_chunks(B, gqh);
   at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
     cpu_dispatch([&] {
     std::vector<float> pbuf(max_wkp * ldp, 0.0f);
     std::vector<float> ring(p * max_gkw * ldx, 0.0f);
-    std::vector<float> best_v;
-    std::vector<int32_t> best_i;
+    Lists lists(ldx, gqw, arg);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_chunks, chunk = task % n_chunks;
       const int64_t qa = gqh * chunk / n_chunks, qb = gqh * (chunk + 1) / n_chunks;
-      // Lists [query row][slot][ldx]: slot s of 8 query patches is one vector.
-      best_v.assign((qb - qa) * kk * ldx, -std::numeric_limits<float>::infinity());
-      best_i.assign((qb - qa) * kk * ldx, std::numeric_limits<int32_t>::max());
+      lists.begin(task, b, qa, qb);
       for (size_t r = 0; r < keys.size(); ++r) {
         const OverlapKey& key = keys[r];
         const int64_t gkh = key.grid_h, gkw = key.grid_w;
@@ -180,8 +189,6 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
             const float* row_inv = inv_norm + ky * gkw;
             const int32_t idx0 = int32_t(key.offset + ky * gkw);
             for (int64_t v = 0; v < x_vecs; ++v) {
-              float* bvp = best_v.data() + (qy - qa) * kk * ldx + v * V;
-              int32_t* bip = best_i.data() + (qy - qa) * kk * ldx + v * V;
               const auto candidate = [&](int64_t kx) {
                 vf s = vload(ring.data() + (qy % p) * max_gkw * ldx + kx * ldx + v * V);
                 for (int64_t dy = 1; dy < p; ++dy) {
@@ -189,60 +196,227 @@ void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, i
                 }
                 return s * vset1(row_inv[kx]);
               };
-              if (kk == 2) {
-                // The best and the runner-up (k = 1) stay in registers, updated without branches.
-                vf b0 = vload(bvp), b1 = vload(bvp + ldx);
-                vi i0, i1;
-                std::memcpy(&i0, bip, sizeof(i0));
-                std::memcpy(&i1, bip + ldx, sizeof(i1));
-                for (int64_t kx = 0; kx < gkw; ++kx) {
-                  const vf val = candidate(kx);
-                  const vi id = vi{} + int32_t(idx0 + kx);
-                  const vi above0 = (val > b0) | ((val == b0) & (id < i0));
-                  const vi above1 = (val > b1) | ((val == b1) & (id < i1));
-                  b1 = above0 ? b0 : (above1 ? val : b1);
-                  i1 = above0 ? i0 : (above1 ? id : i1);
-                  b0 = above0 ? val : b0;
-                  i0 = above0 ? id : i0;
-                }
-                vstore(bvp, b0);
-                vstore(bvp + ldx, b1);
-                std::memcpy(bip, &i0, sizeof(i0));
-                std::memcpy(bip + ldx, &i1, sizeof(i1));
-                continue;
-              }
-              const float* last_v = bvp + (kk - 1) * ldx;
-              const int32_t* last_i = bip + (kk - 1) * ldx;
-              vf lv = vload(last_v);
-              vi li;
-              std::memcpy(&li, last_i, sizeof(li));
-              for (int64_t kx = 0; kx < gkw; ++kx) {
-                const vf val = candidate(kx);
-                const int32_t id = int32_t(idx0 + kx);
-                const vi enters = (val > lv) | ((val == lv) & (vi{} + id < li));
-                if (!any_lane(enters)) continue;
-                for (int l = 0; l < V; ++l) {
-                  if (enters[l]) insert_ranked(bvp + l, bip + l, ldx, kk, float(val[l]), id);
-                }
-                lv = vload(last_v);
-                std::memcpy(&li, last_i, sizeof(li));
-              }
+              lists.update(qy, v, idx0, gkw, candidate);
             }
           }
         }
       }
-      for (int64_t qy = qa; qy < qb; ++qy) {
-        for (int64_t qx = 0; qx < gqw; ++qx) {
-          const int64_t cell = (b * gqh + qy) * gqw + qx;
-          for (int64_t slot = 0; slot < kk; ++slot) {
-            vals[cell * kk + slot] = best_v[((qy - qa) * kk + slot) * ldx + qx];
-            index[cell * kk + slot] = best_i[((qy - qa) * kk + slot) * ldx + qx];
-          }
-        }
-      }
+      lists.end();
     }
     });
   });
+}
+
+// The kk best pairs per query patch, [query row][slot][ldx]: slot s of 8 query patches is one
+// vector. The candidates of 8 query patches are tested against the lists' last slots at once;
+// only a candidate that enters a list, rare once the lists fill, takes the scalar insertion.
+struct TopLists {
+  struct Out {
+    int64_t kk, gqh;
+    float* vals;
+    int64_t* index;
+  };
+  int64_t ldx, gqw;
+  Out out;
+  int64_t b = 0, qa = 0, qb = 0;
+  std::vector<float> best_v;
+  std::vector<int32_t> best_i;
+
+  TopLists(int64_t ldx_, int64_t gqw_, Out out_) : ldx(ldx_), gqw(gqw_), out(out_) {}
+
+  void begin(int64_t, int64_t b_, int64_t qa_, int64_t qb_) {
+    b = b_, qa = qa_, qb = qb_;
+    best_v.assign((qb - qa) * out.kk * ldx, -std::numeric_limits<float>::infinity());
+    best_i.assign((qb - qa) * out.kk * ldx, std::numeric_limits<int32_t>::max());
+  }
+
+  template <typename Candidate>
+  void update(int64_t qy, int64_t v, int32_t idx0, int64_t gkw, const Candidate& candidate) {
+    const int64_t kk = out.kk;
+    float* bvp = best_v.data() + (qy - qa) * kk * ldx + v * V;
+    int32_t* bip = best_i.data() + (qy - qa) * kk * ldx + v * V;
+    const float* last_v = bvp + (kk - 1) * ldx;
+    const int32_t* last_i = bip + (kk - 1) * ldx;
+    vf lv = vload(last_v);
+    vi li;
+    std::memcpy(&li, last_i, sizeof(li));
+    for (int64_t kx = 0; kx < gkw; ++kx) {
+      const vf val = candidate(kx);
+      const int32_t id = int32_t(idx0 + kx);
+      const vi enters = (val > lv) | ((val == lv) & (vi{} + id < li));
+      if (!any_lane(enters)) continue;
+      for (int l = 0; l < V; ++l) {
+        if (enters[l]) insert_ranked(bvp + l, bip + l, ldx, kk, float(val[l]), id);
+      }
+      lv = vload(last_v);
+      std::memcpy(&li, last_i, sizeof(li));
+    }
+  }
+
+  void end() {
+    const int64_t kk = out.kk;
+    for (int64_t qy = qa; qy < qb; ++qy) {
+      for (int64_t qx = 0; qx < gqw; ++qx) {
+        const int64_t cell = (b * out.gqh + qy) * gqw + qx;
+        for (int64_t slot = 0; slot < kk; ++slot) {
+          out.vals[cell * kk + slot] = best_v[((qy - qa) * kk + slot) * ldx + qx];
+          out.index[cell * kk + slot] = best_i[((qy - qa) * kk + slot) * ldx + qx];
+        }
+      }
+    }
+  }
+};
+
+// The best pair per query patch, [query row][ldx], and the candidates within its band.
+//
+// The common path costs one compare per 8 candidates: a candidate is looked at only if it scores
+// at least thr = best - band of its query (thr = best for a query with band 0; +inf for the slack
+// lanes beyond the grid and for a query whose band overflowed). Such a candidate updates the best
+// and, for a query with a band, joins its list. Every key that ends within the band of the final
+// best scored at least the then best minus band when it came, so the list holds it: the best
+// only grows. A full list first drops the entries that fell below thr; a list still full
+// overflows, and its query stops looking (it is searched again in full).
+//
+// NB: thr = best - band is rounded in float; band[cell] carries a margin over the exact band
+// (larger than the rounding of best, which is at most |q| in magnitude), so thr never lies above
+// the exact best - band and no key within the band is missed.
+struct BandLists {
+  struct Out {
+    int64_t gqh;
+    const float* band;
+    float* vals;
+    int64_t* index;
+    std::vector<BandCandidates>* tasks;  // one per task, merged in order afterwards
+  };
+  int64_t ldx, gqw;
+  Out out;
+  int64_t task = 0, b = 0, qa = 0, qb = 0;
+  std::vector<float> best_v, thr;
+  std::vector<int32_t> best_i, count;
+  // Slot lists are written only on the rare path: left uninitialized, pages are touched as used.
+  std::unique_ptr<float[]> slot_v;
+  std::unique_ptr<int32_t[]> slot_i;
+  int64_t slots_size = 0;
+
+  BandLists(int64_t ldx_, int64_t gqw_, Out out_) : ldx(ldx_), gqw(gqw_), out(out_) {}
+
+  void begin(int64_t task_, int64_t b_, int64_t qa_, int64_t qb_) {
+    task = task_, b = b_, qa = qa_, qb = qb_;
+    const int64_t n = (qb - qa) * ldx;
+    best_v.assign(n, -std::numeric_limits<float>::infinity());
+    best_i.assign(n, std::numeric_limits<int32_t>::max());
+    count.assign(n, 0);
+    thr.assign(n, std::numeric_limits<float>::infinity());
+    for (int64_t qy = qa; qy < qb; ++qy) {
+      std::fill_n(thr.begin() + (qy - qa) * ldx, gqw, -std::numeric_limits<float>::infinity());
+    }
+    if (slots_size < n * kBandSlots) {
+      slots_size = n * kBandSlots;
+      slot_v.reset(new float[slots_size]);
+      slot_i.reset(new int32_t[slots_size]);
+    }
+  }
+
+  // The rare path for query patch `at` (position in the task's lists) and candidate (x, id).
+  void take(int64_t at, float x, int32_t id) {
+    if (ranks_above(x, id, best_v[at], best_i[at])) {
+      best_v[at] = x;
+      best_i[at] = id;
+    }
+    const int64_t qy = qa + at / ldx, qx = at % ldx;
+    int32_t& n = count[at];
+    // A slack lane or an overflowed list looks no further (an infinite value can still come).
+    if (qx >= gqw || n < 0) return;
+    const float band = out.band[(b * out.gqh + qy) * gqw + qx];
+    if (!(band > 0)) {
+      thr[at] = best_v[at];
+      return;
+    }
+    const float t = best_v[at] - band;
+    float* sv = slot_v.get() + at * kBandSlots;
+    int32_t* si = slot_i.get() + at * kBandSlots;
+    if (n == kBandSlots) {
+      int32_t kept = 0;
+      for (int32_t s = 0; s < n; ++s) {
+        if (sv[s] >= t) sv[kept] = sv[s], si[kept++] = si[s];
+      }
+      n = kept;
+    }
+    if (n == kBandSlots) {
+      n = -1;
+      thr[at] = std::numeric_limits<float>::infinity();
+      return;
+    }
+    sv[n] = x;
+    si[n++] = id;
+    thr[at] = t;
+  }
+
+  template <typename Candidate>
+  void update(int64_t qy, int64_t v, int32_t idx0, int64_t gkw, const Candidate& candidate) {
+    const int64_t row = (qy - qa) * ldx + v * V;
+    vf t = vload(thr.data() + row);
+    for (int64_t kx = 0; kx < gkw; ++kx) {
+      const vf val = candidate(kx);
+      const vi look = val >= t;
+      if (!any_lane(look)) continue;
+      for (int l = 0; l < V; ++l) {
+        if (look[l]) take(row + l, val[l], idx0 + int32_t(kx));
+      }
+      t = vload(thr.data() + row);
+    }
+  }
+
+  void end() {
+    BandCandidates& res = (*out.tasks)[task];
+    for (int64_t qy = qa; qy < qb; ++qy) {
+      for (int64_t qx = 0; qx < gqw; ++qx) {
+        const int64_t at = (qy - qa) * ldx + qx;
+        const int64_t cell = (b * out.gqh + qy) * gqw + qx;
+        out.vals[cell] = best_v[at];
+        out.index[cell] = best_i[at];
+        if (count[at] < 0) res.overflow.push_back(cell);
+        if (count[at] < 2) continue;
+        res.cells.push_back(cell);
+        for (int32_t s = 0; s < count[at]; ++s) {
+          res.vals.push_back(slot_v[at * kBandSlots + s]);
+          res.ids.push_back(slot_i[at * kBandSlots + s]);
+        }
+        res.begin.push_back(int64_t(res.ids.size()));
+      }
+    }
+  }
+};
+
+}  // namespace
+
+void patch_match_overlap(const float* query, int64_t B, int64_t C, int64_t Hq, int64_t Wq,
+                         const std::vector<OverlapKey>& keys, int64_t p, int64_t padding,
+                         int64_t kk, float* vals, int64_t* index) {
+  overlap_scan<TopLists>(query, B, C, Hq, Wq, keys, p, padding,
+                         TopLists::Out{kk, grid_size(Hq, p, int64_t(1), padding), vals, index});
+}
+
+void patch_match_overlap_best(const float* query, int64_t B, int64_t C, int64_t Hq, int64_t Wq,
+                              const std::vector<OverlapKey>& keys, int64_t p, int64_t padding,
+                              const float* band, float* vals, int64_t* index,
+                              BandCandidates* band_candidates) {
+  const int64_t gqh = grid_size(Hq, p, int64_t(1), padding);
+  std::vector<BandCandidates> tasks(B * row_chunks(B, gqh));
+  overlap_scan<BandLists>(query, B, C, Hq, Wq, keys, p, padding,
+                          BandLists::Out{gqh, band, vals, index, &tasks});
+  BandCandidates& res = *band_candidates;
+  for (const BandCandidates& t : tasks) {
+    for (size_t i = 0; i < t.cells.size(); ++i) {
+      res.cells.push_back(t.cells[i]);
+      for (int64_t j = t.begin[i]; j < t.begin[i + 1]; ++j) {
+        res.vals.push_back(t.vals[j]);
+        res.ids.push_back(t.ids[j]);
+      }
+      res.begin.push_back(int64_t(res.ids.size()));
+    }
+    res.overflow.insert(res.overflow.end(), t.overflow.begin(), t.overflow.end());
+  }
 }
 
 }  // namespace srntt
