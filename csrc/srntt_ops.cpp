@@ -26,4 +26,9 @@ TORCH_LIBRARY_FRAGMENT(srntt, m) {
   m.def(
       "_feature_swap_fused_backward(Tensor grad_out, Tensor index, int[] value_sizes, int patch_size, "
       "int stride, int padding, int scale, str reduce) -> Tensor[]");
+  // Winograd F(4x4, 3x3) convolution (stride 1, zero padding 1), channels_last float32: the filters
+  // transformed once, then relu?(conv(x) + bias + other).
+  m.def("_winograd_pack(Tensor weight) -> Tensor");
+  m.def(
+      "_winograd_conv3x3(Tensor x, Tensor packed, Tensor? bias, Tensor? other, bool relu) -> Tensor");
 }

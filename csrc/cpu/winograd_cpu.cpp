@@ -1,0 +1,132 @@
+// CPU binding of srntt::_winograd_pack and srntt::_winograd_conv3x3 (the kernel: winograd_cpu.h):
+// argument checks, allocation, threads, CPU variant.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+
+#include "cpu/cpu_dispatch.h"
+#include "cpu/winograd_cpu.h"
+#include "srntt_limits.h"
+
+namespace srntt {
+namespace {
+
+// Channel counts of the convolution (input and output): the SRNTT and VGG layers have at most 512.
+constexpr int64_t kWinogradChannelsMax = 4096;
+
+void check_float_cpu(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == dims, op, ": ", name, " must have ", dims, " dimensions, got ",
+                    t.dim());
+}
+
+void check_channels(const char* op, const char* name, int64_t channels) {
+  check_bound(op, name, channels, winograd::kChannelAlign, kWinogradChannelsMax);
+  TORCH_CHECK_VALUE(channels % winograd::kChannelAlign == 0, op, ": ", name,
+                    " must be a multiple of ", winograd::kChannelAlign, ", got ", channels);
+}
+
+// Runs fn(std::bool_constant<avx2>) compiled for the best variant this CPU supports.
+template <typename Fn>
+void dispatch(const Fn& fn) {
+#ifdef SRNTT_CPU_DISPATCH
+  switch (cpu_capability()) {
+    case CpuCapability::kAvx512:
+      run_avx512([&] { fn(std::true_type{}); });
+      return;
+    case CpuCapability::kAvx2:
+      run_avx2([&] { fn(std::true_type{}); });
+      return;
+    default:
+      break;
+  }
+#endif
+  run_default([&] { fn(std::false_type{}); });
+}
+
+at::Tensor winograd_pack_cpu(const at::Tensor& weight) {
+  constexpr const char* kOp = "_winograd_pack";
+  check_float_cpu(kOp, "weight", weight, 4);
+  TORCH_CHECK_VALUE(weight.size(2) == 3 && weight.size(3) == 3, kOp,
+                    ": weight must be (Cout, Cin, 3, 3), got ", weight.sizes());
+  const int64_t cout = weight.size(0), cin = weight.size(1);
+  check_channels(kOp, "weight's Cout", cout);
+  check_channels(kOp, "weight's Cin", cin);
+  checked_numel(kOp, "packed", {winograd::kPoints, cin, cout});
+  const at::Tensor w = weight.contiguous();
+  at::Tensor packed = at::empty({winograd::kPoints, cin, cout}, weight.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, cout, 8, [&](int64_t begin, int64_t end) {
+    winograd::pack_filters(src, cout, cin, dst, begin, end);
+  });
+  return packed;
+}
+
+at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
+                                const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& other, bool relu) {
+  constexpr const char* kOp = "_winograd_conv3x3";
+  check_float_cpu(kOp, "x", x, 4);
+  check_float_cpu(kOp, "packed", packed, 3);
+  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK_VALUE(x.is_contiguous(at::MemoryFormat::ChannelsLast), kOp,
+                    ": x must be channels_last contiguous (NHWC memory)");
+  check_channels(kOp, "x's channels", cin);
+  check_bound(kOp, "x's height", h, 1, kSideMax);
+  check_bound(kOp, "x's width", w, 1, kSideMax);
+  TORCH_CHECK_VALUE(packed.is_contiguous() && packed.size(0) == winograd::kPoints &&
+                        packed.size(1) == cin,
+                    kOp, ": packed must be a contiguous (36, ", cin,
+                    ", Cout) tensor from _winograd_pack for x's ", cin, " channels, got ",
+                    packed.sizes());
+  const int64_t cout = packed.size(2);
+  check_channels(kOp, "packed's Cout", cout);
+  if (bias.has_value()) {
+    check_float_cpu(kOp, "bias", *bias, 1);
+    TORCH_CHECK_VALUE(bias->size(0) == cout && bias->is_contiguous(), kOp,
+                      ": bias must be a contiguous (", cout, ") tensor, got ", bias->sizes());
+  }
+  if (other.has_value()) {
+    check_float_cpu(kOp, "other", *other, 4);
+    TORCH_CHECK_VALUE(other->sizes() == at::IntArrayRef({n, cout, h, w}), kOp, ": other must be (",
+                      n, ", ", cout, ", ", h, ", ", w, "), got ", other->sizes());
+    TORCH_CHECK_VALUE(other->is_contiguous(at::MemoryFormat::ChannelsLast), kOp,
+                      ": other must be channels_last contiguous (NHWC memory)");
+  }
+  checked_numel(kOp, "the output", {n, cout, h, w});
+  at::Tensor y = at::empty({n, cout, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (n == 0) return y;
+
+  winograd::Conv cv{x.data_ptr<float>(),
+                    packed.data_ptr<float>(),
+                    bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                    other.has_value() ? other->data_ptr<float>() : nullptr,
+                    y.data_ptr<float>(),
+                    n, h, w, cin, cout, relu};
+  const int64_t block = winograd::block_tiles(cin, cout);
+  const int64_t blocks = (cv.tiles() + block - 1) / block;
+  const int64_t work = winograd::workspace_floats(cin, cout);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const std::unique_ptr<float[]> buffer(new float[work]);
+    const int64_t first = begin * block, last = std::min(end * block, cv.tiles());
+    dispatch([&](auto avx2) {
+      winograd::winograd_tiles<decltype(avx2)::value>(cv, first, last, buffer.get());
+    });
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace srntt
+
+TORCH_LIBRARY_IMPL(srntt, CPU, m) {
+  m.impl("_winograd_pack", &srntt::winograd_pack_cpu);
+  m.impl("_winograd_conv3x3", &srntt::winograd_conv3x3_cpu);
+}
