@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "cpu/cpu_dispatch.h"
+#include "cpu/empty_output.h"
 #include "cpu/winograd_cpu.h"
 #include "srntt_limits.h"
 
@@ -101,7 +102,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
                       ": other must be channels_last contiguous (NHWC memory)");
   }
   checked_numel(kOp, "the output", {n, cout, h, w});
-  at::Tensor y = at::empty({n, cout, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y =
+      empty_output({n, cout, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (n == 0) return y;
 
   winograd::Conv cv{x.data_ptr<float>(),

@@ -82,9 +82,21 @@ inline int64_t block_tiles(int64_t cin, int64_t cout) {
   return rows * kBlockRows;
 }
 
+// Rows of V and M for `rows` tiles: whole micro-tiles.
+inline int64_t padded_rows(int64_t rows) { return (rows + kBlockRows - 1) / kBlockRows * kBlockRows; }
+
+// Floats from one point's matrix (V or M) to the next, for `rows` tiles of `channels`.
+// NB: one extra cache line, so that the 36 points of a tile, which the transforms read or write
+// together, do not fall into the same few L1 sets (rows * channels * 4 bytes is a multiple of 4 KiB
+// or of 2 KiB for most layer widths: 36 addresses that conflict in an 8-way cache).
+inline int64_t point_stride(int64_t rows, int64_t channels) {
+  return padded_rows(rows) * channels + 16;
+}
+
 // Floats of per-thread workspace: V and M of one block.
 inline int64_t workspace_floats(int64_t cin, int64_t cout) {
-  return block_tiles(cin, cout) * kPoints * (cin + cout);
+  const int64_t block = block_tiles(cin, cout);
+  return kPoints * (point_stride(block, cin) + point_stride(block, cout));
 }
 
 struct Conv {
@@ -103,7 +115,7 @@ struct Conv {
 using vf = vec_t<float>;
 
 // V[p][row][c0 .. c0 + 8) for the 6x6 input tile d (36 vectors, row-major) = B^T d B.
-inline void input_transform(const vf* d, float* v, int64_t point_stride) {
+inline void input_transform(const vf* d, float* v, int64_t ps) {
   vf t[kAlpha][kAlpha];
   for (int j = 0; j < kAlpha; ++j) {
     const vf d0 = d[0 * kAlpha + j], d1 = d[1 * kAlpha + j], d2 = d[2 * kAlpha + j];
@@ -117,13 +129,13 @@ inline void input_transform(const vf* d, float* v, int64_t point_stride) {
   }
   for (int i = 0; i < kAlpha; ++i) {
     const vf d0 = t[i][0], d1 = t[i][1], d2 = t[i][2], d3 = t[i][3], d4 = t[i][4], d5 = t[i][5];
-    float* row = v + i * kAlpha * point_stride;
-    vstore(row + 0 * point_stride, 4.0f * d0 - 5.0f * d2 + d4);
-    vstore(row + 1 * point_stride, -4.0f * (d1 + d2) + (d3 + d4));
-    vstore(row + 2 * point_stride, 4.0f * (d1 - d2) + (d4 - d3));
-    vstore(row + 3 * point_stride, 2.0f * (d3 - d1) + (d4 - d2));
-    vstore(row + 4 * point_stride, 2.0f * (d1 - d3) + (d4 - d2));
-    vstore(row + 5 * point_stride, 4.0f * d1 - 5.0f * d3 + d5);
+    float* row = v + i * kAlpha * ps;
+    vstore(row + 0 * ps, 4.0f * d0 - 5.0f * d2 + d4);
+    vstore(row + 1 * ps, -4.0f * (d1 + d2) + (d3 + d4));
+    vstore(row + 2 * ps, 4.0f * (d1 - d2) + (d4 - d3));
+    vstore(row + 3 * ps, 2.0f * (d3 - d1) + (d4 - d2));
+    vstore(row + 4 * ps, 2.0f * (d1 - d3) + (d4 - d2));
+    vstore(row + 5 * ps, 4.0f * d1 - 5.0f * d3 + d5);
   }
 }
 
@@ -131,9 +143,8 @@ inline void input_transform(const vf* d, float* v, int64_t point_stride) {
 // the next multiple of kBlockRows are zero (the GEMM computes whole micro-tiles).
 inline void transform_inputs(const Conv& cv, int64_t first, int64_t rows, float* V) {
   const int64_t th = cv.tiles_h(), tw = cv.tiles_w();
-  const int64_t stride = rows + (kBlockRows - rows % kBlockRows) % kBlockRows;  // rows of V
-  const int64_t ps = stride * cv.cin;  // floats per point
-  for (int64_t r = rows; r < stride; ++r)
+  const int64_t ps = point_stride(rows, cv.cin);
+  for (int64_t r = rows; r < padded_rows(rows); ++r)
     for (int p = 0; p < kPoints; ++p) std::fill_n(V + p * ps + r * cv.cin, cv.cin, 0.0f);
   vf d[kPoints];
   for (int64_t r = 0; r < rows; ++r) {
@@ -196,11 +207,11 @@ inline void micro(const float* __restrict a, int64_t lda, const float* __restric
 // M[p] (rows x cout) = V[p] (rows x cin) * U[p] (cin x cout) for the 36 points.
 template <bool kAvx2>
 inline void multiply(const Conv& cv, int64_t rows, const float* V, float* M) {
-  const int64_t stride = rows + (kBlockRows - rows % kBlockRows) % kBlockRows;
+  const int64_t stride = padded_rows(rows);
   const int64_t panels = (cv.cout + kPanelCols - 1) / kPanelCols;
   for (int p = 0; p < kPoints; ++p) {
-    const float* a = V + p * stride * cv.cin;
-    float* m = M + p * stride * cv.cout;
+    const float* a = V + p * point_stride(rows, cv.cin);
+    float* m = M + p * point_stride(rows, cv.cout);
     const float* u = cv.packed + p * cv.cin * cv.cout;
     for (int64_t j = 0; j < panels; ++j) {
       const float* bp = u + j * kPanelCols * cv.cin;
@@ -222,8 +233,7 @@ inline void multiply(const Conv& cv, int64_t rows, const float* V, float* M) {
 // lies inside the image.
 inline void transform_outputs(const Conv& cv, int64_t first, int64_t rows, const float* M) {
   const int64_t th = cv.tiles_h(), tw = cv.tiles_w();
-  const int64_t stride = rows + (kBlockRows - rows % kBlockRows) % kBlockRows;
-  const int64_t ps = stride * cv.cout;
+  const int64_t ps = point_stride(rows, cv.cout);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = first + r;
     const int64_t b = t / (th * tw), ty = (t / tw) % th, tx = t % tw;
@@ -265,7 +275,7 @@ template <bool kAvx2>
 inline void winograd_tiles(const Conv& cv, int64_t first, int64_t last, float* work) {
   const int64_t block = block_tiles(cv.cin, cv.cout);
   float* V = work;
-  float* M = work + block * kPoints * cv.cin;
+  float* M = work + kPoints * point_stride(block, cv.cin);
   for (int64_t t = first; t < last; t += block) {
     const int64_t rows = std::min(block, last - t);
     transform_inputs(cv, t, rows, V);
