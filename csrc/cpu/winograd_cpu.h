@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/gemm_tile_cpu.h"
 
@@ -204,11 +205,74 @@ inline void micro(const float* __restrict a, int64_t lda, const float* __restric
     for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * V, acc[r][v]);
 }
 
+// Cache lines to prefetch while the GEMMs of a block run (they are bound by the FMAs, not by
+// memory): the image rows the next block's input transform reads and those this block's output
+// transform writes (and reads, for the residual). Without it the transforms wait on L3 and DRAM.
+class Prefetch {
+ public:
+  // The rows of `channels`-wide pixels of `base` that tiles [t0, t1) cover: their 6x6 input tiles
+  // (`input`) or their 4x4 output tiles, clipped to the image.
+  void add(const Conv& cv, int64_t t0, int64_t t1, bool input, const float* base,
+           int64_t channels, bool write) {
+    const int64_t th = cv.tiles_h(), tw = cv.tiles_w();
+    const int64_t lo = input ? -1 : 0, side = input ? kAlpha : kTile;
+    for (int64_t t = t0; t < t1;) {
+      const int64_t b = t / (th * tw), ty = (t / tw) % th, tx = t % tw;
+      const int64_t n = std::min(t1 - t, tw - tx);
+      const int64_t ya = std::max<int64_t>(0, ty * kTile + lo);
+      const int64_t yb = std::min(cv.h, ty * kTile + lo + side);
+      const int64_t xa = std::max<int64_t>(0, tx * kTile + lo);
+      const int64_t xb = std::min(cv.w, (tx + n - 1) * kTile + lo + side);
+      for (int64_t y = ya; y < yb; ++y) {
+        const float* p = base + ((b * cv.h + y) * cv.w + xa) * channels;
+        ranges_.push_back({reinterpret_cast<const char*>(p), (xb - xa) * channels * 4, write});
+        lines_ += ((xb - xa) * channels * 4 + 63) / 64;
+      }
+      t += n;
+    }
+  }
+
+  // Issues the next 1/parts of the lines.
+  void step(int64_t parts) {
+    for (int64_t k = (lines_ + parts - 1) / parts; k > 0 && next_ < ranges_.size(); --k) {
+      const Range& r = ranges_[next_];
+      if (r.write) {
+        __builtin_prefetch(r.ptr + offset_, 1, 2);
+      } else {
+        __builtin_prefetch(r.ptr + offset_, 0, 2);
+      }
+      offset_ += 64;
+      if (offset_ >= r.bytes) {
+        ++next_;
+        offset_ = 0;
+      }
+    }
+  }
+
+  void clear() {
+    ranges_.clear();
+    next_ = 0;
+    offset_ = 0;
+    lines_ = 0;
+  }
+
+ private:
+  struct Range {
+    const char* ptr;
+    int64_t bytes;
+    bool write;
+  };
+  std::vector<Range> ranges_;
+  size_t next_ = 0;
+  int64_t offset_ = 0, lines_ = 0;
+};
+
 // M[p] (rows x cout) = V[p] (rows x cin) * U[p] (cin x cout) for the 36 points.
 template <bool kAvx2>
-inline void multiply(const Conv& cv, int64_t rows, const float* V, float* M) {
+inline void multiply(const Conv& cv, int64_t rows, const float* V, float* M, Prefetch& prefetch) {
   const int64_t stride = padded_rows(rows);
   const int64_t panels = (cv.cout + kPanelCols - 1) / kPanelCols;
+  const int64_t parts = kPoints * panels * (stride / kBlockRows);  // micro-tiles
   for (int p = 0; p < kPoints; ++p) {
     const float* a = V + p * point_stride(rows, cv.cin);
     float* m = M + p * point_stride(rows, cv.cout);
@@ -217,6 +281,7 @@ inline void multiply(const Conv& cv, int64_t rows, const float* V, float* M) {
       const float* bp = u + j * kPanelCols * cv.cin;
       const bool wide = panel_width(cv.cout, j) == kPanelCols;
       for (int64_t i = 0; i < stride; i += kBlockRows) {
+        prefetch.step(parts);
         if (wide) {
           micro<2, kAvx2>(a + i * cv.cin, cv.cin, bp, cv.cin, m + i * cv.cout + j * kPanelCols,
                           cv.cout);
@@ -276,10 +341,16 @@ inline void winograd_tiles(const Conv& cv, int64_t first, int64_t last, float* w
   const int64_t block = block_tiles(cv.cin, cv.cout);
   float* V = work;
   float* M = work + kPoints * point_stride(block, cv.cin);
+  Prefetch prefetch;
   for (int64_t t = first; t < last; t += block) {
     const int64_t rows = std::min(block, last - t);
     transform_inputs(cv, t, rows, V);
-    multiply<kAvx2>(cv, rows, V, M);
+    prefetch.clear();
+    prefetch.add(cv, t, t + rows, false, cv.y, cv.cout, true);
+    if (cv.other) prefetch.add(cv, t, t + rows, false, cv.other, cv.cout, false);
+    const int64_t next = std::min(t + rows + block, last);
+    prefetch.add(cv, t + rows, next, true, cv.x, cv.cin, false);
+    multiply<kAvx2>(cv, rows, V, M, prefetch);
     transform_outputs(cv, t, rows, M);
   }
 }
