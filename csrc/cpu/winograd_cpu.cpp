@@ -5,8 +5,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/cpu_dispatch.h"
 #include "cpu/empty_output.h"
@@ -49,6 +49,14 @@ void dispatch(const Fn& fn) {
   }
 #endif
   run_default([&] { fn(std::false_type{}); });
+}
+
+// The calling thread's workspace of at least `floats` floats. It lives as long as the thread and
+// only grows: a fresh one per call would fault in its pages again each time (hundreds of KiB).
+float* thread_workspace(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
 }
 
 at::Tensor winograd_pack_cpu(const at::Tensor& weight) {
@@ -116,10 +124,10 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
   const int64_t blocks = (cv.tiles() + block - 1) / block;
   const int64_t work = winograd::workspace_floats(cin, cout);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const std::unique_ptr<float[]> buffer(new float[work]);
+    float* buffer = thread_workspace(work);
     const int64_t first = begin * block, last = std::min(end * block, cv.tiles());
     dispatch([&](auto avx2) {
-      winograd::winograd_tiles<decltype(avx2)::value>(cv, first, last, buffer.get());
+      winograd::winograd_tiles<decltype(avx2)::value>(cv, first, last, buffer);
     });
   });
   return y;
