@@ -21,7 +21,7 @@ from srntt_core.ops import winograd
 LAYERS = [(64, 64, 332, 500), (64, 64, 166, 250), (64, 256, 166, 250), (64, 64, 83, 125), (320, 64, 83, 125),
           (128, 128, 166, 250), (128, 256, 83, 125), (64, 32, 332, 500)]
 PROVIDERS = ["winograd", "onednn", "conv2d_nchw"]
-ROUNDS = 5
+ROUNDS = 7
 
 
 def _name(layer) -> str:
