@@ -29,6 +29,7 @@ constexpr int64_t kCellsMax = int64_t(1) << 25;
 constexpr int64_t kDescriptorMax = int64_t(1) << 18;
 constexpr int64_t kElementsMax = (int64_t(1) << 31) - 1;
 constexpr int64_t kTopKMax = 64;
+constexpr int64_t kConvChannelsMax = 4096;
 
 // Patch positions along one side of a map of `size` pixels, zero-padded by `padding` on both
 // sides; >= 1 iff size + 2 * padding >= patch_size. `I` is int in the CUDA kernels' index math

@@ -258,7 +258,7 @@ GEOMETRY_PROBE = textwrap.dedent(r"""
           {"PADDING_MAX", srntt::kPaddingMax}, {"SCALE_MAX", srntt::kScaleMax},
           {"SIDE_MAX", srntt::kSideMax}, {"CELLS_MAX", srntt::kCellsMax},
           {"DESCRIPTOR_MAX", srntt::kDescriptorMax}, {"ELEMENTS_MAX", srntt::kElementsMax},
-          {"TOPK_MAX", srntt::kTopKMax}};
+          {"TOPK_MAX", srntt::kTopKMax}, {"CONV_CHANNELS_MAX", srntt::kConvChannelsMax}};
       std::printf("{\"EPS\": %.17g", srntt::kNormEps);
       for (const auto& b : bounds) std::printf(", \"%s\": %lld", b.name, b.value);
       std::printf(", \"grid\": [");
@@ -293,7 +293,7 @@ def test_cpp_geometry_header_agrees_with_geometry(tmp_path):
     assert facts.pop("EPS") == geometry.EPS
     cases = facts.pop("grid")
     assert facts == {name: getattr(geometry, name) for name in facts}
-    assert len(facts) == 9 and len(cases) > 500
+    assert len(facts) == 10 and len(cases) > 500
     for size, p, s, pad, g64, g32 in cases:
         assert g64 == g32 == geometry.grid_size(size, p, s, pad), (size, p, s, pad)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from srntt_core.ops import extension, winograd
+from srntt_core.ops.geometry import CONV_CHANNELS_MAX
 
 pytestmark = pytest.mark.skipif(not extension.has_kernel("_winograd_conv3x3", "CPU"),
                                 reason=f"srntt_core._C has no Winograd kernel ({extension.LOAD_ERROR})")
@@ -131,6 +132,8 @@ def test_eligible():
     assert not winograd.eligible(torch.randn(16, 12, 3, 3), torch.randn(1, 12, 5, 5))
     assert not winograd.eligible(torch.randn(16, 8, 5, 5), x)
     assert not winograd.eligible(w, torch.randn(1, 16, 5, 5))
+    wide = torch.empty(CONV_CHANNELS_MAX + 8, 8, 3, 3)
+    assert not winograd.eligible(wide, x)
 
 
 def test_available_matches_capability():
@@ -146,7 +149,7 @@ def _cl(t):
     ("x_dims", "x must have 4 dimensions"),
     ("x_layout", "x must be channels_last"),
     ("x_channels", "x's channels must be a multiple of 8"),
-    ("x_channels_bound", r"x's channels must be in \[8, 4096\]"),
+    ("x_channels_bound", rf"x's channels must be in \[8, {CONV_CHANNELS_MAX}\]"),
     ("packed_cin", "packed must be a contiguous"),
     ("packed_dtype", "packed must be float32"),
     ("bias_shape", "bias must be a contiguous"),
@@ -163,7 +166,7 @@ def test_bad_input(case, match):
         "x_dims": {"x": x[0]},
         "x_layout": {"x": x.contiguous()},
         "x_channels": {"x": _cl(torch.randn(1, 12, 5, 6))},
-        "x_channels_bound": {"x": _cl(torch.randn(1, 4104, 1, 1))},
+        "x_channels_bound": {"x": _cl(torch.randn(1, CONV_CHANNELS_MAX + 8, 1, 1))},
         "packed_cin": {"packed": winograd.pack(torch.randn(8, 8, 3, 3))},
         "packed_dtype": {"packed": packed.double()},
         "bias_shape": {"bias": torch.randn(16)},
@@ -176,10 +179,13 @@ def test_bad_input(case, match):
         torch.ops.srntt._winograd_conv3x3(args["x"], args["packed"], args["bias"], args["other"], True)
 
 
-@pytest.mark.parametrize("shape,match", [((8, 8, 5, 5), r"weight must be \(Cout, Cin, 3, 3\)"),
-                                         ((12, 8, 3, 3), "weight's Cout must be a multiple of 8"),
-                                         ((8, 4, 3, 3), r"weight's Cin must be in \[8, 4096\]"),
-                                         ((8, 8, 3), "weight must have 4 dimensions")])
+PACK_BAD = [((8, 8, 5, 5), r"weight must be \(Cout, Cin, 3, 3\)"),
+            ((12, 8, 3, 3), "weight's Cout must be a multiple of 8"),
+            ((8, 4, 3, 3), rf"weight's Cin must be in \[8, {CONV_CHANNELS_MAX}\]"),
+            ((8, 8, 3), "weight must have 4 dimensions")]
+
+
+@pytest.mark.parametrize("shape,match", PACK_BAD)
 def test_pack_bad_input(shape, match):
     with pytest.raises(ValueError, match=match):
         winograd.pack(torch.randn(shape))

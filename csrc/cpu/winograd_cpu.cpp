@@ -18,9 +18,6 @@
 namespace srntt {
 namespace {
 
-// Channel counts of the convolution (input and output): the SRNTT and VGG layers have at most 512.
-constexpr int64_t kWinogradChannelsMax = 4096;
-
 void check_float_cpu(const char* op, const char* name, const at::Tensor& t, int64_t dims) {
   TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
                     t.scalar_type());
@@ -30,7 +27,7 @@ void check_float_cpu(const char* op, const char* name, const at::Tensor& t, int6
 }
 
 void check_channels(const char* op, const char* name, int64_t channels) {
-  check_bound(op, name, channels, winograd::kChannelAlign, kWinogradChannelsMax);
+  check_bound(op, name, channels, winograd::kChannelAlign, kConvChannelsMax);
   TORCH_CHECK_VALUE(channels % winograd::kChannelAlign == 0, op, ": ", name,
                     " must be a multiple of ", winograd::kChannelAlign, ", got ", channels);
 }

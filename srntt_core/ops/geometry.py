@@ -33,6 +33,8 @@ DESCRIPTOR_MAX = 1 << 18
 TOPK_MAX = 64
 # Elements of any tensor an op allocates; also the int32 offset range of the GPU kernels.
 ELEMENTS_MAX = (1 << 31) - 1
+# Input and output channels of the Winograd convolution (SRNTT and VGG19 layers have <= 512).
+CONV_CHANNELS_MAX = 4096
 
 
 def grid_size(size: int, patch_size: int, stride: int, padding: int) -> int:

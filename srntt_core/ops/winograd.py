@@ -17,6 +17,7 @@ import functools
 import torch
 
 from . import extension
+from .geometry import CONV_CHANNELS_MAX
 
 CHANNEL_ALIGN = 8  # Cin and Cout are multiples of this (one AVX2 vector of float32)
 
@@ -38,14 +39,16 @@ def eligible(weight: torch.Tensor, x: torch.Tensor, *, stride=1, padding=1, dila
              padding_mode: str = "zeros") -> bool:
     """Whether ``conv2d(x, weight, stride=..., padding=..., dilation=..., groups=...)`` (with the
     given ``padding_mode``) is a convolution :func:`conv3x3` computes: a 3x3 float32 filter on the
-    CPU, stride 1, zero padding 1, dilation 1, one group, Cin and Cout multiples of 8. ``x`` may be
-    in either memory format (:func:`conv3x3` needs channels_last)."""
+    CPU, stride 1, zero padding 1, dilation 1, one group, Cin and Cout multiples of 8, at most
+    ``CONV_CHANNELS_MAX``. ``x`` may be in either memory format (:func:`conv3x3` needs
+    channels_last)."""
     return (weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and x.dim() == 4
             and weight.dtype == torch.float32 and x.dtype == torch.float32
             and weight.device.type == "cpu" and x.device.type == "cpu"
             and _pair(stride) == (1, 1) and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1)
             and groups == 1 and padding_mode == "zeros" and x.shape[1] == weight.shape[1]
-            and weight.shape[0] % CHANNEL_ALIGN == 0 and weight.shape[1] % CHANNEL_ALIGN == 0)
+            and weight.shape[0] % CHANNEL_ALIGN == 0 and weight.shape[1] % CHANNEL_ALIGN == 0
+            and max(weight.shape[:2]) <= CONV_CHANNELS_MAX)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
