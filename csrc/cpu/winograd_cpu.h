@@ -6,18 +6,21 @@
 //
 //   V = B^T d B (input tile), U = G g G^T (filter), M = U . V per point, Y = A^T M A.
 //
-// Tiles are processed in blocks of kBlockRows-aligned counts: the input transform of a block writes
-// V (36 x tiles x Cin), 36 GEMMs (tiles x Cin) x (Cin x Cout) write M (36 x tiles x Cout), and the
-// output transform turns M into the 4x4 tiles, adds bias and the residual, applies the ReLU and
-// stores the part of each tile inside the image. A block is sized so that V and M stay in L2.
+// Tiles (numbered over batch, tile row, tile column) are processed in blocks of up to
+// block_tiles(): the input transform of a block writes V (36 x tiles x Cin, zero padding at the
+// borders), 36 GEMMs (tiles x Cin) x (Cin x Cout) with a 6 x 16 register-blocked micro-tile write
+// M (36 x tiles x Cout), and the output transform turns M into the 4x4 tiles, adds bias and the
+// residual, applies the ReLU and stores the part of each tile inside the image. A block is sized
+// so that V and M stay in L2; the GEMMs run at the FMA units' speed, and the rows the transforms
+// read and write next are prefetched meanwhile.
 //
 // NB: the transforms' coefficients (up to 5 in B^T, 8 in A^T, 1/24 in G) amplify float32 rounding:
-// the error relative to the convolution of |x| and |w| is a few 1e-6 (tests/test_winograd.py
+// the error relative to the convolution of |x| and |w| is up to ~2e-6 (tests/test_winograd.py
 // measures it), some ten times that of a direct convolution. The filter transform is done in
 // double and rounded once.
 //
 // Torch-free: raw pointers and sizes; the binding (winograd_cpu.cpp) checks the arguments, owns
-// the threads (one call of winograd_tiles per range of tile blocks) and picks the CPU variant.
+// the threads (calls of winograd_tiles on ranges of tiles) and picks the CPU variant.
 #pragma once
 
 #include <algorithm>
