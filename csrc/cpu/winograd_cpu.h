@@ -87,7 +87,9 @@ inline int64_t block_tiles(int64_t cin, int64_t cout) {
 }
 
 // Rows of V and M for `rows` tiles: whole micro-tiles.
-inline int64_t padded_rows(int64_t rows) { return (rows + kBlockRows - 1) / kBlockRows * kBlockRows; }
+inline int64_t padded_rows(int64_t rows) {
+  return (rows + kBlockRows - 1) / kBlockRows * kBlockRows;
+}
 
 // Floats from one point's matrix (V or M) to the next, for `rows` tiles of `channels`.
 // NB: one extra cache line, so that the 36 points of a tile, which the transforms read or write
@@ -155,21 +157,22 @@ inline void transform_inputs(const Conv& cv, int64_t first, int64_t rows, float*
     const int64_t t = first + r;
     const int64_t b = t / (th * tw), ty = (t / tw) % th, tx = t % tw;
     const int64_t y0 = ty * kTile - 1, x0 = tx * kTile - 1;
-    const bool inside = y0 >= 0 && x0 >= 0 && y0 + kAlpha <= cv.h && x0 + kAlpha <= cv.w;
+    // The tile's rows [i0, i1) and columns [j0, j1) lie inside the image; the rest is padding.
+    const int i0 = int(std::max<int64_t>(0, -y0)), i1 = int(std::min<int64_t>(kAlpha, cv.h - y0));
+    const int j0 = int(std::max<int64_t>(0, -x0)), j1 = int(std::min<int64_t>(kAlpha, cv.w - x0));
+    const bool inside = i0 == 0 && j0 == 0 && i1 == kAlpha && j1 == kAlpha;
     const float* img = cv.x + b * cv.h * cv.w * cv.cin;
     for (int64_t c = 0; c < cv.cin; c += kChannelAlign) {
+      const int64_t at = (y0 * cv.w + x0) * cv.cin + c;  // of the tile's corner, maybe outside
       if (inside) {
         for (int i = 0; i < kAlpha; ++i)
           for (int j = 0; j < kAlpha; ++j)
-            d[i * kAlpha + j] = vload(img + ((y0 + i) * cv.w + x0 + j) * cv.cin + c);
+            d[i * kAlpha + j] = vload(img + (at + (i * cv.w + j) * cv.cin));
       } else {
-        for (int i = 0; i < kAlpha; ++i)
-          for (int j = 0; j < kAlpha; ++j) {
-            const int64_t yy = y0 + i, xx = x0 + j;
-            d[i * kAlpha + j] = yy >= 0 && yy < cv.h && xx >= 0 && xx < cv.w
-                                    ? vload(img + (yy * cv.w + xx) * cv.cin + c)
-                                    : vf{};
-          }
+        for (int k = 0; k < kPoints; ++k) d[k] = vf{};
+        for (int i = i0; i < i1; ++i)
+          for (int j = j0; j < j1; ++j)
+            d[i * kAlpha + j] = vload(img + (at + (i * cv.w + j) * cv.cin));
       }
       input_transform(d, V + r * cv.cin + c, ps);
     }
@@ -306,7 +309,8 @@ inline void transform_outputs(const Conv& cv, int64_t first, int64_t rows, const
     const int64_t t = first + r;
     const int64_t b = t / (th * tw), ty = (t / tw) % th, tx = t % tw;
     const int64_t y0 = ty * kTile, x0 = tx * kTile;
-    const int64_t vh = std::min<int64_t>(kTile, cv.h - y0), vw = std::min<int64_t>(kTile, cv.w - x0);
+    const int64_t vh = std::min<int64_t>(kTile, cv.h - y0);
+    const int64_t vw = std::min<int64_t>(kTile, cv.w - x0);
     const int64_t base = ((b * cv.h + y0) * cv.w + x0) * cv.cout;
     for (int64_t c = 0; c < cv.cout; c += kChannelAlign) {
       const float* m = M + r * cv.cout + c;
