@@ -156,6 +156,9 @@ def _cl(t):
     ("bias_dtype", "bias must be float32"),
     ("other_shape", "other must be"),
     ("other_layout", "other must be channels_last"),
+    ("other_dtype", "other must be float32"),
+    ("x_empty", r"x's height must be in \[1, "),
+    ("packed_dims", "packed must have 3 dimensions"),
 ])
 def test_bad_input(case, match):
     x, weight, bias, other = _inputs(1, 16, 8, 5, 6)
@@ -173,6 +176,9 @@ def test_bad_input(case, match):
         "bias_dtype": {"bias": bias.half()},
         "other_shape": {"other": _cl(torch.randn(1, 8, 5, 5))},
         "other_layout": {"other": other.contiguous()},
+        "other_dtype": {"other": other.double()},
+        "x_empty": {"x": _cl(torch.randn(1, 16, 0, 6))},
+        "packed_dims": {"packed": packed[0]},
     }[case]
     args.update(bad)
     with pytest.raises(ValueError, match=match):
