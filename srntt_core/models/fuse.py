@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import threading
 import weakref
 
 import numpy as np
@@ -27,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from ..ops import winograd
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -117,11 +120,15 @@ class FusedConv(nn.Module):
         out, bias = other, self.bias
         for i in reversed(range(self.parts)):
             last = i == 0
-            out = self._conv(inputs[i], weights[i], bias, out, self.relu and last, fused)
+            out = self._conv(inputs[i], weights[i], bias, out, self.relu and last, fused, i)
             bias = None
         return out
 
-    def _conv(self, x, weight, bias, other, relu, fused):
+    def _conv(self, x, weight, bias, other, relu, fused, part):
+        packed = _winograd_weight(self, part, self.weight, weight, x, self.stride, self.padding, self.dilation,
+                                  self.groups) if fused else None
+        if packed is not None and (other is None or _winograd_residual(other, x, weight)):
+            return winograd.conv3x3(x, packed, bias, other, relu)
         if fused and other is not None and other.shape == self._out_shape(x):
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x, other, weight, bias, self.padding, self.stride, self.dilation, self.groups, "add", None,
@@ -142,11 +149,57 @@ class FusedConv(nn.Module):
         return torch.Size([x.shape[0], self.weight.shape[0], *size])
 
 
+# Where the calling thread computes with plain torch ops (:func:`plain_ops`).
+_PLAIN = threading.local()
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """Within the block, :class:`FusedConv` and :func:`conv2d_relu` run torch's plain convolution,
+    add and ReLU (the straightforward path's arithmetic), in the calling thread."""
+    before = getattr(_PLAIN, "on", False)
+    _PLAIN.on = True
+    try:
+        yield
+    finally:
+        _PLAIN.on = before
+
+
+# Winograd-transformed filters per (module, input part): (the parameter they came from, its version,
+# the packed filters). NB: keyed weakly by the module; a new parameter, or an in-place update of it
+# (an optimizer step, ``copy_``), which bumps its version, repacks; a write through ``.data`` does
+# neither (inference copies are frozen, and :func:`fast_generator` rebuilds them when the model changes).
+_PACKED: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[torch.Tensor, int, torch.Tensor]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _winograd_weight(owner: nn.Module, part: int, source: torch.Tensor, weight: torch.Tensor, x: torch.Tensor,
+                     stride, padding, dilation, groups: int) -> torch.Tensor | None:
+    """The packed Winograd filters of ``weight`` (``source``, or its input ``part``'s slice) when
+    :func:`winograd.conv3x3` computes this convolution of ``x`` (channels-last, eligible geometry),
+    else None."""
+    if not (x.is_contiguous(memory_format=torch.channels_last) and winograd.available()
+            and winograd.eligible(weight, x, stride=stride, padding=padding, dilation=dilation, groups=groups)):
+        return None
+    parts = _PACKED.setdefault(owner, {})
+    entry = parts.get(part)
+    if entry is None or entry[0] is not source or entry[1] != source._version:
+        entry = parts[part] = (source, source._version, winograd.pack(weight.contiguous()))
+    return entry[2]
+
+
+def _winograd_residual(other: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``other`` is the channels-last residual the Winograd op adds to conv(x)."""
+    return (other.dtype == torch.float32 and other.is_contiguous(memory_format=torch.channels_last)
+            and other.shape == (x.shape[0], weight.shape[0], *x.shape[2:]))
+
+
 def _onednn_ready(tensors: list[torch.Tensor], weight: torch.Tensor) -> bool:
     """Whether oneDNN's fused op computes what the plain ops would: float32 CPU tensors, no autocast,
     no gradients wanted, and oneDNN available and enabled (``torch.backends.mkldnn.flags(enabled=False)``
     turns the fusion off, e.g. for torch's FlopCounterMode, which counts only plain convolutions)."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+    return (not getattr(_PLAIN, "on", False)
+            and weight.device.type == "cpu" and weight.dtype == torch.float32
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu")
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in tensors)
@@ -154,8 +207,12 @@ def _onednn_ready(tensors: list[torch.Tensor], weight: torch.Tensor) -> bool:
 
 
 def conv2d_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``relu(conv(x))``, in one oneDNN call where :class:`FusedConv` would make one."""
+    """``relu(conv(x))``, in one Winograd or oneDNN call where :class:`FusedConv` would make one."""
     if conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and _onednn_ready([x], conv.weight):
+        packed = _winograd_weight(conv, 0, conv.weight, conv.weight, x, conv.stride, conv.padding, conv.dilation,
+                                  conv.groups)
+        if packed is not None:
+            return winograd.conv3x3(x, packed, conv.bias, None, True)
         return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding),
                                                        list(conv.stride), list(conv.dilation), conv.groups,
                                                        "relu", [], "")

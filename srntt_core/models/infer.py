@@ -272,7 +272,9 @@ def super_resolve(
     generator = _generator(model, fast, compile, device)
     lr = lr.to(device, torch.float32)
     layout = torch.channels_last if fast else torch.contiguous_format
-    with _networks_precision(device, precision):
+    from .fuse import plain_ops
+
+    with _networks_precision(device, precision), (contextlib.nullcontext() if fast else plain_ops()):
         if bank is None:
             extractor = extractor if extractor is not None else swap.default_extractor().to(device)
             bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor,
