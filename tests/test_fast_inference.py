@@ -16,6 +16,7 @@ from srntt_core.models import infer as I
 from srntt_core.models.fuse import fast_generator, fold_batchnorm, has_batchnorm, inference_copy
 from srntt_core.models.metrics import psnr_y
 from srntt_core.models.srntt import SRNTT
+from srntt_core.ops import winograd
 
 ZEBRA = SAMPLE_IMAGE
 TEST_IMAGES = Path(__file__).resolve().parent / "data" / "images"
@@ -396,7 +397,7 @@ def test_disabling_onednn_runs_the_plain_convolutions_which_torch_counts():
 # ---------------------------------------------------------------------------------------------
 # Winograd convolutions in the fast path; plain ops in the straightforward one
 
-needs_winograd = pytest.mark.skipif(not __import__("srntt_core.ops.winograd", fromlist=["available"]).available(),
+needs_winograd = pytest.mark.skipif(not winograd.available(),
                                     reason="needs the Winograd op (the extension on an AVX2 CPU)")
 
 

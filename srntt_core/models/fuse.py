@@ -125,8 +125,7 @@ class FusedConv(nn.Module):
         return out
 
     def _conv(self, x, weight, bias, other, relu, fused, part):
-        packed = _winograd_weight(self, part, self.weight, weight, x, self.stride, self.padding, self.dilation,
-                                  self.groups) if fused else None
+        packed = _winograd_weight(self, part, weight, x) if fused else None
         if packed is not None and (other is None or _winograd_residual(other, x, weight)):
             return winograd.conv3x3(x, packed, bias, other, relu)
         if fused and other is not None and other.shape == self._out_shape(x):
@@ -173,14 +172,16 @@ _PACKED: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[torch.Tensor, int,
     weakref.WeakKeyDictionary()
 
 
-def _winograd_weight(owner: nn.Module, part: int, source: torch.Tensor, weight: torch.Tensor, x: torch.Tensor,
-                     stride, padding, dilation, groups: int) -> torch.Tensor | None:
-    """The packed Winograd filters of ``weight`` (``source``, or its input ``part``'s slice) when
-    :func:`winograd.conv3x3` computes this convolution of ``x`` (channels-last, eligible geometry),
-    else None."""
+def _winograd_weight(owner: nn.Module, part: int, weight: torch.Tensor,
+                     x: torch.Tensor) -> torch.Tensor | None:
+    """The packed Winograd filters of ``weight`` (``owner.weight``, or its input ``part``'s slice) when
+    :func:`winograd.conv3x3` computes ``owner``'s convolution of ``x`` (a ``Conv2d`` or a
+    :class:`FusedConv`: channels-last ``x``, eligible geometry), else None."""
     if not (x.is_contiguous(memory_format=torch.channels_last) and winograd.available()
-            and winograd.eligible(weight, x, stride=stride, padding=padding, dilation=dilation, groups=groups)):
+            and winograd.eligible(weight, x, stride=owner.stride, padding=owner.padding,
+                                  dilation=owner.dilation, groups=owner.groups)):
         return None
+    source = owner.weight
     parts = _PACKED.setdefault(owner, {})
     entry = parts.get(part)
     if entry is None or entry[0] is not source or entry[1] != source._version:
@@ -209,8 +210,7 @@ def _onednn_ready(tensors: list[torch.Tensor], weight: torch.Tensor) -> bool:
 def conv2d_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``relu(conv(x))``, in one Winograd or oneDNN call where :class:`FusedConv` would make one."""
     if conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and _onednn_ready([x], conv.weight):
-        packed = _winograd_weight(conv, 0, conv.weight, conv.weight, x, conv.stride, conv.padding, conv.dilation,
-                                  conv.groups)
+        packed = _winograd_weight(conv, 0, conv.weight, x)
         if packed is not None:
             return winograd.conv3x3(x, packed, conv.bias, None, True)
         return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding),
