@@ -11,6 +11,11 @@ has ~1e-7. ``BOUND`` is a few times the largest: a wrong transform coefficient, 
 border or a wrong tile offset gives errors of order 1e-2 to 1.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,3 +195,31 @@ def test_opcheck():
     packed = winograd.pack(weight)
     for args in ((x, packed, bias, other, True), (x, packed, None, None, False)):
         torch.library.opcheck(torch.ops.srntt._winograd_conv3x3.default, args, test_utils=checks)
+
+
+BASELINE_CHECK = """
+import sys
+import torch
+import test_winograd as T
+from srntt_core.ops import winograd
+print("capability", torch.ops.srntt._cpu_capability())
+assert not winograd.available()
+for shape in [(1, 64, 24, 13, 11), (2, 8, 16, 3, 5)]:
+    x, weight, bias, other = T._inputs(*shape)
+    y = winograd.conv3x3(x, winograd.pack(weight), bias, other, relu=True)
+    assert T._rel_error(y, x, weight, bias, other, True) < T.BOUND
+print("baseline ok")
+"""
+
+
+def test_baseline_variant():
+    """The x86-64 baseline variant of the kernel (SRNTT_CPU_CAPABILITY=default) is as exact; only
+    not used by default (``available()`` is False there)."""
+    if torch.ops.srntt._cpu_capability() == "native":
+        pytest.skip("SRNTT_NATIVE=1 build: one variant, tested by every other test")
+    env = {**os.environ, "SRNTT_CPU_CAPABILITY": "default",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", BASELINE_CHECK], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "capability default" in out.stdout and "baseline ok" in out.stdout, out.stdout

@@ -4,11 +4,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
-#include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/cpu_dispatch.h"
+#include "cpu/empty_output.h"
 #include "cpu/winograd_cpu.h"
 #include "srntt_limits.h"
 
@@ -48,6 +51,14 @@ void dispatch(const Fn& fn) {
   }
 #endif
   run_default([&] { fn(std::false_type{}); });
+}
+
+// The calling thread's workspace of at least `floats` floats. It lives as long as the thread and
+// only grows: a fresh one per call would fault in its pages again each time (hundreds of KiB).
+float* thread_workspace(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
 }
 
 at::Tensor winograd_pack_cpu(const at::Tensor& weight) {
@@ -101,7 +112,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
                       ": other must be channels_last contiguous (NHWC memory)");
   }
   checked_numel(kOp, "the output", {n, cout, h, w});
-  at::Tensor y = at::empty({n, cout, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y =
+      empty_output({n, cout, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (n == 0) return y;
 
   winograd::Conv cv{x.data_ptr<float>(),
@@ -113,12 +125,21 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
   const int64_t block = winograd::block_tiles(cin, cout);
   const int64_t blocks = (cv.tiles() + block - 1) / block;
   const int64_t work = winograd::workspace_floats(cin, cout);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const std::unique_ptr<float[]> buffer(new float[work]);
-    const int64_t first = begin * block, last = std::min(end * block, cv.tiles());
-    dispatch([&](auto avx2) {
-      winograd::winograd_tiles<decltype(avx2)::value>(cv, first, last, buffer.get());
-    });
+  // NB: the threads take chunks of blocks from a shared counter rather than one fixed range each:
+  // on a shared machine a thread that loses its core for a while then delays only its current
+  // chunk, not the whole call. Each tile's result does not depend on which thread computes it.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(1, blocks / (8 * threads));
+  const int64_t chunks = (blocks + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
+    float* buffer = thread_workspace(work);
+    for (int64_t c = next++; c < chunks; c = next++) {
+      const int64_t first = c * chunk * block, last = std::min((c + 1) * chunk * block, cv.tiles());
+      dispatch([&](auto avx2) {
+        winograd::winograd_tiles<decltype(avx2)::value>(cv, first, last, buffer);
+      });
+    }
   });
   return y;
 }

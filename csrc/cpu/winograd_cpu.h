@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/gemm_tile_cpu.h"
 
@@ -82,9 +83,21 @@ inline int64_t block_tiles(int64_t cin, int64_t cout) {
   return rows * kBlockRows;
 }
 
+// Rows of V and M for `rows` tiles: whole micro-tiles.
+inline int64_t padded_rows(int64_t rows) { return (rows + kBlockRows - 1) / kBlockRows * kBlockRows; }
+
+// Floats from one point's matrix (V or M) to the next, for `rows` tiles of `channels`.
+// NB: one extra cache line, so that the 36 points of a tile, which the transforms read or write
+// together, do not fall into the same few L1 sets (rows * channels * 4 bytes is a multiple of 4 KiB
+// or of 2 KiB for most layer widths: 36 addresses that conflict in an 8-way cache).
+inline int64_t point_stride(int64_t rows, int64_t channels) {
+  return padded_rows(rows) * channels + 16;
+}
+
 // Floats of per-thread workspace: V and M of one block.
 inline int64_t workspace_floats(int64_t cin, int64_t cout) {
-  return block_tiles(cin, cout) * kPoints * (cin + cout);
+  const int64_t block = block_tiles(cin, cout);
+  return kPoints * (point_stride(block, cin) + point_stride(block, cout));
 }
 
 struct Conv {
@@ -103,7 +116,7 @@ struct Conv {
 using vf = vec_t<float>;
 
 // V[p][row][c0 .. c0 + 8) for the 6x6 input tile d (36 vectors, row-major) = B^T d B.
-inline void input_transform(const vf* d, float* v, int64_t point_stride) {
+inline void input_transform(const vf* d, float* v, int64_t ps) {
   vf t[kAlpha][kAlpha];
   for (int j = 0; j < kAlpha; ++j) {
     const vf d0 = d[0 * kAlpha + j], d1 = d[1 * kAlpha + j], d2 = d[2 * kAlpha + j];
@@ -117,13 +130,13 @@ inline void input_transform(const vf* d, float* v, int64_t point_stride) {
   }
   for (int i = 0; i < kAlpha; ++i) {
     const vf d0 = t[i][0], d1 = t[i][1], d2 = t[i][2], d3 = t[i][3], d4 = t[i][4], d5 = t[i][5];
-    float* row = v + i * kAlpha * point_stride;
-    vstore(row + 0 * point_stride, 4.0f * d0 - 5.0f * d2 + d4);
-    vstore(row + 1 * point_stride, -4.0f * (d1 + d2) + (d3 + d4));
-    vstore(row + 2 * point_stride, 4.0f * (d1 - d2) + (d4 - d3));
-    vstore(row + 3 * point_stride, 2.0f * (d3 - d1) + (d4 - d2));
-    vstore(row + 4 * point_stride, 2.0f * (d1 - d3) + (d4 - d2));
-    vstore(row + 5 * point_stride, 4.0f * d1 - 5.0f * d3 + d5);
+    float* row = v + i * kAlpha * ps;
+    vstore(row + 0 * ps, 4.0f * d0 - 5.0f * d2 + d4);
+    vstore(row + 1 * ps, -4.0f * (d1 + d2) + (d3 + d4));
+    vstore(row + 2 * ps, 4.0f * (d1 - d2) + (d4 - d3));
+    vstore(row + 3 * ps, 2.0f * (d3 - d1) + (d4 - d2));
+    vstore(row + 4 * ps, 2.0f * (d1 - d3) + (d4 - d2));
+    vstore(row + 5 * ps, 4.0f * d1 - 5.0f * d3 + d5);
   }
 }
 
@@ -131,9 +144,8 @@ inline void input_transform(const vf* d, float* v, int64_t point_stride) {
 // the next multiple of kBlockRows are zero (the GEMM computes whole micro-tiles).
 inline void transform_inputs(const Conv& cv, int64_t first, int64_t rows, float* V) {
   const int64_t th = cv.tiles_h(), tw = cv.tiles_w();
-  const int64_t stride = rows + (kBlockRows - rows % kBlockRows) % kBlockRows;  // rows of V
-  const int64_t ps = stride * cv.cin;  // floats per point
-  for (int64_t r = rows; r < stride; ++r)
+  const int64_t ps = point_stride(rows, cv.cin);
+  for (int64_t r = rows; r < padded_rows(rows); ++r)
     for (int p = 0; p < kPoints; ++p) std::fill_n(V + p * ps + r * cv.cin, cv.cin, 0.0f);
   vf d[kPoints];
   for (int64_t r = 0; r < rows; ++r) {
@@ -193,19 +205,83 @@ inline void micro(const float* __restrict a, int64_t lda, const float* __restric
     for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * V, acc[r][v]);
 }
 
+// Cache lines to prefetch while the GEMMs of a block run (they are bound by the FMAs, not by
+// memory): the image rows the next block's input transform reads and those this block's output
+// transform writes (and reads, for the residual). Without it the transforms wait on L3 and DRAM.
+class Prefetch {
+ public:
+  // The rows of `channels`-wide pixels of `base` that tiles [t0, t1) cover: their 6x6 input tiles
+  // (`input`) or their 4x4 output tiles, clipped to the image.
+  void add(const Conv& cv, int64_t t0, int64_t t1, bool input, const float* base,
+           int64_t channels, bool write) {
+    const int64_t th = cv.tiles_h(), tw = cv.tiles_w();
+    const int64_t lo = input ? -1 : 0, side = input ? kAlpha : kTile;
+    for (int64_t t = t0; t < t1;) {
+      const int64_t b = t / (th * tw), ty = (t / tw) % th, tx = t % tw;
+      const int64_t n = std::min(t1 - t, tw - tx);
+      const int64_t ya = std::max<int64_t>(0, ty * kTile + lo);
+      const int64_t yb = std::min(cv.h, ty * kTile + lo + side);
+      const int64_t xa = std::max<int64_t>(0, tx * kTile + lo);
+      const int64_t xb = std::min(cv.w, (tx + n - 1) * kTile + lo + side);
+      for (int64_t y = ya; y < yb; ++y) {
+        const float* p = base + ((b * cv.h + y) * cv.w + xa) * channels;
+        ranges_.push_back({reinterpret_cast<const char*>(p), (xb - xa) * channels * 4, write});
+        lines_ += ((xb - xa) * channels * 4 + 63) / 64;
+      }
+      t += n;
+    }
+  }
+
+  // Issues the next 1/parts of the lines.
+  void step(int64_t parts) {
+    for (int64_t k = (lines_ + parts - 1) / parts; k > 0 && next_ < ranges_.size(); --k) {
+      const Range& r = ranges_[next_];
+      if (r.write) {
+        __builtin_prefetch(r.ptr + offset_, 1, 2);
+      } else {
+        __builtin_prefetch(r.ptr + offset_, 0, 2);
+      }
+      offset_ += 64;
+      if (offset_ >= r.bytes) {
+        ++next_;
+        offset_ = 0;
+      }
+    }
+  }
+
+  void clear() {
+    ranges_.clear();
+    next_ = 0;
+    offset_ = 0;
+    lines_ = 0;
+  }
+
+ private:
+  struct Range {
+    const char* ptr;
+    int64_t bytes;
+    bool write;
+  };
+  std::vector<Range> ranges_;
+  size_t next_ = 0;
+  int64_t offset_ = 0, lines_ = 0;
+};
+
 // M[p] (rows x cout) = V[p] (rows x cin) * U[p] (cin x cout) for the 36 points.
 template <bool kAvx2>
-inline void multiply(const Conv& cv, int64_t rows, const float* V, float* M) {
-  const int64_t stride = rows + (kBlockRows - rows % kBlockRows) % kBlockRows;
+inline void multiply(const Conv& cv, int64_t rows, const float* V, float* M, Prefetch& prefetch) {
+  const int64_t stride = padded_rows(rows);
   const int64_t panels = (cv.cout + kPanelCols - 1) / kPanelCols;
+  const int64_t parts = kPoints * panels * (stride / kBlockRows);  // micro-tiles
   for (int p = 0; p < kPoints; ++p) {
-    const float* a = V + p * stride * cv.cin;
-    float* m = M + p * stride * cv.cout;
+    const float* a = V + p * point_stride(rows, cv.cin);
+    float* m = M + p * point_stride(rows, cv.cout);
     const float* u = cv.packed + p * cv.cin * cv.cout;
     for (int64_t j = 0; j < panels; ++j) {
       const float* bp = u + j * kPanelCols * cv.cin;
       const bool wide = panel_width(cv.cout, j) == kPanelCols;
       for (int64_t i = 0; i < stride; i += kBlockRows) {
+        prefetch.step(parts);
         if (wide) {
           micro<2, kAvx2>(a + i * cv.cin, cv.cin, bp, cv.cin, m + i * cv.cout + j * kPanelCols,
                           cv.cout);
@@ -222,8 +298,7 @@ inline void multiply(const Conv& cv, int64_t rows, const float* V, float* M) {
 // lies inside the image.
 inline void transform_outputs(const Conv& cv, int64_t first, int64_t rows, const float* M) {
   const int64_t th = cv.tiles_h(), tw = cv.tiles_w();
-  const int64_t stride = rows + (kBlockRows - rows % kBlockRows) % kBlockRows;
-  const int64_t ps = stride * cv.cout;
+  const int64_t ps = point_stride(rows, cv.cout);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = first + r;
     const int64_t b = t / (th * tw), ty = (t / tw) % th, tx = t % tw;
@@ -265,11 +340,17 @@ template <bool kAvx2>
 inline void winograd_tiles(const Conv& cv, int64_t first, int64_t last, float* work) {
   const int64_t block = block_tiles(cv.cin, cv.cout);
   float* V = work;
-  float* M = work + block * kPoints * cv.cin;
+  float* M = work + kPoints * point_stride(block, cv.cin);
+  Prefetch prefetch;
   for (int64_t t = first; t < last; t += block) {
     const int64_t rows = std::min(block, last - t);
     transform_inputs(cv, t, rows, V);
-    multiply<kAvx2>(cv, rows, V, M);
+    prefetch.clear();
+    prefetch.add(cv, t, t + rows, false, cv.y, cv.cout, true);
+    if (cv.other) prefetch.add(cv, t, t + rows, false, cv.other, cv.cout, false);
+    const int64_t next = std::min(t + rows + block, last);
+    prefetch.add(cv, t + rows, next, true, cv.x, cv.cin, false);
+    multiply<kAvx2>(cv, rows, V, M, prefetch);
     transform_outputs(cv, t, rows, M);
   }
 }
