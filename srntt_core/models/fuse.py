@@ -5,14 +5,18 @@
   becomes ``Identity``. The source model is not modified (training keeps its BatchNorm).
 - :func:`inference_copy`: the folded copy, frozen, in eval mode, optionally ``channels_last``; on
   the CPU its convolutions take in the ReLU, residual add and channel concatenation around them
-  (:func:`fuse_convolutions`, oneDNN post-ops), so those are no separate passes over memory.
+  (:func:`fuse_convolutions`, oneDNN post-ops), so those are no separate passes over memory, and
+  its 3x3 convolutions run as Winograd F(4x4, 3x3) on channels-last inputs where
+  :mod:`srntt_core.ops.winograd` applies (filters transformed once per parameter).
+- :func:`plain_ops`: the straightforward path's arithmetic (torch's convolution, add and ReLU).
 - :func:`fast_generator`: the inference copy (optionally ``torch.compile``d) kept per model and
   rebuilt when the model's weights change, so that repeated inference folds once.
 
 NB: folding changes the float32 rounding (the BN scale is multiplied into the weights once
 instead of applied to the output), so outputs differ from the unfolded network by a few ulps
-of the activations, as does the fused add; tests/test_fast_inference.py bounds the difference on
-the SR output.
+of the activations, as does the fused add; Winograd's transforms add an error about ten times a
+direct convolution's (tests/test_winograd.py bounds it per layer); tests/test_fast_inference.py
+bounds the difference on the SR output.
 """
 
 from __future__ import annotations
@@ -93,7 +97,10 @@ class FusedConv(nn.Module):
     ``conv(cat([a, b]))`` is computed as ``conv_a(a) + conv_b(b)``: the weight is split by the
     inputs' channels, and each part's result is the next part's ``other``.
     NB: that changes the float32 summation order (a few ulps of the activations, as the folding).
-    Other devices, dtypes (autocast) and inputs that need gradients take plain torch ops, same math.
+    A part whose input is channels-last and whose geometry :mod:`srntt_core.ops.winograd` takes
+    (3x3, stride 1, padding 1, channels multiples of 8) runs the Winograd op instead, with the same
+    fused bias, ``other`` and ReLU. Other devices, dtypes (autocast), inputs that need gradients and
+    :func:`plain_ops` blocks take plain torch ops, same math.
     """
 
     def __init__(self, conv: nn.Conv2d, parts: int = 1):
