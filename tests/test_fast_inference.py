@@ -16,6 +16,7 @@ from srntt_core.models import infer as I
 from srntt_core.models.fuse import fast_generator, fold_batchnorm, has_batchnorm, inference_copy
 from srntt_core.models.metrics import psnr_y
 from srntt_core.models.srntt import SRNTT
+from srntt_core.ops import winograd
 
 ZEBRA = SAMPLE_IMAGE
 TEST_IMAGES = Path(__file__).resolve().parent / "data" / "images"
@@ -391,3 +392,72 @@ def test_disabling_onednn_runs_the_plain_convolutions_which_torch_counts():
             net(lr, maps)
         counts[name] = counter.get_total_flops()
     assert counts["fast"] == counts["plain"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Winograd convolutions in the fast path; plain ops in the straightforward one
+
+needs_winograd = pytest.mark.skipif(not winograd.available(),
+                                    reason="needs the Winograd op (the extension on an AVX2 CPU)")
+
+
+def _counting(monkeypatch, module, name) -> list:
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@needs_winograd
+def test_the_fast_path_runs_winograd_and_the_straightforward_path_does_not(monkeypatch, zebra):
+    from srntt_core.models import fuse
+
+    convs = _counting(monkeypatch, fuse.winograd, "conv3x3")
+    packs = _counting(monkeypatch, fuse.winograd, "pack")
+    model = _tiny_bn_model(12)
+    _, lr, ref = zebra
+    slow = I.super_resolve(model, lr, [ref], fast=False, tile=None)
+    assert convs == [] and packs == []
+    fast = I.super_resolve(model, lr, [ref], tile=None)
+    per_call = len(convs)
+    # VGG (conv1_2, conv2_1, conv2_2, conv3_1 in three passes) and the generator's 3x3 convolutions
+    assert per_call > 12 and len(packs) > 4
+    I.super_resolve(model, lr, [ref], tile=None)
+    assert len(convs) == 2 * per_call and len(packs) < per_call  # filters are packed once
+    assert (fast - slow).abs().max() <= 1e-4
+
+
+def test_plain_ops_run_torchs_convolution_and_relu():
+    from srntt_core.models import fuse
+
+    torch.manual_seed(13)
+    conv = nn.Conv2d(16, 8, 3, padding=1).eval().requires_grad_(False)
+    x = torch.randn(1, 16, 9, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fuse.plain_ops():
+        got = fuse.conv2d_relu(conv, x)
+        with fuse.plain_ops():
+            pass
+        again = fuse.conv2d_relu(conv, x)  # a nested block leaves the outer one in force
+    want = torch.relu(conv(x))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(again, want, atol=0, rtol=0)
+
+
+@needs_winograd
+@pytest.mark.parametrize("change", ["in_place", "new_parameter"])
+def test_winograd_filters_are_repacked_when_the_weight_changes(change):
+    from srntt_core.models import fuse
+
+    torch.manual_seed(14)
+    conv = nn.Conv2d(8, 16, 3, padding=1).eval().requires_grad_(False)
+    x = torch.randn(1, 8, 9, 11).contiguous(memory_format=torch.channels_last)
+
+    def want():
+        return torch.relu(F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)).float()
+
+    with torch.no_grad():
+        torch.testing.assert_close(fuse.conv2d_relu(conv, x), want(), atol=1e-5, rtol=0)
+        if change == "in_place":
+            conv.weight.mul_(-2)
+        else:
+            conv.weight = nn.Parameter(torch.randn_like(conv.weight) * 0.1, requires_grad=False)
+        torch.testing.assert_close(fuse.conv2d_relu(conv, x), want(), atol=1e-5, rtol=0)

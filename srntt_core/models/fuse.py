@@ -5,14 +5,18 @@
   becomes ``Identity``. The source model is not modified (training keeps its BatchNorm).
 - :func:`inference_copy`: the folded copy, frozen, in eval mode, optionally ``channels_last``; on
   the CPU its convolutions take in the ReLU, residual add and channel concatenation around them
-  (:func:`fuse_convolutions`, oneDNN post-ops), so those are no separate passes over memory.
+  (:func:`fuse_convolutions`, oneDNN post-ops), so those are no separate passes over memory, and
+  its 3x3 convolutions run as Winograd F(4x4, 3x3) on channels-last inputs where
+  :mod:`srntt_core.ops.winograd` applies (filters transformed once per parameter).
+- :func:`plain_ops`: the straightforward path's arithmetic (torch's convolution, add and ReLU).
 - :func:`fast_generator`: the inference copy (optionally ``torch.compile``d) kept per model and
   rebuilt when the model's weights change, so that repeated inference folds once.
 
 NB: folding changes the float32 rounding (the BN scale is multiplied into the weights once
 instead of applied to the output), so outputs differ from the unfolded network by a few ulps
-of the activations, as does the fused add; tests/test_fast_inference.py bounds the difference on
-the SR output.
+of the activations, as does the fused add; Winograd's transforms add an error about ten times a
+direct convolution's (tests/test_winograd.py bounds it per layer); tests/test_fast_inference.py
+bounds the difference on the SR output.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import threading
 import weakref
 
 import numpy as np
@@ -27,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from ..ops import winograd
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -90,7 +97,10 @@ class FusedConv(nn.Module):
     ``conv(cat([a, b]))`` is computed as ``conv_a(a) + conv_b(b)``: the weight is split by the
     inputs' channels, and each part's result is the next part's ``other``.
     NB: that changes the float32 summation order (a few ulps of the activations, as the folding).
-    Other devices, dtypes (autocast) and inputs that need gradients take plain torch ops, same math.
+    A part whose input is channels-last and whose geometry :mod:`srntt_core.ops.winograd` takes
+    (3x3, stride 1, padding 1, channels multiples of 8) runs the Winograd op instead, with the same
+    fused bias, ``other`` and ReLU. Other devices, dtypes (autocast), inputs that need gradients and
+    :func:`plain_ops` blocks take plain torch ops, same math.
     """
 
     def __init__(self, conv: nn.Conv2d, parts: int = 1):
@@ -117,11 +127,14 @@ class FusedConv(nn.Module):
         out, bias = other, self.bias
         for i in reversed(range(self.parts)):
             last = i == 0
-            out = self._conv(inputs[i], weights[i], bias, out, self.relu and last, fused)
+            out = self._conv(inputs[i], weights[i], bias, out, self.relu and last, fused, i)
             bias = None
         return out
 
-    def _conv(self, x, weight, bias, other, relu, fused):
+    def _conv(self, x, weight, bias, other, relu, fused, part):
+        packed = _winograd_weight(self, part, weight, x) if fused else None
+        if packed is not None and (other is None or _winograd_residual(other, x, weight)):
+            return winograd.conv3x3(x, packed, bias, other, relu)
         if fused and other is not None and other.shape == self._out_shape(x):
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x, other, weight, bias, self.padding, self.stride, self.dilation, self.groups, "add", None,
@@ -142,11 +155,59 @@ class FusedConv(nn.Module):
         return torch.Size([x.shape[0], self.weight.shape[0], *size])
 
 
+# Where the calling thread computes with plain torch ops (:func:`plain_ops`).
+_PLAIN = threading.local()
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """Within the block, :class:`FusedConv` and :func:`conv2d_relu` run torch's plain convolution,
+    add and ReLU (the straightforward path's arithmetic), in the calling thread."""
+    before = getattr(_PLAIN, "on", False)
+    _PLAIN.on = True
+    try:
+        yield
+    finally:
+        _PLAIN.on = before
+
+
+# Winograd-transformed filters per (module, input part): (the parameter they came from, its version,
+# the packed filters). NB: keyed weakly by the module; a new parameter, or an in-place update of it
+# (an optimizer step, ``copy_``), which bumps its version, repacks; a write through ``.data`` does
+# neither (inference copies are frozen, and :func:`fast_generator` rebuilds them when the model changes).
+_PACKED: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[torch.Tensor, int, torch.Tensor]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _winograd_weight(owner: nn.Module, part: int, weight: torch.Tensor,
+                     x: torch.Tensor) -> torch.Tensor | None:
+    """The packed Winograd filters of ``weight`` (``owner.weight``, or its input ``part``'s slice) when
+    :func:`winograd.conv3x3` computes ``owner``'s convolution of ``x`` (a ``Conv2d`` or a
+    :class:`FusedConv`: channels-last ``x``, eligible geometry), else None."""
+    if not (x.is_contiguous(memory_format=torch.channels_last) and winograd.available()
+            and winograd.eligible(weight, x, stride=owner.stride, padding=owner.padding,
+                                  dilation=owner.dilation, groups=owner.groups)):
+        return None
+    source = owner.weight
+    parts = _PACKED.setdefault(owner, {})
+    entry = parts.get(part)
+    if entry is None or entry[0] is not source or entry[1] != source._version:
+        entry = parts[part] = (source, source._version, winograd.pack(weight.contiguous()))
+    return entry[2]
+
+
+def _winograd_residual(other: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``other`` is the channels-last residual the Winograd op adds to conv(x)."""
+    return (other.dtype == torch.float32 and other.is_contiguous(memory_format=torch.channels_last)
+            and other.shape == (x.shape[0], weight.shape[0], *x.shape[2:]))
+
+
 def _onednn_ready(tensors: list[torch.Tensor], weight: torch.Tensor) -> bool:
     """Whether oneDNN's fused op computes what the plain ops would: float32 CPU tensors, no autocast,
     no gradients wanted, and oneDNN available and enabled (``torch.backends.mkldnn.flags(enabled=False)``
     turns the fusion off, e.g. for torch's FlopCounterMode, which counts only plain convolutions)."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+    return (not getattr(_PLAIN, "on", False)
+            and weight.device.type == "cpu" and weight.dtype == torch.float32
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu")
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in tensors)
@@ -154,8 +215,11 @@ def _onednn_ready(tensors: list[torch.Tensor], weight: torch.Tensor) -> bool:
 
 
 def conv2d_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``relu(conv(x))``, in one oneDNN call where :class:`FusedConv` would make one."""
+    """``relu(conv(x))``, in one Winograd or oneDNN call where :class:`FusedConv` would make one."""
     if conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and _onednn_ready([x], conv.weight):
+        packed = _winograd_weight(conv, 0, conv.weight, x)
+        if packed is not None:
+            return winograd.conv3x3(x, packed, conv.bias, None, True)
         return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding),
                                                        list(conv.stride), list(conv.dilation), conv.groups,
                                                        "relu", [], "")

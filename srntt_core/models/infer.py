@@ -10,11 +10,12 @@
 - The inference path does the least work: the generator runs as a BatchNorm-folded copy, built
   once per model and rebuilt when its weights change (:func:`srntt_core.models.fuse.fast_generator`),
   whose convolutions take in the ReLU, residual add and channel concatenation around them on the
-  CPU (oneDNN post-ops, as the VGG passes' conv + ReLU); it and the VGG passes run in channels-last
-  layout (oneDNN's direct path on CPU, ~25% faster than NCHW here); ``fast=False`` runs the model
-  as given (the straightforward path, which the fast one
-  matches to 1e-4 per pixel). Opt-in: ``compile=True`` (inductor; CUDA graphs on a GPU) and
-  ``precision="medium"`` (bfloat16 networks, bf16 match).
+  CPU, as the VGG passes' conv + ReLU; everything runs in channels-last layout, and on an AVX2 CPU
+  the 3x3 convolutions are Winograd F(4x4, 3x3) (:mod:`srntt_core.ops.winograd`: a quarter of the
+  multiplies), the others oneDNN's fused direct ones. ``fast=False`` runs the model as given with
+  plain torch ops, NCHW (the straightforward path, which the fast one matches to 1e-4 per pixel).
+  Opt-in: ``compile=True`` (inductor; CUDA graphs on a GPU) and ``precision="medium"`` (bfloat16
+  networks, bf16 match).
 - Errors: missing / corrupt images raise from :mod:`srntt_core.models.data`; a checkpoint that is
   refused or does not fit the network raises :class:`srntt_core.models.checkpoint.CheckpointError`.
 """
@@ -252,8 +253,8 @@ def super_resolve(
     ``progress(done, total)`` is called after each tile. ``refs`` may be a :class:`ReferenceBank`
     built once for several inputs sharing references (its backend and extractor are then used).
     ``fast``: run a BatchNorm-folded copy of ``model`` (built once per model, rebuilt when its
-    weights change; a model without BatchNorm runs as is) and everything in channels-last layout;
-    False: ``model`` itself, NCHW (the straightforward path).
+    weights change; a model without BatchNorm runs as is), Winograd / fused convolutions and everything
+    in channels-last layout; False: ``model`` itself, NCHW, plain torch ops (the straightforward path).
     ``compile``: run that copy compiled by ``torch.compile`` (inductor; CUDA graphs on a GPU), kept
     per model and tile shape: the first call of each shape pays the compile time.
     ``precision``: the match's (:func:`srntt_core.swap.patch_match`); "medium" also runs the
@@ -272,7 +273,9 @@ def super_resolve(
     generator = _generator(model, fast, compile, device)
     lr = lr.to(device, torch.float32)
     layout = torch.channels_last if fast else torch.contiguous_format
-    with _networks_precision(device, precision):
+    from .fuse import plain_ops
+
+    with _networks_precision(device, precision), (contextlib.nullcontext() if fast else plain_ops()):
         if bank is None:
             extractor = extractor if extractor is not None else swap.default_extractor().to(device)
             bank = ReferenceBank([prepare_reference(r.to(device, torch.float32)) for r in refs], extractor,
