@@ -171,11 +171,12 @@ def test_sgemm(bench, data):
 @pytest.mark.parametrize("provider", SR_PROVIDERS)
 def test_super_resolve(bench, data, shape, provider):
     """x4 SR of the LR half with the other half as reference, on the benchmark device: the optimized
-    path (BN folded once per model, reference features once, channels-last), the same compiled by
+    path (BN folded once per model, reference features once, channels-last, Winograd / fused
+    convolutions), the same compiled by
     inductor (CUDA graphs on a GPU; its first call, the compile, is timed apart as ``compile_s``), the
     same with bfloat16 networks and the bf16 match (GPU only), the straightforward one (same weights,
-    BN unfolded, NCHW), and a TTSR-style pipeline (bmm relevance matrix + fold swaps, same VGG and
-    generator)."""
+    BN unfolded, NCHW, plain torch ops), and a TTSR-style pipeline (bmm relevance matrix + fold swaps,
+    same VGG and generator)."""
     if shape not in SR_ROUNDS:
         pytest.skip(f"super_resolve runs at {', '.join(SR_ROUNDS)}")
     if provider == "bf16" and data.DEVICE.type != "cuda":
