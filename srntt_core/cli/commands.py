@@ -354,7 +354,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", default=None, help="also write per-image results to this CSV")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     p.add_argument("--straightforward", action="store_true",
-                   help="run the model as given (BatchNorm unfolded, NCHW) instead of the fast path")
+                   help="run the model as given (BatchNorm unfolded, NCHW, plain torch ops) instead of the "
+                        "fast path")
     _add_common(p)
 
 
