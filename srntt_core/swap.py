@@ -390,13 +390,16 @@ def reference_features(ref: Tensor, extractor: nn.Module | None = None, *,
     VGG passes, computed once per reference however many inputs or tiles are matched against it.
 
     ``extractor``: as for :func:`texture_swap`. ``channels_last``: run the VGG passes in channels-last
-    layout (oneDNN's faster direct convolutions on CPU); the features are stored contiguous either way.
+    layout (the layout of the fast path's Winograd and oneDNN convolutions on CPU); the features are
+    stored contiguous either way.
     """
     extractor = extractor if extractor is not None else default_extractor().to(ref.device)
     blurred = bicubic(bicubic(ref, 1 / UPSCALE), UPSCALE)
-    key = _extract(extractor, blurred, channels_last)["relu3_1"]
-    feats = _extract(extractor, ref, channels_last)
-    return ReferenceFeatures(key.contiguous(), {layer: feats[layer].contiguous() for layer in LEVELS})
+    key = _extract(extractor, blurred, channels_last)["relu3_1"].contiguous()
+    feats = dict(_extract(extractor, ref, channels_last))
+    # NB: each level's channels-last map is dropped as soon as its contiguous copy exists, so that
+    # both layouts of all three levels are never held at once (~0.4 GB less peak at 1080p).
+    return ReferenceFeatures(key, {layer: feats.pop(layer).contiguous() for layer in LEVELS})
 
 
 def query_features(lr: Tensor, extractor: nn.Module | None = None, *, lr_up: Tensor | None = None,
