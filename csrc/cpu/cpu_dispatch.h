@@ -26,6 +26,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace srntt {
 
@@ -61,22 +62,30 @@ SRNTT_FLATTEN void run_default(const Fn& fn) {
   fn();
 }
 
-// Runs fn() compiled for the best instruction set this CPU supports.
+// Runs fn(avx) compiled for the best instruction set this CPU supports, where avx is
+// std::true_type in the AVX2 / AVX-512 variants and std::false_type in the baseline one: code that
+// needs an AVX intrinsic (e.g. a broadcast from memory) branches on it at compile time.
 template <typename Fn>
-inline void cpu_dispatch(const Fn& fn) {
+inline void cpu_dispatch_avx(const Fn& fn) {
 #ifdef SRNTT_CPU_DISPATCH
   switch (cpu_capability()) {
     case CpuCapability::kAvx512:
-      run_avx512(fn);
+      run_avx512([&] { fn(std::true_type{}); });
       return;
     case CpuCapability::kAvx2:
-      run_avx2(fn);
+      run_avx2([&] { fn(std::true_type{}); });
       return;
     default:
       break;
   }
 #endif
-  run_default(fn);
+  run_default([&] { fn(std::false_type{}); });
+}
+
+// Runs fn() compiled for the best instruction set this CPU supports.
+template <typename Fn>
+inline void cpu_dispatch(const Fn& fn) {
+  cpu_dispatch_avx([&](auto) { fn(); });
 }
 
 }  // namespace srntt

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_dispatch.h"
@@ -30,24 +29,6 @@ void check_channels(const char* op, const char* name, int64_t channels) {
   check_bound(op, name, channels, winograd::kChannelAlign, kConvChannelsMax);
   TORCH_CHECK_VALUE(channels % winograd::kChannelAlign == 0, op, ": ", name,
                     " must be a multiple of ", winograd::kChannelAlign, ", got ", channels);
-}
-
-// Runs fn(std::bool_constant<avx2>) compiled for the best variant this CPU supports.
-template <typename Fn>
-void dispatch(const Fn& fn) {
-#ifdef SRNTT_CPU_DISPATCH
-  switch (cpu_capability()) {
-    case CpuCapability::kAvx512:
-      run_avx512([&] { fn(std::true_type{}); });
-      return;
-    case CpuCapability::kAvx2:
-      run_avx2([&] { fn(std::true_type{}); });
-      return;
-    default:
-      break;
-  }
-#endif
-  run_default([&] { fn(std::false_type{}); });
 }
 
 // The calling thread's workspace of at least `floats` floats. It lives as long as the thread and
@@ -133,7 +114,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed,
     float* buffer = thread_workspace(work);
     for (int64_t c = next++; c < chunks; c = next++) {
       const int64_t first = c * chunk * block, last = std::min((c + 1) * chunk * block, cv.tiles());
-      dispatch([&](auto avx2) {
+      cpu_dispatch_avx([&](auto avx2) {
         winograd::winograd_tiles<decltype(avx2)::value>(cv, first, last, buffer);
       });
     }
